@@ -29,8 +29,27 @@ class Task:
     l2: float = 0.0
 
     def per_example_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Loss of each example in ``batch`` (shape ``[B]``, natural log units, no regularisation)."""
-        raise NotImplementedError
+        """Loss of each example in ``batch`` (shape ``[B]``, natural log units, no regularisation).
+
+        Default: :meth:`output_loss` of :meth:`model_output`. Override either this or both of those.
+        """
+        return self.output_loss(self.model_output(model, batch), batch)
+
+    def model_output(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The network's output for ``batch`` (e.g. logits ``[B, C]``); needed for Gauss-Newton curvature."""
+        raise NotImplementedError(f"{type(self).__name__} does not define model_output")
+
+    def output_loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Per-example loss ``[B]`` from :meth:`model_output`'s outputs (convex in the outputs for GN)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define output_loss")
+
+    def perturbable_input(self, batch: Batch) -> torch.Tensor:
+        """The continuous input features of ``batch`` that ``I_pert,loss`` differentiates against."""
+        raise NotImplementedError(f"{type(self).__name__} has no continuous input to perturb")
+
+    def replace_input(self, batch: Batch, features: torch.Tensor) -> Batch:
+        """``batch`` with its continuous input features replaced by ``features``."""
+        raise NotImplementedError(f"{type(self).__name__} has no continuous input to perturb")
 
     def query_measurement(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Measurement ``f(z_query)`` whose change influence predicts (shape ``[B]``); default: the loss."""

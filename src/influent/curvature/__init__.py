@@ -1,0 +1,1 @@
+"""Curvature of the training objective and inverse-curvature-vector products."""
