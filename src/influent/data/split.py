@@ -1,0 +1,116 @@
+"""Seeded, stratified train/test splits that are saved to disk and reused.
+
+A split is stored as the example ids of its two sides, so it survives a re-ordered corpus file and can
+be read by a person. Once written, the saved split wins over recomputation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from influent.data.corpus import Corpus
+from influent.errors import UserError
+from influent.store import read_json, write_json
+
+
+@dataclass
+class Split:
+    """Indices (positions in the corpus, sorted ``int64`` arrays) of the train and test sides.
+
+    Attributes:
+        train_idx: training example positions.
+        test_idx: held-out example positions.
+        path: the JSON file the split was saved to / read from (``None`` if never saved).
+    """
+
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    path: Path | None = None
+
+
+def _check_fraction(test_fraction: float) -> None:
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise UserError(f"test fraction must be strictly between 0 and 1, got {test_fraction}")
+
+
+def stratified_split(
+    corpus: Corpus, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``corpus`` into train and test positions, stratified by label.
+
+    Each class contributes ``round(test_fraction * n_class)`` examples to the test side, but at least one
+    to each side when the class has two or more examples. Deterministic given ``seed`` (a numpy
+    ``Generator``) and the corpus order.
+
+    Returns:
+        ``(train_idx, test_idx)``: sorted, disjoint ``int64`` arrays covering ``0..len(corpus)-1``.
+    """
+    _check_fraction(test_fraction)
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for label in range(max(corpus.num_classes, int(corpus.labels.max(initial=-1)) + 1)):
+        members = np.flatnonzero(corpus.labels == label)
+        if members.size == 0:
+            continue
+        members = rng.permutation(members)
+        n_test = round(test_fraction * members.size)
+        if members.size >= 2:
+            n_test = min(max(n_test, 1), members.size - 1)
+        test.append(members[:n_test])
+        train.append(members[n_test:])
+    train_idx = np.sort(np.concatenate(train)).astype(np.int64) if train else np.zeros(0, np.int64)
+    test_idx = np.sort(np.concatenate(test)).astype(np.int64) if test else np.zeros(0, np.int64)
+    return train_idx, test_idx
+
+
+def split_path(corpus: Corpus, cache_dir: str | Path, test_fraction: float, seed: int) -> Path:
+    """Where the split of ``corpus`` for ``(seed, test_fraction)`` is saved under ``cache_dir``."""
+    return Path(cache_dir) / "splits" / f"{corpus.fingerprint()}-seed{seed}-test{float(test_fraction):g}.json"
+
+
+def load_or_make_split(
+    corpus: Corpus, cache_dir: str | Path, test_fraction: float = 0.2, seed: int = 0
+) -> Split:
+    """Read the saved split of ``corpus`` or make one with :func:`stratified_split` and save it.
+
+    The file is ``<cache_dir>/splits/<corpus fingerprint>-seed<seed>-test<fraction>.json`` and holds the
+    ids of both sides. A saved file is reused as is; every id in it must be in the corpus.
+
+    Raises:
+        UserError: the saved file is unreadable or lists ids that are not in the corpus.
+    """
+    _check_fraction(test_fraction)
+    path = split_path(corpus, cache_dir, test_fraction, seed)
+    if path.exists():
+        try:
+            saved = read_json(path)
+            train_ids, test_ids = list(saved["train_ids"]), list(saved["test_ids"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"unreadable split file {path}: {exc}") from None
+        position = {id_: i for i, id_ in enumerate(corpus.ids)}
+        missing = [i for i in train_ids + test_ids if i not in position]
+        if missing:
+            raise UserError(
+                f"split file {path} lists {len(missing)} ids not in the corpus (e.g. {missing[0]}); "
+                "delete it to make a new split"
+            )
+        train_idx = np.array([position[i] for i in train_ids], dtype=np.int64)
+        test_idx = np.array([position[i] for i in test_ids], dtype=np.int64)
+        return Split(train_idx=train_idx, test_idx=test_idx, path=path)
+
+    train_idx, test_idx = stratified_split(corpus, test_fraction, seed)
+    write_json(
+        path,
+        {
+            "corpus_fingerprint": corpus.fingerprint(),
+            "source": corpus.source,
+            "seed": seed,
+            "test_fraction": float(test_fraction),
+            "train_ids": [corpus.ids[i] for i in train_idx],
+            "test_ids": [corpus.ids[i] for i in test_idx],
+        },
+    )
+    return Split(train_idx=train_idx, test_idx=test_idx, path=path)
