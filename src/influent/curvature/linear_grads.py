@@ -1,0 +1,205 @@
+"""Per-example gradients of ``nn.Linear`` modules from forward hooks and output gradients.
+
+For a linear module ``y_t = W x_t + b`` applied at tokens ``t`` of example ``i``, the gradient of that
+example's loss is ``dL_i/dW = sum_t g_t x_t^T`` with ``g_t = dL_i/dy_t``; with a bias we append a ones
+column to ``x`` so ``[dL/dW | dL/db] = sum_t g_t [x_t, 1]^T`` (shape ``[d_out, d_in + 1]``).
+
+:class:`LinearCapture` records, for one forward/backward pass, the (masked) input activations
+``a`` (``[B, T, d_in(+1)]``) and output gradients ``g`` (``[B, T, d_out]``) of every tracked module.
+Padded tokens (``Task.token_mask`` is 0) are multiplied out of ``a`` (the ones column included) and
+of ``g``, so they contribute nothing to gradients or curvature. Nothing here forms a parameter vector
+per example: consumers contract ``a`` and ``g`` directly (see ``curvature/ekfac.py``).
+
+Output gradients are obtained with ``torch.autograd.grad`` with respect to the module outputs only,
+so weight gradients of the whole model are never computed (a backward pass costs about half of a
+training backward).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from influent.errors import UserError
+from influent.task import Batch, Task
+
+MLP_INCLUDE = ("intermediate.dense", "output.dense")
+MLP_EXCLUDE = ("attention.output.dense",)
+
+
+def select_linear_modules(model: nn.Module, spec: str = "all") -> dict[str, nn.Linear]:
+    """Tracked linear modules of ``model`` by name.
+
+    Args:
+        model: any ``nn.Module``.
+        spec: ``"all"`` (every ``nn.Linear``); ``"mlp"`` (the feed-forward layers: in a BERT-style
+            encoder the names containing ``intermediate.dense`` or ``output.dense`` but not
+            ``attention.output.dense``; in a model without such names, every ``nn.Linear``); or a
+            regular expression matched (``re.search``) against module names.
+
+    Returns:
+        ``{name: module}`` in model order.
+
+    Raises:
+        UserError: when the pattern is invalid or selects no linear module.
+    """
+    linear = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if spec == "all":
+        chosen = linear
+    elif spec == "mlp":
+        bert = {
+            n: m
+            for n, m in linear.items()
+            if any(k in n for k in MLP_INCLUDE) and not any(k in n for k in MLP_EXCLUDE)
+        }
+        chosen = bert if bert else linear
+    else:
+        try:
+            pattern = re.compile(spec)
+        except re.error as exc:
+            raise UserError(f"--modules: invalid regular expression {spec!r}: {exc}") from None
+        chosen = {n: m for n, m in linear.items() if pattern.search(n)}
+    if not chosen:
+        raise UserError(f"--modules {spec!r} selects no nn.Linear module (model has {len(linear)})")
+    return chosen
+
+
+def module_shapes(modules: dict[str, nn.Linear]) -> dict[str, tuple[int, int]]:
+    """``{name: (d_out, d_in + has_bias)}``: the shape of each module's per-example gradient."""
+    return {n: (m.out_features, m.in_features + int(m.bias is not None)) for n, m in modules.items()}
+
+
+@dataclass
+class _Record:
+    acts: list[torch.Tensor] = field(default_factory=list)
+    outs: list[torch.Tensor] = field(default_factory=list)
+
+
+class LinearCapture:
+    """Context manager recording activations of tracked modules; :meth:`backward` gets output grads.
+
+    Usage::
+
+        with LinearCapture(modules) as cap:
+            cap.set_mask(token_mask(task, batch))
+            loss = task.per_example_loss(model, batch)        # [B]
+            for name, a, g in cap.backward(loss):            # a: [B,T,d_in(+1)], g: [B,T,d_out]
+                ...
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear]):
+        self.modules = modules
+        self._handles: list = []
+        self._records: dict[str, _Record] = {}
+        self._mask: torch.Tensor | None = None
+
+    def __enter__(self) -> "LinearCapture":
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(name, module)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._records.clear()
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        """Token mask ``[B, T]`` (1 = real token) for the next forward pass, or None."""
+        self._records = {}
+        self._mask = mask
+
+    def _hook(self, name: str, module: nn.Linear):
+        def hook(mod, inputs, output):
+            x = inputs[0].detach()
+            batch = x.shape[0]
+            a = x.reshape(batch, -1, x.shape[-1]) if x.dim() != 2 else x.unsqueeze(1)
+            m = self._mask
+            if m is not None and m.dim() == 2 and m.shape[0] == batch and m.shape[1] == a.shape[1]:
+                m = m.to(dtype=a.dtype).unsqueeze(-1)
+                a = a * m
+            else:
+                m = None
+            if module.bias is not None:
+                ones = a.new_ones(a.shape[0], a.shape[1], 1) if m is None else m
+                a = torch.cat([a, ones], dim=-1)
+            if not output.requires_grad:
+                # frozen upstream parameters: make the output a leaf so its gradient is still computed
+                output.requires_grad_(True)
+            rec = self._records.setdefault(name, _Record())
+            rec.acts.append(a)
+            rec.outs.append(output)
+
+        return hook
+
+    def backward(self, loss: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """Differentiate ``loss.sum()`` w.r.t. the recorded outputs; return ``(name, a, g)`` per module.
+
+        ``g`` is the gradient of each example's own loss (the loss is a sum over examples), masked
+        like ``a``; several calls of a module in one forward are concatenated along the token axis.
+        """
+        names = [n for n in self.modules if n in self._records]
+        missing = [n for n in self.modules if n not in self._records]
+        if missing:
+            raise RuntimeError(f"tracked modules not called in the forward pass: {missing[:5]}")
+        outs = [o for n in names for o in self._records[n].outs]
+        grads = torch.autograd.grad(loss.sum(), outs, allow_unused=True)
+        result = []
+        k = 0
+        for n in names:
+            rec = self._records[n]
+            gs = []
+            for a, o in zip(rec.acts, rec.outs):
+                g = grads[k]
+                k += 1
+                if g is None:
+                    g = torch.zeros_like(o)
+                g = g.detach()
+                g = g.reshape(a.shape[0], -1, g.shape[-1]) if g.dim() != 2 else g.unsqueeze(1)
+                if a.shape[1] == g.shape[1] and self._mask is not None and self._mask.shape == a.shape[:2]:
+                    g = g * self._mask.to(dtype=g.dtype).unsqueeze(-1)
+                gs.append(g)
+            a = rec.acts[0] if len(rec.acts) == 1 else torch.cat(rec.acts, dim=1)
+            g = gs[0] if len(gs) == 1 else torch.cat(gs, dim=1)
+            result.append((n, a, g))
+        self._records = {}
+        return result
+
+
+def token_mask(task: Task, batch: Batch) -> torch.Tensor | None:
+    """``task.token_mask(batch)`` if the task defines it, else ``batch["attention_mask"]`` if present.
+
+    A mask ``[B, T]`` (1 = real token, 0 = padding) is applied to every tracked module whose input has
+    ``T`` positions; ``None`` means every position counts.
+    """
+    fn = getattr(task, "token_mask", None)
+    if callable(fn):
+        return fn(batch)
+    if isinstance(batch, dict) and isinstance(batch.get("attention_mask"), torch.Tensor):
+        return batch["attention_mask"]
+    return None
+
+
+def per_example_grads_from(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``G_i = sum_t g_it a_it^T`` (shape ``[B, d_out, d_in(+1)]``)."""
+    if a.shape[1] == 1:
+        return g[:, 0, :, None] * a[:, 0, None, :]
+    return torch.einsum("bto,bti->boi", g, a)
+
+
+def per_example_linear_grads(
+    model: nn.Module, task: Task, batch: Batch, modules: dict[str, nn.Linear] | str = "all"
+) -> dict[str, torch.Tensor]:
+    """Per-example gradients ``{name: [B, d_out, d_in(+1)]}`` of ``task.per_example_loss`` (tests, small B).
+
+    The last column is the bias gradient when the module has a bias. Units: loss per parameter unit.
+    """
+    if isinstance(modules, str):
+        modules = select_linear_modules(model, modules)
+    with torch.enable_grad(), LinearCapture(modules) as cap:
+        cap.set_mask(token_mask(task, batch))
+        loss = task.per_example_loss(model, batch)
+        return {n: per_example_grads_from(a, g) for n, a, g in cap.backward(loss)}

@@ -1,0 +1,222 @@
+"""Influence scores from factored curvature (K-FAC / EK-FAC / diagonal / identity) over linear modules.
+
+Sign and units (DESIGN.md): ``score(z_train, z_query) = g_query^T (F + damping)^-1 g_train`` summed over
+the tracked modules (block-diagonal curvature), where ``g`` are gradients of the per-example training
+loss (``task.per_example_loss``) and of the query measurement (``task.query_measurement``, default the
+loss). Positive = proponent (up-weighting ``z_train`` lowers the query loss); ``loss_change = score / n``
+is the predicted change of the query loss when ``z_train`` is removed from the n training examples.
+
+Query gradients are preconditioned once (``[Q, d_out, d_in(+1)]`` per module); training examples are
+streamed batch by batch, their per-example gradients formed per module from activations and output
+gradients and contracted with all queries at once, so no full parameter vector per example exists.
+With ``query_rank=r`` each preconditioned query gradient is replaced by its rank-r SVD truncation and
+training gradients are never formed (cost per token ``Q * r * (d_in + d_out)``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from influent.curvature.ekfac import (
+    FactorConfig,
+    Factors,
+    _progress,
+    fit_factors,
+    to_device,
+    token_mask,
+)
+from influent.curvature.linear_grads import LinearCapture, per_example_grads_from, select_linear_modules
+from influent.errors import UserError
+from influent.task import Batch, Task
+
+__all__ = [
+    "FactorConfig",
+    "Factors",
+    "fit_factors",
+    "query_gradients",
+    "pairwise_scores",
+    "self_scores",
+    "loss_change",
+]
+
+
+def _modules(model: nn.Module, factors: Factors) -> dict[str, nn.Linear]:
+    all_linear = select_linear_modules(model, "all")
+    missing = [n for n in factors.names if n not in all_linear]
+    if missing:
+        raise UserError(f"factors were fitted on modules this model lacks: {missing[:3]}")
+    return {n: all_linear[n] for n in factors.names}
+
+
+def query_gradients(
+    model: nn.Module,
+    task: Task,
+    factors: Factors,
+    query_batches: Sequence[Batch],
+    *,
+    measurement: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Per-query gradients ``{module: [Q, d_out, d_in(+1)]}`` of the query measurement (or loss)."""
+    modules = _modules(model, factors)
+    device = next(iter(modules.values())).weight.device
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), LinearCapture(modules) as cap:
+            for batch in query_batches:
+                batch = to_device(batch, device)
+                cap.set_mask(token_mask(task, batch))
+                f = (
+                    task.query_measurement(model, batch)
+                    if measurement
+                    else task.per_example_loss(model, batch)
+                )
+                for name, a, g in cap.backward(f):
+                    out[name].append(per_example_grads_from(a, g))
+    finally:
+        model.train(was_training)
+    return {n: torch.cat(v) for n, v in out.items()}
+
+
+def preconditioned_query_gradients(
+    model: nn.Module, task: Task, factors: Factors, query_batches: Sequence[Batch]
+) -> dict[str, torch.Tensor]:
+    """``(F_m + d_m)^-1 g_query`` per module, ``[Q, d_out, d_in(+1)]``."""
+    grads = query_gradients(model, task, factors, query_batches)
+    with torch.no_grad():
+        return {n: factors.precondition(n, g) for n, g in grads.items()}
+
+
+def _low_rank(pre: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` factors ``(L [Q, d_out, r], R [Q, d_in, r])`` with ``pre ~ L R^T``."""
+    u, s, vh = torch.linalg.svd(pre.double(), full_matrices=False)
+    r = min(rank, s.shape[-1])
+    left = (u[..., :r] * s[..., None, :r]).to(pre.dtype)
+    right = vh[..., :r, :].transpose(-1, -2).to(pre.dtype)
+    return left, right
+
+
+def pairwise_scores(
+    model: nn.Module,
+    task: Task,
+    factors: Factors,
+    query_batches: Sequence[Batch],
+    train_batches: Sequence[Batch],
+    *,
+    query_rank: int | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Scores ``[Q, N]``: ``g_query^T (F + damping)^-1 g_train`` (positive = proponent; float64).
+
+    Args:
+        model, task: as in :func:`fit_factors`.
+        factors: fitted curvature (defines the tracked modules and damping).
+        query_batches: batches of queries (their ``query_measurement`` is differentiated).
+        train_batches: batches of training examples, streamed (``per_example_loss`` differentiated).
+        query_rank: if set, compress each preconditioned query gradient to this rank (SVD).
+        progress: show a tqdm bar.
+    """
+    if query_rank is not None and query_rank < 1:
+        raise UserError(f"--query-rank must be >= 1, got {query_rank}")
+    modules = _modules(model, factors)
+    device = next(iter(modules.values())).weight.device
+    pre = preconditioned_query_gradients(model, task, factors, query_batches)
+    lowrank = {n: _low_rank(p, query_rank) for n, p in pre.items()} if query_rank else None
+    n_q = next(iter(pre.values())).shape[0]
+    cols: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    bar = _progress(len(train_batches), "pairwise scores", progress)
+    try:
+        with torch.enable_grad(), LinearCapture(modules) as cap:
+            for batch in train_batches:
+                batch = to_device(batch, device)
+                cap.set_mask(token_mask(task, batch))
+                loss = task.per_example_loss(model, batch)
+                block = torch.zeros(n_q, loss.shape[0], dtype=torch.float64, device=device)
+                for name, a, g in cap.backward(loss):
+                    with torch.no_grad():
+                        if lowrank is not None:
+                            left, right = lowrank[name]
+                            gl = torch.einsum("bto,qor->qbtr", g, left)
+                            ar = torch.einsum("bti,qir->qbtr", a, right)
+                            block += (gl * ar).sum((2, 3)).double()
+                        else:
+                            grads = per_example_grads_from(a, g)
+                            p = pre[name]
+                            block += (p.reshape(n_q, -1) @ grads.reshape(grads.shape[0], -1).T).double()
+                cols.append(block.cpu())
+                bar.update(1)
+    finally:
+        bar.close()
+        model.train(was_training)
+    scores = torch.cat(cols, dim=1)
+    _check_scores(scores)
+    return scores
+
+
+def self_scores(
+    model: nn.Module, task: Task, factors: Factors, train_batches: Sequence[Batch], *, progress: bool = True
+) -> torch.Tensor:
+    """Self-influence ``g_i^T (F + damping)^-1 g_i`` per training example, ``[N]`` float64 (>= 0)."""
+    modules = _modules(model, factors)
+    device = next(iter(modules.values())).weight.device
+    out: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    bar = _progress(len(train_batches), "self scores", progress)
+    try:
+        with torch.enable_grad(), LinearCapture(modules) as cap:
+            for batch in train_batches:
+                batch = to_device(batch, device)
+                cap.set_mask(token_mask(task, batch))
+                loss = task.per_example_loss(model, batch)
+                acc = torch.zeros(loss.shape[0], dtype=torch.float64, device=device)
+                for name, a, g in cap.backward(loss):
+                    with torch.no_grad():
+                        acc += factors.self_quadratic(name, a, g).double()
+                out.append(acc.cpu())
+                bar.update(1)
+    finally:
+        bar.close()
+        model.train(was_training)
+    scores = torch.cat(out)
+    _check_scores(scores)
+    return scores
+
+
+def loss_change(scores: torch.Tensor, n_train: int) -> torch.Tensor:
+    """Predicted change of the query loss when a training example is removed: ``score / n``."""
+    return scores / float(n_train)
+
+
+def _check_scores(scores: torch.Tensor) -> None:
+    if not torch.isfinite(scores).all():
+        bad = int((~torch.isfinite(scores)).sum())
+        raise FloatingPointError(
+            f"{bad} influence scores are non-finite (check damping and the model's loss)"
+        )
+
+
+def explain(
+    model: nn.Module,
+    task: Task,
+    train_batches: Sequence[Batch],
+    query_batches: Sequence[Batch],
+    config: FactorConfig = FactorConfig(),
+    *,
+    cache_dir: str | Path | None = None,
+    query_rank: int | None = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, Factors]:
+    """Fit (or load) factors, then pairwise scores ``[Q, N]``; a convenience for the CLI."""
+    factors = fit_factors(model, task, train_batches, config, cache_dir=cache_dir, progress=progress)
+    scores = pairwise_scores(
+        model, task, factors, query_batches, train_batches, query_rank=query_rank, progress=progress
+    )
+    return scores, factors
