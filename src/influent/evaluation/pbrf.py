@@ -1,0 +1,217 @@
+"""The proximal Bregman response function (PBRF, Bae et al. 2022): what influence functions estimate.
+
+For trained parameters ``theta_s``, a training example ``z_m`` and a down-weighting ``eps``, the PBRF is
+
+    theta(eps) = argmin_theta  (1/n) sum_i D_L(f(theta, x_i), f(theta_s, x_i); y_i)
+                               + eps * L(f(theta, x_m); y_m)
+                               + ((l2 + damping) / 2) ||theta - theta_s||^2
+
+where ``f`` is the network output (``Task.model_output``), ``L`` the loss on outputs (``Task.output_loss``)
+and ``D_L(y, y_s) = L(y) - L(y_s) - grad_y L(y_s)^T (y - y_s)`` its Bregman divergence. The ``l2`` part is
+the Bregman divergence of the objective's own ridge term ``(l2/2)||theta||^2``, so the PBRF's curvature at
+``theta_s`` is exactly the engine's Gauss-Newton matrix ``G + l2 I`` plus ``damping I``. Removing ``z_m`` is
+``eps = -1/n``; to first order ``theta(eps) - theta_s = -eps (G + l2 I + damping I)^-1 grad L_m``, hence the
+query change ``~ -eps * score`` (= ``score / n`` for removal) with the Gauss-Newton, damped engine.
+
+Unlike leave-one-out retraining, the PBRF does not need ``theta_s`` to be a minimum of the training loss
+and does not depend on the optimiser's path: it isolates the linearisation error of the influence estimate.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from influent.curvature.solvers import NumericalError
+from influent.gradients import ParameterSpace
+from influent.task import Batch, Task, iter_chunks, slice_batch
+
+PBRF_METHODS = ("newton", "lbfgs")
+
+
+class _Outputs(nn.Module):
+    def __init__(self, model: nn.Module, task: Task):
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.task.model_output(self.model, batch)
+
+
+class PBRF:
+    """The PBRF objective of one trained model and its solver.
+
+    Args:
+        model: the trained network (its current tracked parameters are ``theta_s``).
+        task: defines ``model_output`` and ``output_loss`` (and ``l2``).
+        train_batch: all n training examples.
+        damping: the proximity coefficient added to ``l2`` (use the influence engine's damping).
+        chunk: examples per forward pass.
+    """
+
+    def __init__(
+        self, model: nn.Module, task: Task, train_batch: Batch, damping: float = 0.0, chunk: int = 2048
+    ):
+        self.space = ParameterSpace(model, task)
+        self.task = task
+        self.batch = train_batch
+        self.damping = float(damping)
+        self.chunk = chunk
+        self.n = task.batch_size(train_batch)
+        self.theta_s = self.space.flat()
+        self._wrapper = _Outputs(model, task)
+        with torch.no_grad():
+            outs = [self.outputs(self.theta_s, part) for _, part in iter_chunks(train_batch, self.n, chunk)]
+        self.out_s = torch.cat(outs, 0)
+        y = self.out_s.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            losses = torch.cat(
+                [task.output_loss(y[s : s + part_n], part) for s, part_n, part in self._chunks(train_batch)]
+            )
+            (dloss,) = torch.autograd.grad(losses.sum(), y)
+        self.loss_s = losses.detach()
+        self.dloss_s = dloss.detach()
+        if not (torch.isfinite(self.out_s).all() and torch.isfinite(self.dloss_s).all()):
+            raise NumericalError("non-finite outputs or output-loss gradients at the trained parameters")
+
+    def _chunks(self, batch: Batch):
+        for s, part in iter_chunks(batch, self.n, self.chunk):
+            yield s, self.task.batch_size(part), part
+
+    def outputs(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Network outputs at flat parameters ``theta``."""
+        params = {f"model.{k}": v for k, v in self.space.unflatten(theta).items()}
+        return functional_call(self._wrapper, params, (batch,))
+
+    def bregman(self, theta: torch.Tensor) -> torch.Tensor:
+        """``(1/n) sum_i D_L(f(theta, x_i), f(theta_s, x_i))`` (>= 0 for a loss convex in the outputs)."""
+        total = theta.new_zeros(())
+        for s, m, part in self._chunks(self.batch):
+            out = self.outputs(theta, part)
+            diff = (out - self.out_s[s : s + m]).reshape(m, -1)
+            lin = (self.dloss_s[s : s + m].reshape(m, -1) * diff).sum(1)
+            total = total + (self.task.output_loss(out, part) - self.loss_s[s : s + m] - lin).sum()
+        return total / self.n
+
+    def objective(self, theta: torch.Tensor, removed: Batch, eps: float) -> torch.Tensor:
+        """PBRF objective at ``theta`` for the example(s) ``removed`` (a batch; their losses are summed)."""
+        prox = 0.5 * (self.task.l2 + self.damping) * (theta - self.theta_s).pow(2).sum()
+        return self.bregman(theta) + eps * self.space.losses(theta, removed).sum() + prox
+
+    def solve(
+        self,
+        index: int | list[int],
+        eps: float | None = None,
+        method: str = "newton",
+        tol: float = 1e-10,
+        max_iter: int = 100,
+    ) -> tuple[torch.Tensor, dict]:
+        """Minimise the PBRF objective for training example(s) ``index``.
+
+        Args:
+            index: row(s) of the training batch that are down-weighted.
+            eps: weight of their loss; None = ``-1/n`` (removal).
+            method: ``'newton'`` (forms the Hessian; small p; Levenberg-Marquardt shift where indefinite)
+                or ``'lbfgs'`` (full-batch L-BFGS with strong-Wolfe line search; any p).
+            tol: stop when the objective's gradient norm is below ``tol``.
+            max_iter: iteration cap.
+
+        Returns:
+            ``(theta, info)`` with ``info`` holding ``grad_norm``, ``iterations``, ``seconds``, ``objective``.
+        """
+        if method not in PBRF_METHODS:
+            raise ValueError(f"unknown PBRF method {method!r}; choose from {', '.join(PBRF_METHODS)}")
+        idx = torch.as_tensor([index] if isinstance(index, int) else list(index), dtype=torch.long)
+        removed = slice_batch(self.batch, idx)
+        eps = -1.0 / self.n if eps is None else float(eps)
+        fn = lambda t: self.objective(t, removed, eps)
+        start = time.perf_counter()
+        if method == "newton":
+            theta, it = _newton(fn, self.theta_s.clone(), tol, max_iter)
+        else:
+            theta, it = _lbfgs(fn, self.theta_s.clone(), tol, max_iter)
+        g = _grad(fn, theta)
+        if not torch.isfinite(theta).all():
+            raise NumericalError("PBRF solve produced non-finite parameters; increase damping")
+        with torch.no_grad():
+            obj = float(fn(theta))
+        info = {
+            "grad_norm": float(g.norm()),
+            "iterations": it,
+            "seconds": time.perf_counter() - start,
+            "objective": obj,
+            "eps": eps,
+            "method": method,
+        }
+        return theta.detach(), info
+
+
+def _grad(fn, theta: torch.Tensor) -> torch.Tensor:
+    t = theta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(fn(t), t)
+    return g.detach()
+
+
+def _newton(fn, theta: torch.Tensor, tol: float, max_iter: int) -> tuple[torch.Tensor, int]:
+    """Newton with a Levenberg-Marquardt shift when the Hessian is not positive definite + Armijo backtracking."""
+    f = float(fn(theta))
+    g = _grad(fn, theta)
+    it = 0
+    eye = torch.eye(theta.numel(), dtype=theta.dtype)
+    while float(g.norm()) > tol and it < max_iter:
+        it += 1
+        H = torch.func.hessian(fn)(theta.detach())
+        H = 0.5 * (H + H.T)
+        chol, info = torch.linalg.cholesky_ex(H)
+        if int(info) != 0:
+            lam_min = float(torch.linalg.eigvalsh(H)[0])
+            chol = torch.linalg.cholesky(H + (abs(lam_min) * 1.1 + 1e-12) * eye)
+        step = torch.cholesky_solve(g.unsqueeze(1), chol)[:, 0]
+        t, accepted = 1.0, False
+        for _ in range(40):
+            cand = theta - t * step
+            f_cand = float(fn(cand))
+            if f_cand <= f - 1e-4 * t * float(g @ step):
+                accepted = True
+                break
+            if t == 1.0 and f_cand <= f + 1e-12 * max(1.0, abs(f)):
+                # objective flat to rounding: accept the Newton step if it shrinks the gradient
+                g_cand = _grad(fn, cand)
+                if float(g_cand.norm()) < 0.5 * float(g.norm()):
+                    accepted = True
+                    break
+            t *= 0.5
+        if not accepted:  # no progress possible at this precision
+            break
+        theta, f = cand.detach(), f_cand
+        g = _grad(fn, theta)
+    return theta, it
+
+
+def _lbfgs(fn, theta: torch.Tensor, tol: float, max_iter: int) -> tuple[torch.Tensor, int]:
+    theta = theta.detach().clone().requires_grad_(True)
+    opt = torch.optim.LBFGS(
+        [theta],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=tol,
+        tolerance_change=0.0,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = fn(theta)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    state = opt.state[theta]
+    return theta.detach(), int(state.get("n_iter", 0))
