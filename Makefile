@@ -25,6 +25,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 
+# Benchmarks (commands, seeds and numbers: benchmarks/README.md). The peers are installed here, never by
+# `make test`: kronfluence into .venv with --no-deps plus its runtime deps (it never imports torchvision);
+# pyDVL into its own .venv-pydvl because it wants numpy<2 (torch pinned there too: any other spec pulls GBs).
+PYDVL_VENV := .venv-pydvl
+bench: $(STAMP)
+	$(PY) -c "import kronfluence" 2>/dev/null || { $(PIP) install -q --no-deps kronfluence==1.0.1 && \
+		$(PIP) install -q accelerate einconv einops opt-einsum psutil; }
+	test -x $(PYDVL_VENV)/bin/python || $(PYTHON) -m venv $(PYDVL_VENV)
+	$(PYDVL_VENV)/bin/python -c "import pydvl.influence.torch, safetensors" 2>/dev/null || { \
+		$(PYDVL_VENV)/bin/pip install -q --upgrade pip && \
+		$(PYDVL_VENV)/bin/pip install -q torch==2.13.0 && \
+		$(PYDVL_VENV)/bin/pip install -q "numpy<2" "pyDVL[influence]==0.10.0" safetensors; }
+	$(PY) benchmarks/loo_fidelity.py --n-train 1000 --queries 3 --top 25 --random 25 --seed 0
+	$(PY) benchmarks/head_scores.py --seed 0
+	# (next: benchmarks/ekfac_vs_kronfluence.py, deep-model EK-FAC against kronfluence, runs here)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
