@@ -30,7 +30,7 @@ class RetrainCache:
         if path is None or not path.exists():
             return None
         with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
             meta = f.metadata() or {}
         return tensors, json.loads(meta.get("info", "{}"))
 
