@@ -40,7 +40,7 @@ def tiny_bert(tmp_path_factory):
     vocab.write_text(
         "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "and", "at", "all", "but"])
     )
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab=str(vocab), do_lower_case=True)
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(tokenizer),

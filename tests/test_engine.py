@@ -145,7 +145,7 @@ def test_scores_sign_convention_on_a_hand_computed_case():
     torch.nn.init.zeros_(model.linear.bias)
     fit_newton(model, task, (x, y), tol=1e-14)
     w = float(model.linear.weight)
-    s = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    s = lambda z: 1 / (1 + np.exp(-z))
     g = np.array([(s(w * 1) - 1) * 1, (s(w * 2) - 0) * 2])
     h = (s(w) * (1 - s(w)) * 1 + s(2 * w) * (1 - s(2 * w)) * 4) / 2 + 1.0
     eng = InfluenceEngine(model, task, (x, y))

@@ -8,8 +8,8 @@ sees how close it got, and raises :class:`NumericalError` on non-finite output.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -1,0 +1,186 @@
+"""The ``influent`` command.
+
+A user mistake ends with one line ``influent: error: ...`` on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from influent.errors import UserError
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", default=None,
+                   help="corpus: a CSV/TSV/JSONL/Parquet file, 'hf:NAME' for a Hugging Face dataset, "
+                        "or omit for the bundled Rotten Tomatoes snippets")
+    g.add_argument("--text-column", default="text", help="text column of --data (default: text)")
+    g.add_argument("--label-column", default="label", help="label column of --data (default: label)")
+    g.add_argument("--hf-split", default="train", help="split of an hf: dataset (default: train)")
+    g.add_argument("--encoder", default=None,
+                   help="Hugging Face encoder name or local path (default: packaged all-MiniLM-L6-v2)")
+    g.add_argument("--pooling", choices=["mean", "cls"], default="mean")
+    g.add_argument("--max-length", type=int, default=128, help="tokens kept per text (default 128)")
+    g.add_argument("--l2", type=float, default=None, help="ridge coefficient of the head (default 1e-3)")
+    g.add_argument("--test-fraction", type=float, default=0.2)
+    g.add_argument("--seed", type=int, default=0, help="seeds the split and everything random")
+    g.add_argument("--cache-dir", default=None,
+                   help="cache root (default $INFLUENT_CACHE_DIR or ~/.cache/influent)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _head_setup(args: argparse.Namespace, retrain: bool = False):
+    from influent.models.encoder import DEFAULT_ENCODER
+    from influent.pipeline import DEFAULT_L2, prepare_head
+
+    if not 0.0 < args.test_fraction < 1.0:
+        raise UserError(f"--test-fraction must be between 0 and 1, got {args.test_fraction}")
+    if args.max_length < 2:
+        raise UserError(f"--max-length must be at least 2, got {args.max_length}")
+    l2 = DEFAULT_L2 if args.l2 is None else args.l2
+    if l2 <= 0:
+        raise UserError(f"--l2 must be positive (the head's objective must be strongly convex), got {l2}")
+    return prepare_head(
+        args.data, text_column=args.text_column, label_column=args.label_column, hf_split=args.hf_split,
+        encoder=args.encoder or DEFAULT_ENCODER, pooling=args.pooling, max_length=args.max_length, l2=l2,
+        seed=args.seed, test_fraction=args.test_fraction, cache_dir=args.cache_dir,
+        progress=not args.quiet, retrain=retrain,
+    )
+
+
+def _say(args: argparse.Namespace, msg: str) -> None:
+    if not getattr(args, "json", False):
+        print(msg, flush=True)
+
+
+# --- commands ----------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.model != "head":
+        raise UserError(f"--model {args.model} is not available yet; use --model head")
+    setup = _head_setup(args, retrain=args.retrain)
+    info = setup.info
+    print(f"head trained on {info['n_train']} examples ({info['newton_iterations']} Newton steps, "
+          f"gradient norm {info['grad_norm']:.2e}); test accuracy {info['test_accuracy']:.4f} "
+          f"on {info['n_test']}; saved in {setup.folder}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from influent.explain import Query, explain_head, format_explanation
+
+    if (args.text is None) == (args.test_index is None):
+        raise UserError("give exactly one of --text or --test-index")
+    if args.top < 1:
+        raise UserError(f"--top must be at least 1, got {args.top}")
+    setup = _head_setup(args)
+    names = setup.corpus.label_names
+    label = None
+    if args.label is not None:
+        if args.label not in names:
+            raise UserError(f"--label {args.label!r} is not a class; classes: {', '.join(names)}")
+        label = names.index(args.label)
+    if args.text is not None:
+        if not args.text.strip():
+            raise UserError("--text is empty")
+        query = Query(args.text, setup.embed([args.text])[0], label)
+    else:
+        n_test = len(setup.test_idx)
+        if not 0 <= args.test_index < n_test:
+            raise UserError(f"--test-index {args.test_index} is out of range: the test split has {n_test} examples")
+        i = args.test_index
+        query = Query(setup.corpus.texts[setup.test_idx[i]], setup.test_x[i], label, int(setup.test_y[i]))
+    result = explain_head(setup, [query], top=args.top, solver=args.solver, damping=args.damping)[0]
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_explanation(result))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from influent.explain import Query, explain_head, format_explanation
+    from influent.store import write_json
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    print("influent demo: frozen all-MiniLM-L6-v2 + L2 logistic regression on Rotten Tomatoes snippets")
+    setup = _head_setup(args)
+    info = setup.info
+    print(f"  train {info['n_train']} / test {info['n_test']} (split seed {args.seed}); head gradient norm "
+          f"{info['grad_norm']:.1e}; test accuracy {info['test_accuracy']:.4f}")
+    picks = [0, 1, 2]
+    queries = [Query(setup.corpus.texts[setup.test_idx[i]], setup.test_x[i], None, int(setup.test_y[i]))
+               for i in picks]
+    results = explain_head(setup, queries, top=args.top)
+    for i, r in zip(picks, results):
+        print(f"\n=== test review {i} ===")
+        print(format_explanation(r))
+    write_json(out / "demo_explanations.json", {"model": info, "explanations": results})
+    print(f"\nOutputs: {out / 'demo_explanations.json'}; model and caches under {setup.folder.parent.parent}")
+    print(f"Done in {time.perf_counter() - start:.1f} s.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="influent",
+        description="Influence functions for NLP models: which training examples made the model say this?",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or load) a model on a corpus and report held-out accuracy")
+    p.add_argument("--model", choices=["head", "finetuned"], default="head")
+    p.add_argument("--retrain", action="store_true", help="ignore a saved model with the same settings")
+    _add_data_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("explain", help="the training examples that most helped and hurt a prediction")
+    p.add_argument("--text", help="a review to explain")
+    p.add_argument("--test-index", type=int, help="explain the I-th review of the held-out split")
+    p.add_argument("--label", help="explain the loss of this class (default: the predicted class)")
+    p.add_argument("--top", type=int, default=5, help="proponents and opponents shown (default 5)")
+    p.add_argument("--solver", choices=["exact", "cg", "lissa"], default="exact")
+    p.add_argument("--damping", type=float, default=0.0, help="added to the Hessian's diagonal")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_data_options(p)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("demo", help="the main job on the bundled data: train, evaluate, explain")
+    p.add_argument("--out", default="influent-out", help="output folder (default influent-out)")
+    p.add_argument("--top", type=int, default=3)
+    _add_data_options(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Keep stderr for our own messages: no weight-loading bars or warnings from transformers."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"influent: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("influent: interrupted; cached work is kept and will be reused", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""corpus -> split -> embeddings -> trained head: the frozen-encoder setting, built once and cached.
+
+Every later command (explain, audit, attack, validate) starts from :func:`prepare_head`, which reuses the
+saved split, the embedding cache and the saved head when the settings match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from influent.data import Corpus, load_corpus, load_or_make_split
+from influent.influence import InfluenceEngine, SolverOptions
+from influent.models.encoder import DEFAULT_ENCODER, EmbeddingCache, TextEncoder
+from influent.models.head import HeadTask, LogisticHead, accuracy, load_head, save_head, train_head
+from influent.store import default_cache_dir, fingerprint
+
+DEFAULT_L2 = 1e-3
+
+
+@dataclass
+class HeadSetup:
+    """A trained frozen-encoder classifier and everything it was built from.
+
+    Attributes:
+        corpus: all examples; ``train_idx`` / ``test_idx`` index into it.
+        train_x, test_x: float64 embeddings ``[n, d]``; train_y, test_y: int64 labels.
+        model, task: the trained :class:`LogisticHead` and its :class:`HeadTask` (holds l2).
+        info: settings and metrics saved beside the head (test accuracy, gradient norm, ...).
+        folder: where the head and its JSON live.
+    """
+
+    corpus: Corpus
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    model: LogisticHead
+    task: HeadTask
+    info: dict
+    folder: Path
+    encoder: TextEncoder = field(repr=False)
+    embedding_cache: EmbeddingCache = field(repr=False)
+
+    @property
+    def train_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.train_x, self.train_y
+
+    @property
+    def test_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.test_x, self.test_y
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """Embeddings of new texts (float64, same encoder and pooling; cached like the corpus)."""
+        from influent.data.corpus import text_id
+
+        ids = [text_id(t) for t in texts]
+        return self.encoder.embed(texts, ids=ids, cache=self.embedding_cache, progress=False).double()
+
+    def engine(self, solver: str = "exact", damping: float = 0.0, options: SolverOptions | None = None) -> InfluenceEngine:
+        """An :class:`InfluenceEngine` over the training set with the head's exact Hessian."""
+        return InfluenceEngine(
+            self.model, self.task, self.train_batch, solver=solver, damping=damping,
+            options=options or SolverOptions(),
+        )
+
+
+def prepare_head(
+    data: str | None = None,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    hf_split: str = "train",
+    encoder: str = DEFAULT_ENCODER,
+    pooling: str = "mean",
+    max_length: int = 128,
+    l2: float = DEFAULT_L2,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    retrain: bool = False,
+) -> HeadSetup:
+    """Load the corpus, split it (saved), embed it (cached) and train or load the logistic head.
+
+    Args:
+        data: corpus spec (None = bundled Rotten Tomatoes; a CSV/JSONL/Parquet path; ``hf:NAME``).
+        encoder: Hugging Face encoder name or local path (default: the packaged all-MiniLM-L6-v2).
+        pooling: ``'mean'`` or ``'cls'``.
+        max_length: tokens kept per text.
+        l2: ridge coefficient lambda of the head's objective.
+        seed: seeds the train/test split.
+        test_fraction: held-out share, stratified by label.
+        cache_dir: cache root (default ``$INFLUENT_CACHE_DIR`` or ``~/.cache/influent``).
+        progress: show progress bars.
+        retrain: ignore a saved head with the same settings.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    corpus = load_corpus(data, text_column=text_column, label_column=label_column, hf_split=hf_split)
+    split = load_or_make_split(corpus, cache, test_fraction=test_fraction, seed=seed)
+    enc = TextEncoder(encoder, pooling=pooling, max_length=max_length)
+    emb_cache = EmbeddingCache(cache / "embeddings")
+    x = enc.embed(corpus.texts, ids=corpus.ids, cache=emb_cache, progress=progress).double()
+    y = torch.as_tensor(corpus.labels, dtype=torch.long)
+    tr, te = torch.as_tensor(split.train_idx), torch.as_tensor(split.test_idx)
+    key = fingerprint(corpus.fingerprint(), enc.key(), split.train_idx.tolist(), l2)
+    folder = cache / "heads" / key
+    num_classes = len(corpus.label_names)
+    if not retrain and (folder / "head.json").exists():
+        model, task, info = load_head(folder)
+    else:
+        model, task, report = train_head(x[tr], y[tr], num_classes, l2)
+        info = {
+            "data": corpus.source,
+            "encoder": encoder,
+            "pooling": pooling,
+            "max_length": max_length,
+            "seed": seed,
+            "test_fraction": test_fraction,
+            "n_train": len(tr),
+            "n_test": len(te),
+            "label_names": corpus.label_names,
+            "train_accuracy": accuracy(model, x[tr], y[tr]),
+            "test_accuracy": accuracy(model, x[te], y[te]),
+            "grad_norm": report.grad_norm,
+            "newton_iterations": report.iterations,
+            "train_seconds": report.seconds,
+        }
+        save_head(model, task, folder, info)
+    return HeadSetup(
+        corpus, split.train_idx, split.test_idx, x[tr], y[tr], x[te], y[te], model, task, info, folder,
+        enc, emb_cache,
+    )

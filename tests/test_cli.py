@@ -1,0 +1,130 @@
+"""The `influent` command end to end on a tiny encoder and a small CSV, and every user mistake."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from influent.cli import main
+from influent.pipeline import prepare_head
+
+
+@pytest.fixture()
+def base_args(tiny_encoder_dir, reviews_csv, tmp_path):
+    return ["--data", str(reviews_csv), "--text-column", "review", "--label-column", "sentiment",
+            "--encoder", str(tiny_encoder_dir), "--cache-dir", str(tmp_path / "cache"), "--quiet", "--l2", "0.01"]
+
+
+def run_cli(capsys, argv):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_explain_json_shape_signs_and_units(capsys, base_args):
+    code, out, err = run_cli(capsys, ["explain", "--text", "a great and witty film", "--top", "4", "--json", *base_args])
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result["query"]) >= {"text", "prediction", "probability"}
+    assert 0.5 <= result["query"]["probability"] <= 1.0
+    n_train = 64  # 80 rows, 20% held out
+    assert result["proponents"] and result["opponents"]
+    for r in result["proponents"]:
+        assert set(r) >= {"id", "text", "label", "score", "loss_change"}
+        assert r["score"] > 0
+        assert r["loss_change"] == pytest.approx(r["score"] / n_train)
+    assert all(r["score"] < 0 for r in result["opponents"])
+    scores = [r["score"] for r in result["proponents"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_explain_matches_engine_and_reuses_cache(capsys, base_args, tiny_encoder_dir, reviews_csv, tmp_path):
+    code, out, _ = run_cli(capsys, ["explain", "--test-index", "3", "--top", "2", "--json", *base_args])
+    assert code == 0
+    result = json.loads(out)
+    setup = prepare_head(str(reviews_csv), text_column="review", label_column="sentiment",
+                         encoder=str(tiny_encoder_dir), cache_dir=tmp_path / "cache", l2=0.01, progress=False)
+    assert (setup.folder / "head.json").exists()
+    pred = int(setup.model.probabilities(setup.test_x[3:4]).argmax())
+    scores = setup.engine().pairwise_scores((setup.test_x[3:4], torch.tensor([pred])))[0]
+    best = int(scores.argmax())
+    assert result["proponents"][0]["id"] == setup.corpus.ids[setup.train_idx[best]]
+    assert result["proponents"][0]["score"] == pytest.approx(float(scores[best]), rel=1e-8)
+    # The text explain shows the same ranking in human form.
+    code, out, _ = run_cli(capsys, ["explain", "--test-index", "3", "--top", "2", "--solver", "cg", *base_args])
+    assert code == 0 and "Proponents" in out and "Opponents" in out
+
+
+def test_train_and_demo_write_outputs(capsys, base_args, tmp_path):
+    code, out, _ = run_cli(capsys, ["train", *base_args])
+    assert code == 0 and "test accuracy" in out
+    code, out, _ = run_cli(capsys, ["demo", "--out", str(tmp_path / "out"), *base_args])
+    assert code == 0
+    saved = json.loads((tmp_path / "out" / "demo_explanations.json").read_text())
+    assert len(saved["explanations"]) == 3
+
+
+def _one_line_error(code, err, needle):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("influent: error:"), err
+    assert "Traceback" not in err
+    assert needle.lower() in lines[0].lower()
+
+
+@pytest.mark.parametrize(
+    "make_file, extra, needle",
+    [
+        (None, [], "not found"),
+        (lambda p: p.write_text(""), [], "empty"),
+        (lambda p: p.write_text("review,sentiment\n"), [], "no rows"),
+        (lambda p: p.write_bytes(b"\x00\xff\xfe garbage \x00" * 50), [], "reviews.csv"),
+        (lambda p: p.write_text("review,sentiment\ngood film,pos\nbad film,neg\n"), ["--text-column", "body"], "body"),
+        (lambda p: p.write_text("review,sentiment\ngood film,pos\nnice film,pos\n"), [], "only one class"),
+    ],
+    ids=["missing", "empty", "header-only", "unreadable", "unknown-column", "single-class"],
+)
+def test_bad_data_is_one_line_exit_2(capsys, tmp_path, tiny_encoder_dir, make_file, extra, needle):
+    path = tmp_path / "reviews.csv"
+    if make_file is not None:
+        make_file(path)
+    args = ["explain", "--text", "good", "--data", str(path), "--text-column", "review", "--label-column",
+            "sentiment", "--encoder", str(tiny_encoder_dir), "--cache-dir", str(tmp_path / "c"), "--quiet", *extra]
+    code, _, err = run_cli(capsys, args)
+    _one_line_error(code, err, needle)
+
+
+def test_unknown_model_name_is_one_line_exit_2(capsys, reviews_csv, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ["explain", "--text", "good", "--data", str(reviews_csv), "--text-column", "review",
+            "--label-column", "sentiment", "--encoder", "no-such-org/no-such-model", "--cache-dir",
+            str(tmp_path / "c"), "--quiet"]
+    code, _, err = run_cli(capsys, args)
+    _one_line_error(code, err, "no-such-org/no-such-model")
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--test-index", "999"], "out of range"),
+        (["--text", "good", "--test-index", "1"], "exactly one"),
+        (["--text", "good", "--label", "meh"], "meh"),
+        (["--text", "good", "--top", "0"], "--top"),
+    ],
+)
+def test_bad_options_are_one_line_exit_2(capsys, base_args, extra, needle):
+    code, _, err = run_cli(capsys, ["explain", *extra, *base_args])
+    _one_line_error(code, err, needle)
+
+
+def test_console_script_exit_status(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "influent.cli", "explain", "--text", "x", "--data", str(tmp_path / "nope.csv")],
+        check=False, capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "nope.csv" in proc.stderr
