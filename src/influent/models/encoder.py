@@ -212,6 +212,7 @@ class TextEncoder:
         self.pooling = pooling
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
+        self.save_every = 2048  # texts embedded between cache writes (the resume granularity)
         self.device = torch.device(device)
         self.tokenizer, self.model = load_encoder(self.name)
         self.model.to(self.device)
@@ -294,17 +295,28 @@ class TextEncoder:
                 )["input_ids"]
             ]
             order = todo[np.argsort(-np.asarray(lengths), kind="stable")]
+            pending: list[int] = []
+
+            def flush() -> None:
+                # Save what is done so far, so an interrupted run resumes from the cache.
+                rows = torch.from_numpy(np.asarray(pending, dtype=np.int64))
+                if not torch.isfinite(out[rows]).all():
+                    raise RuntimeError(f"encoder {self.name} produced non-finite embeddings")
+                if cache is not None:
+                    cache.put([ids[i] for i in pending], out[rows], self.key())
+                pending.clear()
+
             with (
                 torch.inference_mode(),
                 tqdm(total=int(todo.size), desc="embedding", unit="text", disable=not progress) as bar,
             ):
                 for start in range(0, order.size, self.batch_size):
                     chunk = order[start : start + self.batch_size]
-                    vectors = self._embed_batch([texts[i] for i in chunk])
-                    out[torch.from_numpy(chunk)] = vectors
+                    out[torch.from_numpy(chunk)] = self._embed_batch([texts[i] for i in chunk])
+                    pending.extend(int(i) for i in chunk)
                     bar.update(len(chunk))
-            if not torch.isfinite(out[torch.from_numpy(todo)]).all():
-                raise RuntimeError(f"encoder {self.name} produced non-finite embeddings")
-            if cache is not None:
-                cache.put([ids[i] for i in todo], out[torch.from_numpy(todo)], self.key())
+                    if len(pending) >= self.save_every:
+                        flush()
+            if pending:
+                flush()
         return out
