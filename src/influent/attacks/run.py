@@ -1,0 +1,162 @@
+"""``influent attack KIND``: run an attack on the head over several seeds and summarise mean and sd.
+
+Each seed re-divides the held-out split into validation (attacker's) and evaluation (scoring) halves and
+re-draws targets / poisons; the model, encoder and train split are those of ``prepare_head``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from influent.store import write_json
+
+KINDS = ("label-flip", "perturb", "trigger", "concealed")
+
+
+def summarise(rows: list[dict], keys: Iterable[str], values: Iterable[str]) -> list[dict]:
+    """Group ``rows`` by ``keys``; mean, sd (ddof=1; 0 for one row) and count of each value column."""
+    keys, values = list(keys), list(values)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        row = dict(zip(keys, key))
+        row["runs"] = len(rs)
+        for v in values:
+            a = np.array([float(r[v]) for r in rs if r.get(v) is not None], dtype=np.float64)
+            row[f"{v}_mean"] = float(a.mean()) if len(a) else float("nan")
+            row[f"{v}_sd"] = float(a.std(ddof=1)) if len(a) > 1 else 0.0
+        out.append(row)
+    return out
+
+
+def attack_on_experiment(kind: str, exp, **options) -> list[dict]:
+    """One seed of attack ``kind`` on a :class:`~influent.attacks.experiment.HeadExperiment`."""
+    if kind == "label-flip":
+        from influent.attacks.label_flip import DEFAULT_BUDGETS, targeted_attack, untargeted_attack
+
+        budgets = tuple(options.get("budgets") or DEFAULT_BUDGETS)
+        rounds = int(options.get("rounds_per_budget", 1))
+        rows = [
+            dict(r, mode="untargeted")
+            for r in untargeted_attack(exp, budgets, rounds, options.get("damping", 0.0))
+        ]
+        if options.get("targets", 5):
+            rows += [
+                dict(r, mode="targeted")
+                for r in targeted_attack(
+                    exp, int(options.get("targets", 5)), budgets, rounds, options.get("damping", 0.0)
+                )
+            ]
+        return rows
+    if kind == "perturb":
+        from influent.attacks.perturb import perturb_attack
+
+        return perturb_attack(
+            exp,
+            int(options.get("targets", 5)),
+            tuple(options.get("ks") or (1, 5)),
+            float(options.get("eps", 0.5)),
+            int(options.get("steps", 3)),
+            options.get("damping", 0.0),
+        )
+    if kind == "trigger":
+        from influent.attacks.trigger import DEFAULT_SIZES, DEFAULT_TRIGGER, trigger_attack
+
+        return trigger_attack(
+            exp,
+            tuple(options.get("sizes") or DEFAULT_SIZES),
+            options.get("trigger") or DEFAULT_TRIGGER,
+            options.get("source"),
+            options.get("target"),
+            int(options.get("n_eval", 300)),
+        )
+    if kind == "concealed":
+        raise NotImplementedError(
+            "the concealed-poison attack needs the fine-tuned classifier; see docs/poison.md"
+        )
+    raise ValueError(f"unknown attack {kind!r}; choose from {', '.join(KINDS)}")
+
+
+SUMMARY_SPEC = {
+    "label-flip": (
+        ("mode", "strategy", "budget"),
+        ("clean_accuracy", "accuracy_drop", "clean_loss", "flipped"),
+    ),
+    "perturb": (("k", "eps"), ("flipped", "target_prob_true", "clean_accuracy")),
+    "trigger": (
+        ("n_poison",),
+        ("attack_success", "control_success", "net_success", "clean_accuracy", "clean_accuracy_control"),
+    ),
+}
+
+
+def run_attack(
+    kind: str,
+    data: str | None = None,
+    *,
+    seeds: Iterable[int] = (0, 1, 2),
+    out: str | Path | None = None,
+    encoder: str | None = None,
+    l2: float | None = None,
+    split_seed: int = 0,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    **options,
+) -> dict:
+    """Run attack ``kind`` (``label-flip``, ``perturb``, ``trigger``; ``concealed`` needs the fine-tuned model).
+
+    Args:
+        data: corpus spec (default: bundled Rotten Tomatoes).
+        seeds: attack seeds (each re-divides held-out into validation/evaluation halves).
+        out: folder for ``attack_<kind>.json`` (rows + summary), or None.
+        split_seed: the train/held-out split seed passed to ``prepare_head``.
+        options: ``budgets`` (fractions), ``targets`` (count), ``rounds_per_budget`` (label-flip);
+            ``ks``, ``eps``, ``steps``, ``targets`` (perturb); ``sizes``, ``trigger``, ``source``, ``target``,
+            ``n_eval`` (trigger); ``damping`` (all).
+
+    Returns:
+        ``{'kind', 'seeds', 'rows', 'summary'}`` (every rate in [0, 1], accuracies on clean held-out labels).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown attack {kind!r}; choose from {', '.join(KINDS)}")
+    from influent.attacks.experiment import from_setup
+    from influent.pipeline import DEFAULT_L2, prepare_head
+
+    kwargs = {
+        "seed": split_seed,
+        "cache_dir": cache_dir,
+        "progress": progress,
+        "l2": DEFAULT_L2 if l2 is None else l2,
+    }
+    if encoder:
+        kwargs["encoder"] = encoder
+    setup = prepare_head(data, **kwargs)
+    seeds = list(seeds)
+    rows = []
+    for seed in seeds:
+        exp = from_setup(setup, seed)
+        rows += [dict(r, seed=seed) for r in attack_on_experiment(kind, exp, **options)]
+    keys, values = SUMMARY_SPEC[kind]
+    if kind == "label-flip":
+        summary = summarise([r for r in rows if r["mode"] == "untargeted"], keys, values[:3])
+        summary += summarise(
+            [r for r in rows if r["mode"] == "targeted"], keys, ("flipped", "clean_accuracy")
+        )
+    else:
+        summary = summarise(rows, keys, values)
+    result = {
+        "kind": kind,
+        "seeds": seeds,
+        "split_seed": split_seed,
+        "options": options,
+        "rows": rows,
+        "summary": summary,
+    }
+    if out is not None:
+        write_json(Path(out) / f"attack_{kind}.json", result)
+    return result
