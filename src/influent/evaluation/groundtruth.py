@@ -61,7 +61,7 @@ class GroundTruth:
         query_batch: the Q queries whose measurement (``Task.query_measurement``) is tracked.
         trainer: retraining procedure for leave-one-out and groups (None: PBRF only).
         damping: PBRF proximity coefficient (added to ``task.l2``); use the influence engine's damping.
-        pbrf_method: ``'newton'`` or ``'lbfgs'``.
+        pbrf_method: ``'gauss_newton'``, ``'newton'`` or ``'lbfgs'`` (see :meth:`PBRF.solve`).
         pbrf_tol: gradient-norm tolerance of the PBRF solve.
         pbrf_max_iter: iteration cap of the PBRF solve.
         cache_dir: root of the retraining cache (None: no caching).
@@ -78,7 +78,7 @@ class GroundTruth:
         trainer: Trainer | None = None,
         *,
         damping: float = 0.0,
-        pbrf_method: str = "newton",
+        pbrf_method: str = "gauss_newton",
         pbrf_tol: float = 1e-10,
         pbrf_max_iter: int = 100,
         cache_dir: str | Path | None = None,

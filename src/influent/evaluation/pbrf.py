@@ -23,23 +23,13 @@ import time
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from influent.curvature.solvers import NumericalError
+from influent.evaluation.newton import functional_outputs, gauss_newton_sum, gradient, minimise
 from influent.gradients import ParameterSpace
 from influent.task import Batch, Task, iter_chunks, slice_batch
 
-PBRF_METHODS = ("newton", "lbfgs")
-
-
-class _Outputs(nn.Module):
-    def __init__(self, model: nn.Module, task: Task):
-        super().__init__()
-        self.model = model
-        self.task = task
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return self.task.model_output(self.model, batch)
+PBRF_METHODS = ("gauss_newton", "newton", "lbfgs")
 
 
 class PBRF:
@@ -63,7 +53,7 @@ class PBRF:
         self.chunk = chunk
         self.n = task.batch_size(train_batch)
         self.theta_s = self.space.flat()
-        self._wrapper = _Outputs(model, task)
+        self._outputs = functional_outputs(self.space)
         with torch.no_grad():
             outs = [self.outputs(self.theta_s, part) for _, part in iter_chunks(train_batch, self.n, chunk)]
         self.out_s = torch.cat(outs, 0)
@@ -84,8 +74,7 @@ class PBRF:
 
     def outputs(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Network outputs at flat parameters ``theta``."""
-        params = {f"model.{k}": v for k, v in self.space.unflatten(theta).items()}
-        return functional_call(self._wrapper, params, (batch,))
+        return self._outputs(theta, batch)
 
     def bregman(self, theta: torch.Tensor) -> torch.Tensor:
         """``(1/n) sum_i D_L(f(theta, x_i), f(theta_s, x_i))`` (>= 0 for a loss convex in the outputs)."""
@@ -102,11 +91,26 @@ class PBRF:
         prox = 0.5 * (self.task.l2 + self.damping) * (theta - self.theta_s).pow(2).sum()
         return self.bregman(theta) + eps * self.space.losses(theta, removed).sum() + prox
 
+    def hessian_fn(self, removed: Batch, eps: float):
+        """``theta -> exact Hessian of the objective`` (``torch.func.hessian``; small p)."""
+        return lambda t: _sym(torch.func.hessian(lambda u: self.objective(u, removed, eps))(t.detach()))
+
+    def gauss_newton_fn(self, removed: Batch, eps: float):
+        """``theta -> (1/n) sum_i GN_i + eps GN_removed + (l2 + damping) I`` (exact Hessian for a linear model)."""
+        eye = torch.eye(self.space.dim, dtype=self.theta_s.dtype)
+        shift = self.task.l2 + self.damping
+
+        def curvature(t):
+            G = gauss_newton_sum(self.space, self.batch, t, chunk=self.chunk) / self.n
+            return G + eps * gauss_newton_sum(self.space, removed, t) + shift * eye
+
+        return curvature
+
     def solve(
         self,
         index: int | list[int],
         eps: float | None = None,
-        method: str = "newton",
+        method: str = "gauss_newton",
         tol: float = 1e-10,
         max_iter: int = 100,
     ) -> tuple[torch.Tensor, dict]:
@@ -115,8 +119,10 @@ class PBRF:
         Args:
             index: row(s) of the training batch that are down-weighted.
             eps: weight of their loss; None = ``-1/n`` (removal).
-            method: ``'newton'`` (forms the Hessian; small p; Levenberg-Marquardt shift where indefinite)
-                or ``'lbfgs'`` (full-batch L-BFGS with strong-Wolfe line search; any p).
+            method: ``'gauss_newton'`` (forms the objective's Gauss-Newton matrix, exact for a linear model;
+                small p), ``'newton'`` (forms the exact Hessian with ``torch.func.hessian``; Levenberg-Marquardt
+                shift where indefinite) or ``'lbfgs'`` (full-batch L-BFGS, strong-Wolfe line search; any p).
+                All three minimise the same objective with its exact gradient.
             tol: stop when the objective's gradient norm is below ``tol``.
             max_iter: iteration cap.
 
@@ -130,11 +136,16 @@ class PBRF:
         eps = -1.0 / self.n if eps is None else float(eps)
         fn = lambda t: self.objective(t, removed, eps)
         start = time.perf_counter()
-        if method == "newton":
-            theta, it = _newton(fn, self.theta_s.clone(), tol, max_iter)
+        if method == "lbfgs":
+            theta = _lbfgs(fn, self.theta_s.clone(), tol, max_iter)
+            it = -1
+            g = gradient(fn, theta)
         else:
-            theta, it = _lbfgs(fn, self.theta_s.clone(), tol, max_iter)
-        g = _grad(fn, theta)
+            curvature = (
+                self.hessian_fn(removed, eps) if method == "newton" else self.gauss_newton_fn(removed, eps)
+            )
+            theta, it, _ = minimise(fn, self.theta_s.clone(), curvature, tol, max_iter)
+            g = gradient(fn, theta)
         if not torch.isfinite(theta).all():
             raise NumericalError("PBRF solve produced non-finite parameters; increase damping")
         with torch.no_grad():
@@ -150,50 +161,11 @@ class PBRF:
         return theta.detach(), info
 
 
-def _grad(fn, theta: torch.Tensor) -> torch.Tensor:
-    t = theta.detach().requires_grad_(True)
-    with torch.enable_grad():
-        (g,) = torch.autograd.grad(fn(t), t)
-    return g.detach()
+def _sym(H: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (H + H.T)
 
 
-def _newton(fn, theta: torch.Tensor, tol: float, max_iter: int) -> tuple[torch.Tensor, int]:
-    """Newton with a Levenberg-Marquardt shift when the Hessian is not positive definite + Armijo backtracking."""
-    f = float(fn(theta))
-    g = _grad(fn, theta)
-    it = 0
-    eye = torch.eye(theta.numel(), dtype=theta.dtype)
-    while float(g.norm()) > tol and it < max_iter:
-        it += 1
-        H = torch.func.hessian(fn)(theta.detach())
-        H = 0.5 * (H + H.T)
-        chol, info = torch.linalg.cholesky_ex(H)
-        if int(info) != 0:
-            lam_min = float(torch.linalg.eigvalsh(H)[0])
-            chol = torch.linalg.cholesky(H + (abs(lam_min) * 1.1 + 1e-12) * eye)
-        step = torch.cholesky_solve(g.unsqueeze(1), chol)[:, 0]
-        t, accepted = 1.0, False
-        for _ in range(40):
-            cand = theta - t * step
-            f_cand = float(fn(cand))
-            if f_cand <= f - 1e-4 * t * float(g @ step):
-                accepted = True
-                break
-            if t == 1.0 and f_cand <= f + 1e-12 * max(1.0, abs(f)):
-                # objective flat to rounding: accept the Newton step if it shrinks the gradient
-                g_cand = _grad(fn, cand)
-                if float(g_cand.norm()) < 0.5 * float(g.norm()):
-                    accepted = True
-                    break
-            t *= 0.5
-        if not accepted:  # no progress possible at this precision
-            break
-        theta, f = cand.detach(), f_cand
-        g = _grad(fn, theta)
-    return theta, it
-
-
-def _lbfgs(fn, theta: torch.Tensor, tol: float, max_iter: int) -> tuple[torch.Tensor, int]:
+def _lbfgs(fn, theta: torch.Tensor, tol: float, max_iter: int) -> torch.Tensor:
     theta = theta.detach().clone().requires_grad_(True)
     opt = torch.optim.LBFGS(
         [theta],
@@ -213,5 +185,4 @@ def _lbfgs(fn, theta: torch.Tensor, tol: float, max_iter: int) -> tuple[torch.Te
 
     with torch.enable_grad():
         opt.step(closure)
-    state = opt.state[theta]
-    return theta.detach(), int(state.get("n_iter", 0))
+    return theta.detach()

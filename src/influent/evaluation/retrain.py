@@ -24,6 +24,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from influent.curvature.exact import exact_hessian
+from influent.evaluation.newton import gauss_newton_sum, minimise
 from influent.gradients import ParameterSpace, full_gradient, full_objective
 from influent.task import Batch, Task, slice_batch
 
@@ -49,37 +51,60 @@ class Trainer(Protocol):
 
 @dataclass
 class NewtonTrainer:
-    """Damped Newton to a gradient-norm tolerance (convex objectives, p up to a few thousand).
+    """(Gauss-)Newton to a gradient-norm tolerance (convex objectives, p up to a few thousand).
 
     Args:
         model: the model (not modified: a copy is trained).
         task: its task (the objective includes ``task.l2``).
         init_theta: the cold-start point (None: zeros, as :func:`~influent.models.head.train_head` uses).
+        curvature: ``'gauss_newton'`` (one matrix product per step; equals the Hessian for a linear model
+            under cross-entropy) or ``'hessian'`` (``torch.func.hessian`` of the objective).
         tol: stop when ``||grad J|| < tol``.
-        max_iter: Newton iteration cap.
+        max_iter: iteration cap.
     """
 
     model: nn.Module
     task: Task
     init_theta: torch.Tensor | None = None
+    curvature: str = "gauss_newton"
     tol: float = 1e-10
     max_iter: int = 100
 
     def __post_init__(self):
-        self._model = copy.deepcopy(self.model)
-        self._space = ParameterSpace(self._model, self.task)
+        if self.curvature not in ("gauss_newton", "hessian"):
+            raise ValueError(f"unknown curvature {self.curvature!r}; choose gauss_newton or hessian")
+        self._space = ParameterSpace(copy.deepcopy(self.model), self.task)
         if self.init_theta is None:
             self.init_theta = torch.zeros_like(self._space.flat())
-        self.settings = {"trainer": "newton", "tol": self.tol, "max_iter": self.max_iter, "l2": self.task.l2}
+        self.settings = {
+            "trainer": "newton",
+            "curvature": self.curvature,
+            "tol": self.tol,
+            "max_iter": self.max_iter,
+            "l2": self.task.l2,
+        }
 
     def fit(self, train_batch: Batch, keep: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        from influent.models.head import fit_newton
-
+        t0 = time.perf_counter()
+        space = self._space
         batch = slice_batch(train_batch, keep)
-        self._space.load(start)
-        report = fit_newton(self._model, self.task, batch, tol=self.tol, max_iter=self.max_iter)
-        info = {"grad_norm": report.grad_norm, "iterations": report.iterations, "seconds": report.seconds}
-        return self._space.flat().clone(), info
+        n = self.task.batch_size(batch)
+        eye = torch.eye(space.dim, dtype=start.dtype)
+
+        def objective(t):
+            return full_objective(space, t, batch)
+
+        if self.curvature == "gauss_newton":
+
+            def curvature(t):
+                return gauss_newton_sum(space, batch, t) / n + self.task.l2 * eye
+        else:
+
+            def curvature(t):
+                return exact_hessian(space, batch, t)
+
+        theta, it, gnorm = minimise(objective, start.detach().clone(), curvature, self.tol, self.max_iter)
+        return theta, {"grad_norm": gnorm, "iterations": it, "seconds": time.perf_counter() - t0}
 
 
 @dataclass
