@@ -99,7 +99,9 @@ def test_bad_data_is_one_line_exit_2(capsys, tmp_path, tiny_encoder_dir, make_fi
 
 
 def test_unknown_model_name_is_one_line_exit_2(capsys, reviews_csv, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here: fail fast
     args = ["explain", "--text", "good", "--data", str(reviews_csv), "--text-column", "review",
             "--label-column", "sentiment", "--encoder", "no-such-org/no-such-model", "--cache-dir",
             str(tmp_path / "c"), "--quiet"]

@@ -63,14 +63,14 @@ def test_cg_and_lissa_match_direct_solve_and_report_residuals():
     cg = conjugate_gradient(op, B, tol=1e-12, max_iter=200)
     assert cg.residual < 1e-10
     assert min(cosine(cg.x[:, j], direct.x[:, j]) for j in range(5)) >= 0.9999
-    li = lissa(op, B, depth=3000)
+    li = lissa(op, B, depth=600)
     cos_lissa = min(cosine(li.x[:, j], direct.x[:, j]) for j in range(5))
     print(f"CG iterations {cg.iterations} residual {cg.residual:.2e}; LiSSA residual {li.residual:.2e} cos {cos_lissa:.5f}")
     assert cos_lissa >= 0.99
     # Stochastic LiSSA on minibatches still lands close.
     engine = InfluenceEngine(
         model, task, (x, y), solver="lissa",
-        options=SolverOptions(lissa_depth=1500, lissa_repeats=4, lissa_batch_size=100, seed=3),
+        options=SolverOptions(lissa_depth=400, lissa_repeats=2, lissa_batch_size=100, seed=3),
     )
     sto = engine.inverse_hvp(B)
     assert min(cosine(sto.x[:, j], direct.x[:, j]) for j in range(5)) >= 0.97

@@ -87,6 +87,7 @@ class InfluenceEngine:
         self._train_grads: torch.Tensor | None = None
         self._matrix: torch.Tensor | None = None
         self._direct: DirectSolver | None = None
+        self._operator: HessianOperator | None = None
         self.last_solution: Solution | None = None
 
     # --- building blocks ---------------------------------------------------------------------------------
@@ -107,7 +108,9 @@ class InfluenceEngine:
 
     def _matvec(self):
         if self.curvature == "hessian" and self.solver != "exact":
-            return HessianOperator(self.space, self.train_batch, self.theta).matvec
+            if self._operator is None:
+                self._operator = HessianOperator(self.space, self.train_batch, self.theta)
+            return self._operator.matvec
         M = self.curvature_matrix
         return lambda V: M @ V
 

@@ -6,9 +6,9 @@ Both include the L2 term of the objective: ``H = (1/n) sum_i d^2 l_i / dtheta^2 
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
+from torch.func import functional_call, hessian, jacrev, vmap
 
-from influent.gradients import ParameterSpace, full_objective, unsqueeze_example
+from influent.gradients import ParameterSpace, unsqueeze_example
 from influent.task import Batch, iter_chunks
 
 
@@ -55,28 +55,42 @@ def gauss_newton(space: ParameterSpace, batch: Batch, theta: torch.Tensor | None
 
 
 class HessianOperator:
-    """Matrix-free products ``(H + damping I) V`` with the Hessian of the training objective.
+    """Matrix-free products ``H V`` with the Hessian of the training objective (Pearlmutter's trick).
+
+    The gradient's autograd graph is built once (per data chunk) and each product is one backward pass
+    through it, so repeated products (CG, LiSSA) cost no new forward pass.
 
     Args:
         space: parameter space of the model.
         batch: the training data (all of it, or a minibatch for stochastic products).
         theta: the point of expansion (default: the model's current parameters).
+        chunk: examples per retained graph.
     """
 
     def __init__(self, space: ParameterSpace, batch: Batch, theta: torch.Tensor | None = None, chunk: int = 4096):
         self.space = space
-        self.batch = batch
-        self.theta = space.flat() if theta is None else theta.detach()
-        self.chunk = chunk
+        self.theta = (space.flat() if theta is None else theta.detach()).clone().requires_grad_(True)
         self.dim = space.dim
+        n = space.task.batch_size(batch)
+        self._grads = []
+        for _, part in iter_chunks(batch, n, chunk):
+            loss = space.losses(self.theta, part).sum() / n
+            (g,) = torch.autograd.grad(loss, self.theta, create_graph=True)
+            self._grads.append(g)
 
-    def matvec(self, V: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+    def matvec(self, V: torch.Tensor) -> torch.Tensor:
         """``H V`` for ``V`` of shape ``[p]`` or ``[p, k]`` (columns are independent vectors)."""
-        batch = self.batch if batch is None else batch
         single = V.dim() == 1
         V = V.unsqueeze(1) if single else V
-        g = grad(lambda t: full_objective(self.space, t, batch, self.chunk))
-        HV = vmap(lambda v: jvp(g, (self.theta,), (v,))[1], in_dims=1, out_dims=1)(V)
+        cols = []
+        for j in range(V.shape[1]):
+            v = V[:, j]
+            hv = self.space.task.l2 * v
+            for g in self._grads:
+                (part,) = torch.autograd.grad(g, self.theta, v, retain_graph=True)
+                hv = hv + part
+            cols.append(hv)
+        HV = torch.stack(cols, dim=1)
         return HV[:, 0] if single else HV
 
 
