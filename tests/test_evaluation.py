@@ -147,3 +147,39 @@ def test_minibatch_trainer_is_deterministic_and_keeps_relative_order():
     assert torch.equal(a, b) and np.isfinite(info["grad_norm"])
     c, _ = tr.fit((x, y), keep[keep != 7], init)
     assert not torch.equal(a, c) and (a - c).norm() < 0.5 * a.norm()
+
+
+def test_validate_exact_writes_tables_and_plots(tmp_path):
+    from influent.evaluation.validate import select_examples, validate_exact
+
+    x, y = make_data(n=200, d=4, seed=2)
+    model, task, _ = train_head(x, y, 2, l2=1e-2)
+    queries = (x[:3] + 0.1, y[:3])
+    result = validate_exact(
+        model,
+        task,
+        (x, y),
+        queries,
+        examples=9,
+        subsets=12,
+        lissa_depth=300,
+        out=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    exact = result["estimates"]["exact (damping 0)"]
+    assert exact["vs"]["loo_cold"]["pearson_per_query"] >= 0.99
+    assert result["gap"]["warm vs cold start"]["max abs(warm - cold) / max abs(cold)"] < 1e-6
+    assert result["gap"]["convergence"]["gradient norm of the objective at theta_s"] < 1e-9
+    assert result["estimates"]["cg (damping 0)"]["cosine_to_exact"] > 0.9999
+    for name in (
+        "validate.json",
+        "validate.md",
+        "scatter-loo-cold.png",
+        "scatter-loo-warm.png",
+        "scatter-pbrf.png",
+    ):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert "| exact (damping 0) |" in (tmp_path / "out" / "validate.md").read_text()
+    idx, kinds = select_examples(np.array([[3.0, -1.0, 0.0, 2.0, -5.0, 1.0]]), 4)
+    assert idx[:2] == [0, 4] and kinds[:2] == ["top", "bottom"] and len(set(idx)) == 4
