@@ -37,7 +37,7 @@ bench: $(STAMP)
 		$(PYDVL_VENV)/bin/pip install -q --upgrade pip && \
 		$(PYDVL_VENV)/bin/pip install -q torch==2.13.0 && \
 		$(PYDVL_VENV)/bin/pip install -q "numpy<2" "pyDVL[influence]==0.10.0" safetensors; }
-	$(PY) benchmarks/loo_fidelity.py --n-train 1000 --queries 3 --top 25 --random 25 --seed 0
+	$(PY) benchmarks/loo_fidelity.py --n-train 2000 --queries 3 --top 25 --random 25 --seed 0
 	$(PY) benchmarks/head_scores.py --seed 0
 	# (next: benchmarks/ekfac_vs_kronfluence.py, deep-model EK-FAC against kronfluence, runs here)
 
