@@ -50,7 +50,7 @@ def test_train_save_load_and_influence(tmp_path):
     tr_x, tr_y = toy_data(64, 0)
     te_x, te_y = toy_data(32, 1)
     out = tmp_path / "ft"
-    model, tok, metrics = train_finetuned(
+    model, _tok, metrics = train_finetuned(
         tr_x,
         tr_y,
         te_x,

@@ -15,8 +15,8 @@ training gradients are never formed (cost per token ``Q * r * (d_in + d_out)``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -37,10 +37,10 @@ __all__ = [
     "FactorConfig",
     "Factors",
     "fit_factors",
-    "query_gradients",
-    "pairwise_scores",
-    "self_scores",
     "loss_change",
+    "pairwise_scores",
+    "query_gradients",
+    "self_scores",
 ]
 
 
@@ -208,13 +208,14 @@ def explain(
     task: Task,
     train_batches: Sequence[Batch],
     query_batches: Sequence[Batch],
-    config: FactorConfig = FactorConfig(),
+    config: FactorConfig | None = None,
     *,
     cache_dir: str | Path | None = None,
     query_rank: int | None = None,
     progress: bool = True,
 ) -> tuple[torch.Tensor, Factors]:
     """Fit (or load) factors, then pairwise scores ``[Q, N]``; a convenience for the CLI."""
+    config = config or FactorConfig()
     factors = fit_factors(model, task, train_batches, config, cache_dir=cache_dir, progress=progress)
     scores = pairwise_scores(
         model, task, factors, query_batches, train_batches, query_rank=query_rank, progress=progress

@@ -29,9 +29,9 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -124,7 +124,7 @@ def robust_eigh(
         vals_t, vecs_t = torch.from_numpy(vals), torch.from_numpy(vecs)
         if torch.isfinite(vals_t).all() and torch.isfinite(vecs_t).all():
             return vals_t.clamp_min(0.0), vecs_t
-    except Exception:  # noqa: BLE001 - any LAPACK failure falls through to the error below
+    except Exception:  # noqa: BLE001, S110 - any LAPACK failure falls through to the error below
         pass
     raise FactorNumericsError(
         f"{name}: eigendecomposition failed or stayed non-finite after jitter and scipy"
@@ -442,7 +442,7 @@ def _fit(model, task, batches, config, modules, shapes, folder, checkpoint_every
     if config.fisher == "true":
         gen = torch.Generator().manual_seed(int(config.seed))
         uniforms = torch.rand(n, generator=gen, dtype=torch.float64)
-    common = dict(
+    common = dict(  # noqa: C408
         model=model,
         task=task,
         batches=batches,

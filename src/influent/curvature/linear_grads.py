@@ -96,7 +96,7 @@ class LinearCapture:
         self._records: dict[str, _Record] = {}
         self._mask: torch.Tensor | None = None
 
-    def __enter__(self) -> "LinearCapture":
+    def __enter__(self):  # returns self
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._hook(name, module)))
         return self
