@@ -66,6 +66,9 @@ class GroundTruth:
         pbrf_max_iter: iteration cap of the PBRF solve.
         cache_dir: root of the retraining cache (None: no caching).
         store_params: also cache the retrained parameters when the model has at most this many.
+        use_baseline: measure retraining changes against the same retraining on all examples
+            (:meth:`baseline`) instead of against ``theta_s``.
+        pbrf_options: extra keyword arguments of :meth:`PBRF.solve` (e.g. epochs, lr for ``method='adam'``).
         progress: show progress bars.
     """
 
@@ -83,6 +86,8 @@ class GroundTruth:
         pbrf_max_iter: int = 100,
         cache_dir: str | Path | None = None,
         store_params: int = 100_000,
+        use_baseline: bool = True,
+        pbrf_options: dict | None = None,
         progress: bool = True,
     ):
         self.model, self.task = model, task
@@ -98,6 +103,9 @@ class GroundTruth:
         self.store_params = self.space.dim <= store_params
         self.infos: dict[str, dict] = {}
         self._pbrf: PBRF | None = None
+        self._baselines: dict[str, torch.Tensor] = {}
+        self.use_baseline = use_baseline
+        self.pbrf_options = dict(pbrf_options or {})
         if cache_dir is not None:
             key = fingerprint(
                 tensor_digest(self.theta_s),
@@ -121,7 +129,16 @@ class GroundTruth:
             return RetrainCache(None)
         return RetrainCache(self._root / f"{kind}-{fingerprint(settings)}")
 
-    def _run(self, kind: str, settings: dict, names: list[str], compute, desc: str) -> np.ndarray:
+    def _run(
+        self,
+        kind: str,
+        settings: dict,
+        names: list[str],
+        compute,
+        desc: str,
+        base: torch.Tensor | None = None,
+    ) -> np.ndarray:
+        base = self.base if base is None else base
         cache = self._cache(kind, settings)
         rows = []
         for name in tqdm(names, desc=desc, disable=not self.progress, leave=False):
@@ -137,7 +154,7 @@ class GroundTruth:
                     tensors["theta"] = theta
                 cache.put(name, tensors, info)
             self.infos[f"{kind}/{name}"] = info
-            rows.append((tensors["measure"] - self.base).numpy())
+            rows.append((tensors["measure"] - base).numpy())
         return np.stack(rows) if rows else np.zeros((0, len(self.base)))
 
     def _need_trainer(self) -> Trainer:
@@ -146,6 +163,31 @@ class GroundTruth:
         return self.trainer
 
     # --- ground truths ---------------------------------------------------------------------------------------
+    def baseline(self, start: str) -> torch.Tensor:
+        """Measurements ``[Q]`` after retraining on *all* examples from ``start`` (cached).
+
+        Leave-one-out and group changes are taken against this, so retraining effects that do not depend on
+        the removal (continuing to train a network that is not at an optimum, a replay that is not bitwise
+        identical to the original run) cancel. For a convex model trained to the optimum it equals ``f(theta_s)``.
+        """
+        if start in self._baselines:
+            return self._baselines[start]
+        trainer = self._need_trainer()
+        init = trainer.init_theta if start == "cold" else self.theta_s
+        settings = {"start": start, "trainer": trainer.settings, "init": tensor_digest(init)}
+        cache = self._cache(f"baseline-{start}", settings)
+        hit = cache.get("all")
+        if hit is None:
+            theta, info = trainer.fit(self.train_batch, torch.arange(self.n), init)
+            measure = self.measure(theta)
+            info = {**info, "distance_to_theta_s": float((theta - self.theta_s).norm())}
+            cache.put("all", {"measure": measure}, info)
+        else:
+            measure, info = hit[0]["measure"], hit[1]
+        self.infos[f"baseline-{start}"] = info
+        self._baselines[start] = measure
+        return measure
+
     def leave_one_out(self, indices: list[int], start: str = "cold") -> np.ndarray:
         """Actual change ``[k, Q]`` of each query when each training example in ``indices`` is removed.
 
@@ -165,7 +207,8 @@ class GroundTruth:
 
         settings = {"start": start, "trainer": trainer.settings, "init": tensor_digest(init)}
         names = [f"example-{int(i)}" for i in indices]
-        return self._run(f"loo-{start}", settings, names, compute, f"leave-one-out ({start} start)")
+        base = self.baseline(start) if self.use_baseline else None
+        return self._run(f"loo-{start}", settings, names, compute, f"leave-one-out ({start} start)", base)
 
     def pbrf(self, indices: list[int], eps: float | None = None) -> np.ndarray:
         """Query change ``[k, Q]`` at the PBRF solution for each example (``eps`` None = ``-1/n``, removal)."""
@@ -174,8 +217,9 @@ class GroundTruth:
         solver = self._pbrf
 
         def compute(name):
+            i = int(name.split("-")[1])
             return solver.solve(
-                int(name.split("-")[1]), eps, self.pbrf_method, self.pbrf_tol, self.pbrf_max_iter
+                i, eps, self.pbrf_method, self.pbrf_tol, self.pbrf_max_iter, **self.pbrf_options
             )
 
         settings = {
@@ -184,6 +228,7 @@ class GroundTruth:
             "method": self.pbrf_method,
             "tol": self.pbrf_tol,
             "max_iter": self.pbrf_max_iter,
+            **self.pbrf_options,
         }
         names = [f"example-{int(i)}" for i in indices]
         return self._run("pbrf", settings, names, compute, "PBRF")
@@ -203,4 +248,5 @@ class GroundTruth:
             return trainer.fit(self.train_batch, keep, init)
 
         settings = {"start": start, "trainer": trainer.settings, "init": tensor_digest(init)}
-        return self._run(f"groups-{start}", settings, names, compute, f"subset retraining ({start})")
+        base = self.baseline(start) if self.use_baseline else None
+        return self._run(f"groups-{start}", settings, names, compute, f"subset retraining ({start})", base)

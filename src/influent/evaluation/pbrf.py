@@ -29,7 +29,7 @@ from influent.evaluation.newton import functional_outputs, gauss_newton_sum, gra
 from influent.gradients import ParameterSpace
 from influent.task import Batch, Task, iter_chunks, slice_batch
 
-PBRF_METHODS = ("gauss_newton", "newton", "lbfgs")
+PBRF_METHODS = ("gauss_newton", "newton", "lbfgs", "adam")
 
 
 class PBRF:
@@ -86,10 +86,36 @@ class PBRF:
             total = total + (self.task.output_loss(out, part) - self.loss_s[s : s + m] - lin).sum()
         return total / self.n
 
+    def bregman_rows(self, theta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Mean Bregman divergence over the training rows ``rows`` (a minibatch estimate of :meth:`bregman`)."""
+        part = slice_batch(self.batch, rows)
+        out = self.outputs(theta, part)
+        m = out.shape[0]
+        lin = (self.dloss_s[rows].reshape(m, -1) * (out - self.out_s[rows]).reshape(m, -1)).sum(1)
+        return (self.task.output_loss(out, part) - self.loss_s[rows] - lin).mean()
+
     def objective(self, theta: torch.Tensor, removed: Batch, eps: float) -> torch.Tensor:
         """PBRF objective at ``theta`` for the example(s) ``removed`` (a batch; their losses are summed)."""
         prox = 0.5 * (self.task.l2 + self.damping) * (theta - self.theta_s).pow(2).sum()
         return self.bregman(theta) + eps * self.space.losses(theta, removed).sum() + prox
+
+    def _adam(self, removed: Batch, eps: float, epochs: int, lr: float, batch_size: int, seed: int):
+        theta = self.theta_s.clone().requires_grad_(True)
+        opt = torch.optim.Adam([theta], lr=lr)
+        gen = torch.Generator().manual_seed(seed)
+        shift = self.task.l2 + self.damping
+        steps = 0
+        for _ in range(epochs):
+            order = torch.randperm(self.n, generator=gen)
+            for s in range(0, self.n, batch_size):
+                rows = order[s : s + batch_size]
+                loss = self.bregman_rows(theta, rows) + eps * self.space.losses(theta, removed).sum()
+                loss = loss + 0.5 * shift * (theta - self.theta_s).pow(2).sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                steps += 1
+        return theta.detach(), steps
 
     def hessian_fn(self, removed: Batch, eps: float):
         """``theta -> exact Hessian of the objective`` (``torch.func.hessian``; small p)."""
@@ -113,6 +139,11 @@ class PBRF:
         method: str = "gauss_newton",
         tol: float = 1e-10,
         max_iter: int = 100,
+        *,
+        epochs: int = 1,
+        lr: float = 1e-4,
+        batch_size: int = 32,
+        seed: int = 0,
     ) -> tuple[torch.Tensor, dict]:
         """Minimise the PBRF objective for training example(s) ``index``.
 
@@ -122,7 +153,9 @@ class PBRF:
             method: ``'gauss_newton'`` (forms the objective's Gauss-Newton matrix, exact for a linear model;
                 small p), ``'newton'`` (forms the exact Hessian with ``torch.func.hessian``; Levenberg-Marquardt
                 shift where indefinite) or ``'lbfgs'`` (full-batch L-BFGS, strong-Wolfe line search; any p).
-                All three minimise the same objective with its exact gradient.
+                All three minimise the same objective with its exact gradient. ``'adam'``: ``epochs`` passes
+                of minibatch Adam from ``theta_s`` (Bae et al.'s approximate solve for networks; every
+                minibatch's Bregman gradient vanishes at ``theta_s``, so with ``eps = 0`` it stays there).
             tol: stop when the objective's gradient norm is below ``tol``.
             max_iter: iteration cap.
 
@@ -139,6 +172,9 @@ class PBRF:
         if method == "lbfgs":
             theta = _lbfgs(fn, self.theta_s.clone(), tol, max_iter)
             it = -1
+            g = gradient(fn, theta)
+        elif method == "adam":
+            theta, it = self._adam(removed, eps, epochs, lr, batch_size, seed)
             g = gradient(fn, theta)
         else:
             curvature = (

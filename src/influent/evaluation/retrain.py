@@ -111,19 +111,23 @@ class NewtonTrainer:
 class MinibatchTrainer:
     """Replays a seeded minibatch optimiser over the flat tracked parameters (any model + task).
 
-    The objective is the task's: mean per-example loss + ``(l2/2)||theta||^2``. The shuffling order and
-    everything else depend only on ``seed``, so a cold-start retrain without an example differs from the
-    original run only by that example's absence (the remaining examples keep their relative order).
+    The objective is the task's: mean per-example loss + ``(l2/2)||theta||^2`` (AdamW's decoupled
+    ``weight_decay`` is applied by the optimiser, outside the objective). The shuffling order, the dropout
+    masks and everything else depend only on ``seed``, so a cold-start retrain without an example differs from
+    the original run only by that example's absence: the full index set is permuted and the removed rows
+    dropped, so the remaining examples keep their relative order.
 
     Args:
-        model: the model (not modified).
+        model: the model (not modified; a copy is trained).
         task: its task.
         init_theta: the original initialisation ``[p]`` (cold start).
         epochs: passes over the data.
         lr: learning rate.
         batch_size: minibatch size.
-        optimizer: ``'adam'`` or ``'sgd'``.
-        seed: seeds the shuffling.
+        optimizer: ``'adam'``, ``'adamw'`` or ``'sgd'``.
+        weight_decay: AdamW's decoupled weight decay.
+        dropout: train in ``train()`` mode (dropout on, seeded) as fine-tuning does; else ``eval()`` mode.
+        seed: seeds the shuffling and dropout.
     """
 
     model: nn.Module
@@ -133,11 +137,13 @@ class MinibatchTrainer:
     lr: float = 1e-2
     batch_size: int = 32
     optimizer: str = "adam"
+    weight_decay: float = 0.0
+    dropout: bool = False
     seed: int = 0
 
     def __post_init__(self):
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adam, adamw or sgd")
         self._space = ParameterSpace(copy.deepcopy(self.model), self.task)
         self.settings = {
             "trainer": "minibatch",
@@ -145,9 +151,18 @@ class MinibatchTrainer:
             "lr": self.lr,
             "batch_size": self.batch_size,
             "optimizer": self.optimizer,
+            "weight_decay": self.weight_decay,
+            "dropout": self.dropout,
             "seed": self.seed,
             "l2": self.task.l2,
         }
+
+    def _optimizer(self, theta: torch.Tensor) -> torch.optim.Optimizer:
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW([theta], lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer == "adam":
+            return torch.optim.Adam([theta], lr=self.lr)
+        return torch.optim.SGD([theta], lr=self.lr)
 
     def fit(self, train_batch: Batch, keep: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, dict]:
         t0 = time.perf_counter()
@@ -155,21 +170,29 @@ class MinibatchTrainer:
         n_full = self.task.batch_size(train_batch)
         kept = torch.zeros(n_full, dtype=torch.bool)
         kept[keep] = True
-        batch = slice_batch(train_batch, keep)
         theta = start.detach().clone().requires_grad_(True)
-        opt = (torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD)([theta], lr=self.lr)
+        opt = self._optimizer(theta)
         gen = torch.Generator().manual_seed(self.seed)
-        for _ in range(self.epochs):
-            # permute the full index set, then drop removed rows: the rest keep their relative order
-            order = torch.randperm(n_full, generator=gen)
-            order = order[kept[order]]
-            for s in range(0, len(order), self.batch_size):
-                part = slice_batch(train_batch, order[s : s + self.batch_size])
-                loss = space.losses(theta, part).mean() + 0.5 * self.task.l2 * theta.pow(2).sum()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+        space.model.train(self.dropout)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                for _ in range(self.epochs):
+                    # permute the full index set, then drop removed rows: the rest keep their relative order
+                    order = torch.randperm(n_full, generator=gen)
+                    order = order[kept[order]]
+                    for s in range(0, len(order), self.batch_size):
+                        part = slice_batch(train_batch, order[s : s + self.batch_size])
+                        loss = space.losses(theta, part).mean()
+                        if self.task.l2:
+                            loss = loss + 0.5 * self.task.l2 * theta.pow(2).sum()
+                        opt.zero_grad()
+                        loss.backward()
+                        opt.step()
+        finally:
+            space.model.eval()
         theta = theta.detach()
+        batch = slice_batch(train_batch, keep)
         gnorm = float(full_gradient(space, theta, batch).norm())
         with torch.no_grad():
             obj = float(full_objective(space, theta, batch))
