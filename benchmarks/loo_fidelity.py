@@ -8,9 +8,9 @@ at random, remove each one, retrain from the optimum (warm start, Newton to grad
 compare the actual change of the query loss with ``engine.loss_change(score) = score / n`` predicted by the
 exact, CG and LiSSA solvers.
 
-The default slice is 2,000 examples: with 385 parameters, a 1,000-example slice gives removed examples a
-leverage ``h_i`` of up to ~0.2-0.4, and the exact retraining moves by ``1/(1 - h_i)`` times the first-order
-prediction, which costs Pearson about 0.01 (seed 0: 0.988 at 1,000, 0.994 at 2,000). The JSON reports the
+The default slice is 2,000 examples: with 385 parameters the removed examples have leverage ``h_i`` up to
+about 0.4, and exact removal moves the parameters by ``1/(1 - h_i)`` times the first-order step, which costs
+Pearson about 0.01 on a 1,000-example slice (seed 0: 0.988 at 1,000, 0.994 at 2,000). The JSON reports the
 leverage and the Pearson after that correction as a diagnostic.
 
 Run::
