@@ -21,7 +21,7 @@ def test_detection_metrics_on_hand_cases():
     assert recall_at_k(perfect, bad, 1) == 0.5 and recall_at_k(perfect, bad, 2) == 1.0
     assert auroc(-perfect, bad) == 0.0
     m = detection_metrics(perfect, bad, fractions=(0.1, 0.3))
-    assert m["recall@k=|bad|"] == 1.0 and m["recall@10%"] == 0.5 and m["recall@30%"] == 1.0
+    assert m["recall@k=n_bad"] == 1.0 and m["recall@10%"] == 0.5 and m["recall@30%"] == 1.0
     # a constant ranker is random, not storage order
     flat = np.zeros(1000)
     bad = np.zeros(1000, bool)

@@ -173,8 +173,14 @@ def untargeted_attack(
     budgets: tuple[float, ...] = DEFAULT_BUDGETS,
     rounds_per_budget: int = 1,
     damping: float = 0.0,
+    objective: str = "correct",
 ) -> list[dict]:
     """Raise clean loss: influence-greedy vs random vs max-loss flips, scored on the evaluation half.
+
+    Args:
+        objective: the attacker's surrogate on the validation half: ``"loss"`` (mean loss of every review)
+            or ``"correct"`` (mean loss of the reviews the clean model gets right, which aims the flips at
+            accuracy instead of at already-misclassified reviews).
 
     Returns:
         rows ``{strategy, budget, flips, clean_accuracy, clean_loss, accuracy_drop}``.
@@ -193,7 +199,14 @@ def untargeted_attack(
             "accuracy_drop": 0.0,
         }
     ]
-    greedy = greedy_flips(exp, counts, exp.val_x, exp.val_y, rounds_per_budget, damping)
+    if objective == "loss":
+        ox, oy = exp.val_x, exp.val_y
+    elif objective == "correct":
+        ok = predict(clean, exp.val_x) == exp.val_y
+        ox, oy = exp.val_x[ok], exp.val_y[ok]
+    else:
+        raise ValueError(f"unknown objective {objective!r}; choose loss or correct")
+    greedy = greedy_flips(exp, counts, ox, oy, rounds_per_budget, damping)
     for frac, c in zip(budgets, counts):
         runs = {"influence": greedy[c][2]}
         for strat in ("random", "max_loss"):

@@ -43,7 +43,9 @@ def attack_on_experiment(kind: str, exp, **options) -> list[dict]:
         rounds = int(options.get("rounds_per_budget", 1))
         rows = [
             dict(r, mode="untargeted")
-            for r in untargeted_attack(exp, budgets, rounds, options.get("damping", 0.0))
+            for r in untargeted_attack(
+                exp, budgets, rounds, options.get("damping", 0.0), options.get("objective") or "correct"
+            )
         ]
         if options.get("targets", 5):
             rows += [
@@ -115,7 +117,8 @@ def run_attack(
         seeds: attack seeds (each re-divides held-out into validation/evaluation halves).
         out: folder for ``attack_<kind>.json`` (rows + summary), or None.
         split_seed: the train/held-out split seed passed to ``prepare_head``.
-        options: ``budgets`` (fractions), ``targets`` (count), ``rounds_per_budget`` (label-flip);
+        options: ``budgets`` (fractions), ``targets`` (count), ``rounds_per_budget``, ``objective``
+            (``correct`` or ``loss``) (label-flip);
             ``ks``, ``eps``, ``steps``, ``targets`` (perturb); ``sizes``, ``trigger``, ``source``, ``target``,
             ``n_eval`` (trigger); ``damping`` (all).
 

@@ -160,7 +160,7 @@ def trigger_defense(
         "poisoned": evaluate(model),
         "rankers": {},
     }
-    ks = {"k=|poison|": int(is_bad.sum())}
+    ks = {"k=n_poison": int(is_bad.sum())}
     ks.update({f"{100 * f:g}%": round(f * exp.n) for f in remove_fractions})
     for name in rankers or _all(data):
         t = time.perf_counter()

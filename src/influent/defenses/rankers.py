@@ -166,8 +166,10 @@ def spectral_signature(reps: np.ndarray, labels: np.ndarray) -> np.ndarray:
         R = reps[idx] - reps[idx].mean(0, keepdims=True)
         if len(idx) < 2:
             continue
-        _, _, vt = np.linalg.svd(R, full_matrices=False)
-        s = (R @ vt[0]) ** 2
+        # top right singular vector of R = top eigenvector of R^T R (d x d: cheaper than an SVD of R)
+        _, evecs = np.linalg.eigh(R.T @ R)
+        top = evecs[:, -1]
+        s = (R @ top) ** 2
         scores[idx] = s / max(s.mean(), 1e-300)
     return scores
 

@@ -62,10 +62,10 @@ def recall_at_k(scores: np.ndarray, is_bad: np.ndarray, k: int, seed: int = 0) -
 def k_values(
     n: int, n_bad: int | None = None, fractions: Sequence[float] = DEFAULT_FRACTIONS
 ) -> dict[str, int]:
-    """The budgets reported: ``{'k=|bad|': n_bad, '1%': ..., '5%': ...}`` (fractions of ``n``, rounded)."""
+    """The budgets reported: ``{'k=n_bad': n_bad, '1%': ..., '5%': ...}`` (fractions of ``n``, rounded)."""
     ks: dict[str, int] = {}
     if n_bad is not None:
-        ks["k=|bad|"] = int(n_bad)
+        ks["k=n_bad"] = int(n_bad)
     for f in fractions:
         ks[f"{100 * f:g}%"] = round(f * n)
     return ks
@@ -81,7 +81,7 @@ def detection_metrics(
     """AUROC, AUPRC and recall at ``k = |bad|`` and at each fraction of the training set.
 
     Returns:
-        ``{'auroc', 'auprc', 'recall@k=|bad|', 'recall@1%', ..., 'recall@<k>' for extra_k}``.
+        ``{'auroc', 'auprc', 'recall@k=n_bad', 'recall@1%', ..., 'recall@<k>' for extra_k}``.
     """
     scores, is_bad = _check(scores, is_bad)
     out = {"auroc": auroc(scores, is_bad), "auprc": auprc(scores, is_bad)}
