@@ -28,7 +28,7 @@ from influent.evaluation.detection import ranking
 from influent.store import write_json
 
 QUERY_MODES = ("validation", "misclassified", "none")
-DEFAULT_PRIMARY = "self_influence"
+DEFAULT_PRIMARY = "loo_loss"
 
 
 def _label_index(value, names: list[str], where: str) -> int:
@@ -152,7 +152,7 @@ def run_audit(
         out: output folder.
         rankers: ranker names (default: every available one; see ``influent.defenses.rankers.RANKERS``).
         primary: the ranker that orders the list (default ``query_influence`` when a trigger or query file
-            is given, else ``self_influence``).
+            is given, else ``loo_loss``, the influence-predicted leave-one-out loss).
         queries_from: ``validation``, ``misclassified`` or ``none`` (ignored with ``trigger``/``query_file``).
         trigger: suspected trigger phrase (queries = held-out reviews with it inserted).
         query_file: the user's own labelled queries.
