@@ -130,3 +130,26 @@ def test_console_script_exit_status(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "nope.csv" in proc.stderr
+
+
+def test_finetuned_train_then_explain_with_ekfac(capsys, base_args):
+    ft = ["--model", "finetuned", "--last-k", "1", "--epochs", "2", "--lr", "1e-3", "--batch-size", "8"]
+    code, out, err = run_cli(capsys, ["train", *ft, *base_args])
+    assert code == 0, err
+    assert "test accuracy" in out
+    code, out, err = run_cli(capsys, ["explain", "--test-index", "0", "--top", "3", "--json", "--strategy", "ekfac",
+                                      *ft, *base_args])
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["curvature"]["strategy"] == "ekfac"
+    assert all(r["score"] > 0 for r in result["proponents"])
+    assert all(r["score"] < 0 for r in result["opponents"])
+    assert result["proponents"][0]["loss_change"] == pytest.approx(result["proponents"][0]["score"] / 64)
+    # Factors were cached beside the checkpoint: the second explain reuses them and agrees.
+    code, out2, _ = run_cli(capsys, ["explain", "--test-index", "0", "--top", "3", "--json", "--strategy", "ekfac",
+                                     *ft, *base_args])
+    again = json.loads(out2)["proponents"]
+    assert [r["id"] for r in again] == [r["id"] for r in result["proponents"]]
+    assert [r["score"] for r in again] == pytest.approx([r["score"] for r in result["proponents"]], rel=1e-6)
+    code, _, err = run_cli(capsys, ["explain", "--test-index", "0", "--modules", "nothing-matches", *ft, *base_args])
+    _one_line_error(code, err, "nothing-matches")

@@ -26,7 +26,8 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--encoder", default=None,
                    help="Hugging Face encoder name or local path (default: packaged all-MiniLM-L6-v2)")
     g.add_argument("--pooling", choices=["mean", "cls"], default="mean")
-    g.add_argument("--max-length", type=int, default=128, help="tokens kept per text (default 128)")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="tokens kept per text (default 128 for the head, 64 for the fine-tuned model)")
     g.add_argument("--l2", type=float, default=None, help="ridge coefficient of the head (default 1e-3)")
     g.add_argument("--test-fraction", type=float, default=0.2)
     g.add_argument("--seed", type=int, default=0, help="seeds the split and everything random")
@@ -41,28 +42,70 @@ def _head_setup(args: argparse.Namespace, retrain: bool = False):
 
     if not 0.0 < args.test_fraction < 1.0:
         raise UserError(f"--test-fraction must be between 0 and 1, got {args.test_fraction}")
-    if args.max_length < 2:
-        raise UserError(f"--max-length must be at least 2, got {args.max_length}")
+    max_length = 128 if args.max_length is None else args.max_length
+    if max_length < 2:
+        raise UserError(f"--max-length must be at least 2, got {max_length}")
     l2 = DEFAULT_L2 if args.l2 is None else args.l2
     if l2 <= 0:
         raise UserError(f"--l2 must be positive (the head's objective must be strongly convex), got {l2}")
     return prepare_head(
         args.data, text_column=args.text_column, label_column=args.label_column, hf_split=args.hf_split,
-        encoder=args.encoder or DEFAULT_ENCODER, pooling=args.pooling, max_length=args.max_length, l2=l2,
+        encoder=args.encoder or DEFAULT_ENCODER, pooling=args.pooling, max_length=max_length, l2=l2,
         seed=args.seed, test_fraction=args.test_fraction, cache_dir=args.cache_dir,
         progress=not args.quiet, retrain=retrain,
     )
 
 
-def _say(args: argparse.Namespace, msg: str) -> None:
-    if not getattr(args, "json", False):
-        print(msg, flush=True)
+def _add_finetune_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fine-tuned classifier (--model finetuned)")
+    g.add_argument("--last-k", type=int, default=2,
+                   help="fine-tune the last K encoder layers + head (default 2; -1 = all layers)")
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--lr", type=float, default=5e-5)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--train-size", type=int, default=None,
+                   help="fine-tune on a seeded stratified slice of this many training examples (default all)")
+
+
+def _add_curvature_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("curvature of the fine-tuned classifier")
+    g.add_argument("--strategy", choices=["ekfac", "kfac", "diagonal", "identity"], default="ekfac")
+    g.add_argument("--modules", default="trainable",
+                   help="tracked nn.Linear modules: trainable (default), all, mlp, or a name regex")
+    g.add_argument("--fisher", choices=["empirical", "true"], default="empirical")
+    g.add_argument("--query-rank", type=int, default=None, help="low-rank query compression (rank)")
+
+
+def _finetuned_setup(args: argparse.Namespace, retrain: bool = False):
+    from influent.pipeline import prepare_finetuned
+
+    if not 0.0 < args.test_fraction < 1.0:
+        raise UserError(f"--test-fraction must be between 0 and 1, got {args.test_fraction}")
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.train_size is not None and args.train_size < 2:
+        raise UserError(f"--train-size must be at least 2, got {args.train_size}")
+    max_length = 64 if args.max_length is None else args.max_length
+    if max_length < 2:
+        raise UserError(f"--max-length must be at least 2, got {max_length}")
+    return prepare_finetuned(
+        args.data, text_column=args.text_column, label_column=args.label_column, hf_split=args.hf_split,
+        encoder=args.encoder, last_k=None if args.last_k < 0 else args.last_k, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, max_length=max_length, train_size=args.train_size, seed=args.seed,
+        test_fraction=args.test_fraction, cache_dir=args.cache_dir, progress=not args.quiet, retrain=retrain,
+    )
 
 
 # --- commands ----------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.model != "head":
-        raise UserError(f"--model {args.model} is not available yet; use --model head")
+    if args.model == "finetuned":
+        ft = _finetuned_setup(args, retrain=args.retrain)
+        m = ft.metrics
+        print(f"fine-tuned {ft.settings['encoder']} (last {ft.settings['last_k']} layers, "
+              f"{ft.settings['epochs']} epoch(s)) on {m['n_train']} examples in {m['seconds']:.0f} s; "
+              f"test accuracy {m['test_accuracy']:.4f} on {m['n_test']}; saved in {ft.folder}")
+        return 0
     setup = _head_setup(args, retrain=args.retrain)
     info = setup.info
     print(f"head trained on {info['n_train']} examples ({info['newton_iterations']} Newton steps, "
@@ -72,30 +115,39 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from influent.explain import Query, explain_head, format_explanation
+    from influent.explain import Query, explain_finetuned, explain_head, format_explanation
 
     if (args.text is None) == (args.test_index is None):
         raise UserError("give exactly one of --text or --test-index")
     if args.top < 1:
         raise UserError(f"--top must be at least 1, got {args.top}")
-    setup = _head_setup(args)
+    if args.text is not None and not args.text.strip():
+        raise UserError("--text is empty")
+    setup = _finetuned_setup(args) if args.model == "finetuned" else _head_setup(args)
     names = setup.corpus.label_names
     label = None
     if args.label is not None:
         if args.label not in names:
             raise UserError(f"--label {args.label!r} is not a class; classes: {', '.join(names)}")
         label = names.index(args.label)
-    if args.text is not None:
-        if not args.text.strip():
-            raise UserError("--text is empty")
-        query = Query(args.text, setup.embed([args.text])[0], label)
-    else:
+    if args.test_index is not None:
         n_test = len(setup.test_idx)
         if not 0 <= args.test_index < n_test:
             raise UserError(f"--test-index {args.test_index} is out of range: the test split has {n_test} examples")
-        i = args.test_index
-        query = Query(setup.corpus.texts[setup.test_idx[i]], setup.test_x[i], label, int(setup.test_y[i]))
-    result = explain_head(setup, [query], top=args.top, solver=args.solver, damping=args.damping)[0]
+        row = int(setup.test_idx[args.test_index])
+        text, gold = setup.corpus.texts[row], int(setup.corpus.labels[row])
+    else:
+        text, gold = args.text, None
+    if args.model == "finetuned":
+        result = explain_finetuned(
+            setup, [Query(text, None, label, gold)], top=args.top, strategy=args.strategy, modules=args.modules,
+            fisher=args.fisher, damping=args.damping, query_rank=args.query_rank, seed=args.seed,
+            progress=not args.quiet,
+        )[0]
+    else:
+        features = setup.test_x[args.test_index] if args.test_index is not None else setup.embed([text])[0]
+        result = explain_head(setup, [Query(text, features, label, gold)], top=args.top, solver=args.solver,
+                              damping=args.damping or 0.0)[0]
     if args.json:
         print(json.dumps(result))
     else:
@@ -135,9 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (or load) a model on a corpus and report held-out accuracy")
-    p.add_argument("--model", choices=["head", "finetuned"], default="head")
+    p.add_argument("--model", choices=["head", "finetuned"], default="head",
+                   help="head: frozen encoder + logistic regression; finetuned: transformer classifier")
     p.add_argument("--retrain", action="store_true", help="ignore a saved model with the same settings")
     _add_data_options(p)
+    _add_finetune_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("explain", help="the training examples that most helped and hurt a prediction")
@@ -145,10 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-index", type=int, help="explain the I-th review of the held-out split")
     p.add_argument("--label", help="explain the loss of this class (default: the predicted class)")
     p.add_argument("--top", type=int, default=5, help="proponents and opponents shown (default 5)")
-    p.add_argument("--solver", choices=["exact", "cg", "lissa"], default="exact")
-    p.add_argument("--damping", type=float, default=0.0, help="added to the Hessian's diagonal")
+    p.add_argument("--model", choices=["head", "finetuned"], default="head")
+    p.add_argument("--solver", choices=["exact", "cg", "lissa"], default="exact", help="head only")
+    p.add_argument("--damping", type=float, default=None,
+                   help="added to the curvature's diagonal (default: 0 for the head; 0.1 x the mean "
+                        "eigenvalue per module for the fine-tuned model)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_data_options(p)
+    _add_finetune_options(p)
+    _add_curvature_options(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="the main job on the bundled data: train, evaluate, explain")

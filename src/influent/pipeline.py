@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from influent.data import Corpus, load_corpus, load_or_make_split
+from influent.data import Corpus, Split, load_corpus, load_or_make_split, stratified_split
 from influent.influence import InfluenceEngine, SolverOptions
 from influent.models.encoder import DEFAULT_ENCODER, EmbeddingCache, TextEncoder
 from influent.models.head import HeadTask, LogisticHead, accuracy, load_head, save_head, train_head
-from influent.store import default_cache_dir, fingerprint
+from influent.store import default_cache_dir, fingerprint, read_json
 
 DEFAULT_L2 = 1e-3
 
@@ -70,6 +70,15 @@ class HeadSetup:
         )
 
 
+def load_corpus_and_split(
+    data: str | None, text_column: str, label_column: str, hf_split: str, test_fraction: float, seed: int,
+    cache: Path,
+) -> tuple[Corpus, Split]:
+    """The corpus and its saved seeded split (shared by every model kind, so they see the same test set)."""
+    corpus = load_corpus(data, text_column=text_column, label_column=label_column, hf_split=hf_split)
+    return corpus, load_or_make_split(corpus, cache, test_fraction=test_fraction, seed=seed)
+
+
 def prepare_head(
     data: str | None = None,
     *,
@@ -101,8 +110,7 @@ def prepare_head(
         retrain: ignore a saved head with the same settings.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    corpus = load_corpus(data, text_column=text_column, label_column=label_column, hf_split=hf_split)
-    split = load_or_make_split(corpus, cache, test_fraction=test_fraction, seed=seed)
+    corpus, split = load_corpus_and_split(data, text_column, label_column, hf_split, test_fraction, seed, cache)
     enc = TextEncoder(encoder, pooling=pooling, max_length=max_length)
     emb_cache = EmbeddingCache(cache / "embeddings")
     x = enc.embed(corpus.texts, ids=corpus.ids, cache=emb_cache, progress=progress).double()
@@ -136,3 +144,97 @@ def prepare_head(
         corpus, split.train_idx, split.test_idx, x[tr], y[tr], x[te], y[te], model, task, info, folder,
         enc, emb_cache,
     )
+
+
+@dataclass
+class FinetunedSetup:
+    """A fine-tuned transformer classifier, its data and where it is saved.
+
+    Attributes:
+        corpus: all examples; ``train_idx`` (the examples it was trained on, possibly a seeded slice of
+            the training split) and ``test_idx`` index into it.
+        model, tokenizer: the classifier (eval mode; trainable = the fine-tuned layers) and tokenizer.
+        settings, metrics: training settings and held-out metrics saved beside the checkpoint.
+        folder: the checkpoint folder.
+    """
+
+    corpus: Corpus
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    model: torch.nn.Module
+    tokenizer: object
+    settings: dict
+    metrics: dict
+    folder: Path
+
+    def batches(self, indices: np.ndarray | list[int], labels: list[int] | None = None, batch_size: int = 32):
+        """Tokenised dict batches of corpus rows ``indices`` (labels default to the gold labels)."""
+        from influent.models.finetuned import make_batches
+
+        texts = [self.corpus.texts[i] for i in indices]
+        labels = [int(self.corpus.labels[i]) for i in indices] if labels is None else labels
+        return make_batches(self.tokenizer, texts, labels, batch_size=batch_size,
+                            max_length=self.settings["max_length"])
+
+    def text_batches(self, texts: list[str], labels: list[int], batch_size: int = 32):
+        """Tokenised dict batches of free texts with the given labels."""
+        from influent.models.finetuned import make_batches
+
+        return make_batches(self.tokenizer, texts, labels, batch_size=batch_size,
+                            max_length=self.settings["max_length"])
+
+
+def prepare_finetuned(
+    data: str | None = None,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    hf_split: str = "train",
+    encoder: str | None = None,
+    last_k: int | None = 2,
+    epochs: int = 1,
+    lr: float = 5e-5,
+    batch_size: int = 32,
+    max_length: int = 64,
+    train_size: int | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    retrain: bool = False,
+) -> FinetunedSetup:
+    """Fine-tune (or load the saved) transformer classifier on the same split as the head.
+
+    Args:
+        encoder: Hugging Face encoder name or local path (default: the packaged all-MiniLM-L6-v2).
+        last_k: fine-tune the last k encoder layers + the head (None: all layers).
+        epochs, lr, batch_size, max_length: AdamW fine-tuning settings.
+        train_size: train on a seeded stratified slice of this many training examples (None: all).
+        seed: seeds the split, the slice and the training.
+        Other arguments as :func:`prepare_head`.
+    """
+    from influent.models.finetuned import default_encoder, load_finetuned, train_finetuned
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    corpus, split = load_corpus_and_split(data, text_column, label_column, hf_split, test_fraction, seed, cache)
+    train_idx = split.train_idx
+    if train_size is not None and train_size < len(train_idx):
+        sub = corpus.subset(train_idx)
+        keep, _ = stratified_split(sub, test_fraction=1 - train_size / len(train_idx), seed=seed)
+        train_idx = train_idx[keep]
+    encoder = encoder or default_encoder()
+    settings = {"encoder": encoder, "last_k": last_k, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+                "max_length": max_length, "seed": seed}
+    key = fingerprint(corpus.fingerprint(), train_idx.tolist(), split.test_idx.tolist(), settings)
+    folder = cache / "finetuned" / key
+    if retrain or not (folder / "settings.json").exists():
+        labels = corpus.labels
+        train_finetuned(
+            [corpus.texts[i] for i in train_idx], [int(labels[i]) for i in train_idx],
+            [corpus.texts[i] for i in split.test_idx], [int(labels[i]) for i in split.test_idx], folder,
+            encoder=encoder, last_k=last_k, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
+            seed=seed, progress=progress,
+        )
+    model, tokenizer, saved = load_finetuned(folder)
+    return FinetunedSetup(corpus, train_idx, split.test_idx, model, tokenizer, saved,
+                          read_json(folder / "metrics.json"), folder)

@@ -35,7 +35,8 @@ def select_linear_modules(model: nn.Module, spec: str = "all") -> dict[str, nn.L
 
     Args:
         model: any ``nn.Module``.
-        spec: ``"all"`` (every ``nn.Linear``); ``"mlp"`` (the feed-forward layers: in a BERT-style
+        spec: ``"all"`` (every ``nn.Linear``); ``"trainable"`` (those whose weight requires grad, e.g. the
+            last k fine-tuned layers and the head); ``"mlp"`` (the feed-forward layers: in a BERT-style
             encoder the names containing ``intermediate.dense`` or ``output.dense`` but not
             ``attention.output.dense``; in a model without such names, every ``nn.Linear``); or a
             regular expression matched (``re.search``) against module names.
@@ -49,6 +50,8 @@ def select_linear_modules(model: nn.Module, spec: str = "all") -> dict[str, nn.L
     linear = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     if spec == "all":
         chosen = linear
+    elif spec == "trainable":
+        chosen = {n: m for n, m in linear.items() if m.weight.requires_grad}
     elif spec == "mlp":
         bert = {
             n: m

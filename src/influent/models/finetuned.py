@@ -244,5 +244,6 @@ def load_finetuned(out_dir: str | Path):
         )
     settings = store.read_json(out / "settings.json")
     model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    freeze_all_but_last(model, settings.get("last_k"))  # the same parameters as in training are trainable
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     return model, tokenizer, settings
