@@ -183,3 +183,13 @@ def test_validate_exact_writes_tables_and_plots(tmp_path):
     assert "| exact (damping 0) |" in (tmp_path / "out" / "validate.md").read_text()
     idx, kinds = select_examples(np.array([[3.0, -1.0, 0.0, 2.0, -5.0, 1.0]]), 4)
     assert idx[:2] == [0, 4] and kinds[:2] == ["top", "bottom"] and len(set(idx)) == 4
+
+
+def test_minibatch_sgd_pbrf_approaches_the_exact_solution():
+    x, y = make_data(n=80, d=3, seed=4)
+    model, task, _ = train_head(x, y, 2, l2=5e-2)
+    pbrf = PBRF(model, task, (x, y), damping=1e-2)
+    exact, _ = pbrf.solve(3, method="gauss_newton", tol=1e-12)
+    approx, info = pbrf.solve(3, method="sgd", epochs=30, batch_size=80)
+    move = (exact - pbrf.theta_s).norm()
+    assert (approx - exact).norm() < 0.1 * move and info["iterations"] == 30

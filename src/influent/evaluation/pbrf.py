@@ -29,7 +29,7 @@ from influent.evaluation.newton import functional_outputs, gauss_newton_sum, gra
 from influent.gradients import ParameterSpace
 from influent.task import Batch, Task, iter_chunks, slice_batch
 
-PBRF_METHODS = ("gauss_newton", "newton", "lbfgs", "adam")
+PBRF_METHODS = ("gauss_newton", "newton", "lbfgs", "sgd")
 
 
 class PBRF:
@@ -99,9 +99,32 @@ class PBRF:
         prox = 0.5 * (self.task.l2 + self.damping) * (theta - self.theta_s).pow(2).sum()
         return self.bregman(theta) + eps * self.space.losses(theta, removed).sum() + prox
 
-    def _adam(self, removed: Batch, eps: float, epochs: int, lr: float, batch_size: int, seed: int):
+    def step_size(self, batch_size: int = 64, seed: int = 0, iters: int = 10) -> float:
+        """``1 / lambda_max`` of the PBRF Hessian at ``theta_s`` (power iteration on a minibatch; cached)."""
+        if getattr(self, "_lr", None) is None:
+            from influent.curvature.solvers import top_eigenvalue
+
+            gen = torch.Generator().manual_seed(seed)
+            rows = torch.randperm(self.n, generator=gen)[:batch_size]
+            shift = self.task.l2 + self.damping
+
+            def f(t):
+                return self.bregman_rows(t, rows)
+
+            def matvec(V):
+                cols = []
+                for j in range(V.shape[1]):
+                    _, hv = torch.func.jvp(torch.func.grad(f), (self.theta_s,), (V[:, j],))
+                    cols.append(hv + shift * V[:, j])
+                return torch.stack(cols, 1)
+
+            self._lr = 1.0 / max(top_eigenvalue(matvec, self.space.dim, self.theta_s.dtype, iters, seed), 1e-12)
+        return self._lr
+
+    def _sgd(self, removed: Batch, eps: float, epochs: int, lr: float | None, batch_size: int, seed: int):
+        lr = self.step_size(seed=seed) if lr is None else lr
         theta = self.theta_s.clone().requires_grad_(True)
-        opt = torch.optim.Adam([theta], lr=lr)
+        opt = torch.optim.SGD([theta], lr=lr)
         gen = torch.Generator().manual_seed(seed)
         shift = self.task.l2 + self.damping
         steps = 0
@@ -141,7 +164,7 @@ class PBRF:
         max_iter: int = 100,
         *,
         epochs: int = 1,
-        lr: float = 1e-4,
+        lr: float | None = None,
         batch_size: int = 32,
         seed: int = 0,
     ) -> tuple[torch.Tensor, dict]:
@@ -153,9 +176,11 @@ class PBRF:
             method: ``'gauss_newton'`` (forms the objective's Gauss-Newton matrix, exact for a linear model;
                 small p), ``'newton'`` (forms the exact Hessian with ``torch.func.hessian``; Levenberg-Marquardt
                 shift where indefinite) or ``'lbfgs'`` (full-batch L-BFGS, strong-Wolfe line search; any p).
-                All three minimise the same objective with its exact gradient. ``'adam'``: ``epochs`` passes
-                of minibatch Adam from ``theta_s`` (Bae et al.'s approximate solve for networks; every
-                minibatch's Bregman gradient vanishes at ``theta_s``, so with ``eps = 0`` it stays there).
+                All three minimise the same objective with its exact gradient. ``'sgd'``: ``epochs`` passes
+                of minibatch SGD from ``theta_s`` with step ``lr`` (None: ``1 / lambda_max`` of the objective's
+                Hessian on a minibatch, by power iteration) -- an approximate solve for networks (every
+                minibatch's Bregman gradient vanishes at ``theta_s``, so with ``eps = 0`` it stays there;
+                SGD, unlike Adam, moves in proportion to the small ``eps`` gradient).
             tol: stop when the objective's gradient norm is below ``tol``.
             max_iter: iteration cap.
 
@@ -173,8 +198,8 @@ class PBRF:
             theta = _lbfgs(fn, self.theta_s.clone(), tol, max_iter)
             it = -1
             g = gradient(fn, theta)
-        elif method == "adam":
-            theta, it = self._adam(removed, eps, epochs, lr, batch_size, seed)
+        elif method == "sgd":
+            theta, it = self._sgd(removed, eps, epochs, lr, batch_size, seed)
             g = gradient(fn, theta)
         else:
             curvature = (
