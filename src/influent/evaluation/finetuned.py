@@ -14,8 +14,8 @@ SGD (``pbrf_epochs`` passes; p is in the millions). Scores come from
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
