@@ -14,7 +14,7 @@ def test_validate_finetuned_runs_end_to_end_on_a_tiny_bert(tiny_encoder_dir, rev
         queries=2,
         epochs=1,
         fine_tune_last=1,
-        train_size=40,
+        train_size=24,
         out=tmp_path / "out",
         seed=0,
         data=str(reviews_csv),
@@ -25,6 +25,7 @@ def test_validate_finetuned_runs_end_to_end_on_a_tiny_bert(tiny_encoder_dir, rev
         batch_size=8,
         max_length=16,
         pbrf_epochs=1,
+        pbrf_lr=0.05,
         cache_dir=tmp_path / "cache",
         progress=False,
     )

@@ -60,6 +60,7 @@ def validate_finetuned(
     batch_size: int = 32,
     max_length: int = 48,
     pbrf_epochs: int = 2,
+    pbrf_lr: float | None = None,
     subset_fraction: float = 0.5,
     cache_dir: str | Path | None = None,
     progress: bool = True,
@@ -78,6 +79,7 @@ def validate_finetuned(
             proximity term uses the mean of the per-module damping of the last strategy.
         max_length: tokens kept per text.
         pbrf_epochs: SGD passes of the approximate PBRF solve.
+        pbrf_lr: their step size (None: ``1 / lambda_max`` by power iteration).
         data, encoder: corpus spec and encoder (defaults: bundled Rotten Tomatoes, packaged MiniLM).
         text_column, label_column: columns of a local ``data`` file.
         cache_dir: cache root (trained model, factors and retraining results live under it).
@@ -188,7 +190,7 @@ def validate_finetuned(
         trainer,
         damping=dampings[ref],
         pbrf_method="sgd",
-        pbrf_options={"epochs": pbrf_epochs, "batch_size": batch_size, "seed": seed},
+        pbrf_options={"epochs": pbrf_epochs, "lr": pbrf_lr, "batch_size": batch_size, "seed": seed},
         cache_dir=cache / "validate",
         store_params=0,
         progress=progress,
