@@ -27,7 +27,7 @@ from influent.defenses.evaluate import mislabel_experiment, trigger_defense
 from influent.pipeline import prepare_head
 from influent.store import write_json
 
-PARTS = ("mislabel", "trigger", "label-flip", "perturb")
+PARTS = ("mislabel", "trigger", "label-flip", "perturb", "mislabel-finetuned")
 
 
 def log(msg: str) -> None:
@@ -235,6 +235,9 @@ def main(argv=None) -> int:
     ap.add_argument("--flip-rounds", type=int, default=1, help="greedy rounds per budget (untargeted)")
     ap.add_argument("--perturb-targets", type=int, default=3)
     ap.add_argument("--perturb-eps", type=float, nargs="+", default=[0.5, 2.0])
+    ap.add_argument("--ft-train-size", type=int, default=1000, help="fine-tuned mislabel run: training slice")
+    ap.add_argument("--ft-epochs", type=int, default=2)
+    ap.add_argument("--ft-last-k", type=int, default=1)
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -303,6 +306,56 @@ def main(argv=None) -> int:
         md += [
             "## Training-input perturbation attack (head)\n",
             perturb_md(per_seed_mean(rows, ["eps", "k"], ["flipped", "target_prob_true", "clean_accuracy"])),
+            "",
+        ]
+        save()
+    if "mislabel-finetuned" in args.parts:
+        from influent.defenses.finetuned_mislabel import finetuned_mislabel_experiment
+
+        res = []
+        for seed in args.seeds:
+            exp = from_setup(setup, seed)
+            rng = np.random.default_rng(seed + 5)
+            idx = rng.choice(exp.n, args.ft_train_size, replace=False)
+            ev = rng.choice(len(exp.eval_y), min(600, len(exp.eval_y)), replace=False)
+            log(f"fine-tuned mislabel seed {seed}")
+            res.append(
+                finetuned_mislabel_experiment(
+                    [exp.train_texts[i] for i in idx],
+                    exp.train_y.numpy()[idx],
+                    [exp.eval_texts[i] for i in ev],
+                    exp.eval_y.numpy()[ev],
+                    seed=seed,
+                    epochs=args.ft_epochs,
+                    last_k=args.ft_last_k,
+                )
+            )
+            results["mislabel_finetuned"] = res
+            save()
+        metrics = ["auroc", "auprc", "recall@5%", "recall@10%", "recall@20%", "recall@30%"]
+        summ = summarise(ranker_rows(res, metrics), ["ranker"], metrics)
+        md += [
+            "## Mislabel audit (fine-tuned classifier, EK-FAC)\n",
+            (
+                f"{args.ft_train_size}-review slice, 10% flipped, last {args.ft_last_k} layer(s) + head, "
+                f"{args.ft_epochs} epochs, {len(res)} seed(s).\n"
+            ),
+            table(
+                [
+                    "ranker",
+                    "AUROC",
+                    "AUPRC",
+                    "recall@5% (%)",
+                    "recall@10% (%)",
+                    "recall@20% (%)",
+                    "recall@30% (%)",
+                ],
+                [
+                    [r["ranker"]]
+                    + [fmt(r[f"{m}_mean"], r[f"{m}_sd"], pct=m not in ("auroc", "auprc")) for m in metrics]
+                    for r in sorted(summ, key=lambda r: -r["recall@10%_mean"])
+                ],
+            ),
             "",
         ]
         save()
