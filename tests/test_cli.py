@@ -153,3 +153,15 @@ def test_finetuned_train_then_explain_with_ekfac(capsys, base_args):
     assert [r["score"] for r in again] == pytest.approx([r["score"] for r in result["proponents"]], rel=1e-6)
     code, _, err = run_cli(capsys, ["explain", "--test-index", "0", "--modules", "nothing-matches", *ft, *base_args])
     _one_line_error(code, err, "nothing-matches")
+
+
+def test_validate_head_writes_tables_and_plots(capsys, base_args, tmp_path):
+    out = tmp_path / "val"
+    code, stdout, err = run_cli(capsys, ["validate", "--examples", "6", "--subsets", "10", "--queries", "2",
+                                         "--solver", "exact", "cg", "--out", str(out), *base_args])
+    assert code == 0, err
+    table = json.loads((out / "validate.json").read_text())
+    assert table and (out / "validate.md").exists() and "validate.md" in stdout
+    assert list(out.glob("scatter-*.png"))
+    code, _, err = run_cli(capsys, ["validate", "--examples", "1", "--out", str(out), *base_args])
+    _one_line_error(code, err, "--examples")
