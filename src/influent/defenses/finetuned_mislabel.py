@@ -49,6 +49,7 @@ def finetuned_mislabel_experiment(
     max_length: int = 64,
     strategy: str = "ekfac",
     progress: bool = False,
+    encoder: str | None = None,
 ) -> dict:
     """Score the rankers on one noisy fine-tuning run (see module docstring); seconds of each step included."""
     from cleanlab.filter import find_label_issues
@@ -73,6 +74,7 @@ def finetuned_mislabel_experiment(
         list(eval_labels),
         None,
         last_k=last_k,
+        encoder=encoder,
         epochs=epochs,
         lr=lr,
         seed=seed,
@@ -111,6 +113,7 @@ def finetuned_mislabel_experiment(
             [],
             None,
             last_k=last_k,
+            encoder=encoder,
             epochs=epochs,
             lr=lr,
             seed=seed,
