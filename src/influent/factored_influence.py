@@ -29,7 +29,12 @@ from influent.curvature.ekfac import (
     to_device,
     token_mask,
 )
-from influent.curvature.linear_grads import LinearCapture, per_example_grads_from, select_linear_modules
+from influent.curvature.linear_grads import (
+    GradBuffers,
+    LinearCapture,
+    per_example_grads_from,
+    select_linear_modules,
+)
 from influent.errors import UserError
 from influent.task import Batch, Task
 
@@ -129,6 +134,7 @@ def pairwise_scores(
     lowrank = {n: _low_rank(p, query_rank) for n, p in pre.items()} if query_rank else None
     n_q = next(iter(pre.values())).shape[0]
     cols: list[torch.Tensor] = []
+    buffers = GradBuffers()
     was_training = model.training
     model.eval()
     bar = _progress(len(train_batches), "pairwise scores", progress)
@@ -147,7 +153,7 @@ def pairwise_scores(
                             ar = torch.einsum("bti,qir->qbtr", a, right)
                             block += (gl * ar).sum((2, 3)).double()
                         else:
-                            grads = per_example_grads_from(a, g)
+                            grads = per_example_grads_from(a, g, buffers)
                             p = pre[name]
                             block += (p.reshape(n_q, -1) @ grads.reshape(grads.shape[0], -1).T).double()
                 cols.append(block.cpu())

@@ -39,6 +39,7 @@ from torch import nn
 
 from influent import store
 from influent.curvature.linear_grads import (
+    GradBuffers,
     LinearCapture,
     module_shapes,
     per_example_grads_from,
@@ -454,6 +455,7 @@ def _fit(model, task, batches, config, modules, shapes, folder, checkpoint_every
         progress=progress,
     )
     dtype = next(iter(modules.values())).weight.dtype
+    buffers = GradBuffers()
     vec_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
     if strategy == "diagonal":
@@ -467,7 +469,7 @@ def _fit(model, task, batches, config, modules, shapes, folder, checkpoint_every
             if a.shape[1] == 1:
                 d = (g[:, 0] ** 2).T @ (a[:, 0] ** 2)
             else:
-                d = per_example_grads_from(a, g).square().sum(0)
+                d = per_example_grads_from(a, g, buffers).square_().sum(0)
             sums[f"{name}::diag_sum"] += d.to(device="cpu", dtype=torch.float64)
 
         sums = _run_pass(stage="diagonal", init=init, update=update, **common)
@@ -488,10 +490,14 @@ def _fit(model, task, batches, config, modules, shapes, folder, checkpoint_every
             s[f"{k}::n_examples"] = torch.zeros((), dtype=torch.float64)
         return s
 
+    shared: dict = {}  # activations shared by consecutive modules (query/key/value): reuse products
+
     def update_cov(sums, name, a, g, tokens):
         af = a.reshape(-1, a.shape[-1])
         gf = g.reshape(-1, g.shape[-1])
-        sums[f"{name}::a_sum"] += (af.T @ af).to(device="cpu", dtype=torch.float64)
+        if shared.get("a") is not a:
+            shared["a"], shared["aa"] = a, (af.T @ af).to(device="cpu", dtype=torch.float64)
+        sums[f"{name}::a_sum"] += shared["aa"]
         sums[f"{name}::s_sum"] += (gf.T @ gf).to(device="cpu", dtype=torch.float64)
         sums[f"{name}::n_tokens"] += tokens
 
@@ -501,11 +507,24 @@ def _fit(model, task, batches, config, modules, shapes, folder, checkpoint_every
     else:
         sums = _run_pass(stage="covariance", init=init_cov, update=update_cov, **common)
         eig = {}
+        done: dict[tuple, list] = {}
+
+        def eigh_once(matrix: torch.Tensor, label: str) -> tuple[torch.Tensor, torch.Tensor]:
+            # modules fed the same input (query/key/value of one attention layer) have bitwise equal
+            # activation covariances: decompose each distinct matrix once (eigh dominates the fit)
+            key = (tuple(matrix.shape), float(matrix.trace()), float(matrix.sum()))
+            for other, result in done.get(key, []):
+                if torch.equal(other, matrix):
+                    return result[0].clone(), result[1].clone()  # safetensors refuses shared storage
+            result = robust_eigh(matrix, label)
+            done.setdefault(key, []).append((matrix, result))
+            return result
+
         for name in modules:
             a_cov = sums[f"{name}::a_sum"] / sums[f"{name}::n_tokens"].clamp_min(1)
             s_cov = sums[f"{name}::s_sum"] / sums[f"{name}::n_examples"].clamp_min(1)
-            eig[f"{name}::eigval_a"], va = robust_eigh(a_cov, f"{name} activation covariance")
-            eig[f"{name}::eigval_s"], vs = robust_eigh(s_cov, f"{name} gradient covariance")
+            eig[f"{name}::eigval_a"], va = eigh_once(a_cov, f"{name} activation covariance")
+            eig[f"{name}::eigval_s"], vs = eigh_once(s_cov, f"{name} gradient covariance")
             eig[f"{name}::eigvec_a"] = va.to(vec_dtype)
             eig[f"{name}::eigvec_s"] = vs.to(vec_dtype)
         if eigen_file is not None:
@@ -525,6 +544,7 @@ def _fit(model, task, batches, config, modules, shapes, folder, checkpoint_every
 
     # EK-FAC: eigenvalue correction pass
     rot_cache: dict = {}
+    rotated: dict = {}
 
     def rot(name, what, like):
         key = (name, what, like.dtype, like.device)
@@ -538,12 +558,17 @@ def _fit(model, task, batches, config, modules, shapes, folder, checkpoint_every
         return s
 
     def update_lam(sums, name, a, g, tokens):
-        ar = a @ rot(name, "eigvec_a", a)
+        qa = rot(name, "eigvec_a", a)
+        if rotated.get("a") is a and torch.equal(rotated["qa"], qa):
+            ar = rotated["ar"]  # same activations and basis as the previous module (query/key/value)
+        else:
+            ar = a @ qa
+            rotated.update(a=a, qa=qa, ar=ar)
         gr = g @ rot(name, "eigvec_s", g)
         if ar.shape[1] == 1:
             lam = (gr[:, 0] ** 2).T @ (ar[:, 0] ** 2)
         else:
-            lam = per_example_grads_from(ar, gr).square_().sum(0)
+            lam = per_example_grads_from(ar, gr, buffers).square_().sum(0)
         sums[f"{name}::lambda_sum"] += lam.to(device="cpu", dtype=torch.float64)
 
     sums = _run_pass(stage="lambda", init=init_lam, update=update_lam, **common)

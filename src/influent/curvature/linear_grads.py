@@ -98,6 +98,7 @@ class LinearCapture:
         self._handles: list = []
         self._records: dict[str, _Record] = {}
         self._mask: torch.Tensor | None = None
+        self._last: tuple | None = None  # (input tensor, has bias, processed activations)
 
     def __enter__(self):  # returns self
         for name, module in self.modules.items():
@@ -114,9 +115,22 @@ class LinearCapture:
         """Token mask ``[B, T]`` (1 = real token) for the next forward pass, or None."""
         self._records = {}
         self._mask = mask
+        self._last = None
 
     def _hook(self, name: str, module: nn.Linear):
         def hook(mod, inputs, output):
+            has_bias = module.bias is not None
+            last = self._last
+            if last is not None and last[0] is inputs[0] and last[1] == has_bias:
+                # same input as the previous module (query/key/value): share the activations, so
+                # consumers can recognise them (``is``) and reuse what they computed from them
+                a = last[2]
+                if not output.requires_grad:
+                    output.requires_grad_(True)
+                rec = self._records.setdefault(name, _Record())
+                rec.acts.append(a)
+                rec.outs.append(output)
+                return
             x = inputs[0].detach()
             batch = x.shape[0]
             a = x.reshape(batch, -1, x.shape[-1]) if x.dim() != 2 else x.unsqueeze(1)
@@ -135,6 +149,7 @@ class LinearCapture:
             rec = self._records.setdefault(name, _Record())
             rec.acts.append(a)
             rec.outs.append(output)
+            self._last = (inputs[0], has_bias, a)
 
         return hook
 
@@ -186,11 +201,34 @@ def token_mask(task: Task, batch: Batch) -> torch.Tensor | None:
     return None
 
 
-def per_example_grads_from(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``G_i = sum_t g_it a_it^T`` (shape ``[B, d_out, d_in(+1)]``)."""
+def per_example_grads_from(
+    a: torch.Tensor, g: torch.Tensor, buffers: GradBuffers | None = None
+) -> torch.Tensor:
+    """``G_i = sum_t g_it a_it^T`` (shape ``[B, d_out, d_in(+1)]``).
+
+    With ``buffers`` the result is written into a reused buffer (valid until the next call with the same
+    shape): a fresh ``[B, d_out, d_in]`` tensor per module and batch costs more in page faults than the
+    product itself on CPU.
+    """
+    out = None if buffers is None else buffers.get(g.shape[0], g.shape[-1], a.shape[-1], g)
     if a.shape[1] == 1:
-        return g[:, 0, :, None] * a[:, 0, None, :]
-    return torch.einsum("bto,bti->boi", g, a)
+        return torch.mul(g[:, 0, :, None], a[:, 0, None, :], out=out)
+    return torch.bmm(g.transpose(1, 2), a, out=out)
+
+
+class GradBuffers:
+    """Reusable ``[B, d_out, d_in]`` output buffers, one per (shape, dtype, device)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple, torch.Tensor] = {}
+
+    def get(self, batch: int, d_out: int, d_in: int, like: torch.Tensor) -> torch.Tensor:
+        key = (d_out, d_in, like.dtype, like.device)
+        buf = self._bufs.get(key)
+        if buf is None or buf.shape[0] < batch:
+            buf = torch.empty(batch, d_out, d_in, dtype=like.dtype, device=like.device)
+            self._bufs[key] = buf
+        return buf[:batch]
 
 
 def per_example_linear_grads(
