@@ -288,13 +288,19 @@ def _run_pass(
     modules: dict[str, nn.Linear],
     config: FactorConfig,
     init: Callable[[], dict[str, torch.Tensor]],
-    update: Callable[[dict[str, torch.Tensor], str, torch.Tensor, torch.Tensor, torch.Tensor], None],
+    update: Callable[..., None],
     folder: Path | None,
     checkpoint_every: int,
     uniforms: torch.Tensor | None,
     progress: bool,
 ) -> dict[str, torch.Tensor]:
-    """One forward/backward pass over ``batches`` accumulating sums; resumable via ``folder``."""
+    """One forward/backward pass over ``batches`` accumulating sums; resumable via ``folder``.
+
+    ``update(sums, name, a, g, tokens, rows)`` gets each module's activations ``a`` and output gradients
+    ``g`` (``[B, T, d]``), the number of counted tokens and ``rows``: the positions of the real tokens in
+    the flattened ``[B * T]`` axis (``None`` when every position counts), so that products over tokens
+    can skip the padding (half of the positions of a batch of short snippets).
+    """
     partial = folder / f"partial-{stage}.safetensors" if folder else None
     done_file = folder / f"stage-{stage}.safetensors" if folder else None
     if done_file is not None and done_file.exists():
@@ -321,13 +327,18 @@ def _run_pass(
             n_tokens = (
                 mask.sum().to(torch.float64).cpu() if mask is not None else None
             )  # only used when activations are masked
+            real_rows = None
+            if mask is not None and bool((mask == 0).any()):
+                real_rows = mask.reshape(-1).nonzero().squeeze(1)
             for name, a, g in cap.backward(loss):
                 if mask is None or mask.shape != a.shape[:2]:
                     tokens = torch.tensor(float(a.shape[0] * a.shape[1]), dtype=torch.float64)
+                    rows = None
                 else:
                     tokens = n_tokens
+                    rows = real_rows
                 with torch.no_grad():
-                    update(sums, name, a, g, tokens)
+                    update(sums, name, a, g, tokens, rows)
             for k in list(sums):
                 if k.endswith("::n_examples"):
                     sums[k] += loss.shape[0]
@@ -465,7 +476,7 @@ def _fit(model, task, batches, config, modules, shapes, folder, checkpoint_every
             s.update({f"{k}::n_examples": torch.zeros((), dtype=torch.float64) for k in shapes})
             return s
 
-        def update(sums, name, a, g, tokens):
+        def update(sums, name, a, g, tokens, rows):
             if a.shape[1] == 1:
                 d = (g[:, 0] ** 2).T @ (a[:, 0] ** 2)
             else:
@@ -492,11 +503,11 @@ def _fit(model, task, batches, config, modules, shapes, folder, checkpoint_every
 
     shared: dict = {}  # activations shared by consecutive modules (query/key/value): reuse products
 
-    def update_cov(sums, name, a, g, tokens):
-        af = a.reshape(-1, a.shape[-1])
-        gf = g.reshape(-1, g.shape[-1])
+    def update_cov(sums, name, a, g, tokens, rows):
         if shared.get("a") is not a:
+            af = _token_rows(a, rows)
             shared["a"], shared["aa"] = a, (af.T @ af).to(device="cpu", dtype=torch.float64)
+        gf = _token_rows(g, rows)
         sums[f"{name}::a_sum"] += shared["aa"]
         sums[f"{name}::s_sum"] += (gf.T @ gf).to(device="cpu", dtype=torch.float64)
         sums[f"{name}::n_tokens"] += tokens
@@ -557,14 +568,14 @@ def _fit(model, task, batches, config, modules, shapes, folder, checkpoint_every
         s.update({f"{k}::n_examples": torch.zeros((), dtype=torch.float64) for k in shapes})
         return s
 
-    def update_lam(sums, name, a, g, tokens):
+    def update_lam(sums, name, a, g, tokens, rows):
         qa = rot(name, "eigvec_a", a)
         if rotated.get("a") is a and torch.equal(rotated["qa"], qa):
             ar = rotated["ar"]  # same activations and basis as the previous module (query/key/value)
         else:
-            ar = a @ qa
+            ar = _rotate_rows(a, qa, rows)
             rotated.update(a=a, qa=qa, ar=ar)
-        gr = g @ rot(name, "eigvec_s", g)
+        gr = _rotate_rows(g, rot(name, "eigvec_s", g), rows)
         if ar.shape[1] == 1:
             lam = (gr[:, 0] ** 2).T @ (ar[:, 0] ** 2)
         else:
@@ -578,6 +589,21 @@ def _fit(model, task, batches, config, modules, shapes, folder, checkpoint_every
         tensors[f"{name}::lambda"] = lam
         damping[name] = config.damping if config.damping is not None else frac * float(lam.mean())
     return tensors, damping
+
+
+def _token_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``x`` ``[B, T, d]`` flattened to ``[B * T, d]``, keeping only ``rows`` (the real tokens) if given."""
+    flat = x.reshape(-1, x.shape[-1])
+    return flat if rows is None else flat.index_select(0, rows)
+
+
+def _rotate_rows(x: torch.Tensor, basis: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``x @ basis`` computed on the real-token rows only (padded rows of ``x`` are zero and stay zero)."""
+    if rows is None:
+        return x @ basis
+    out = x.new_zeros(x.shape[0] * x.shape[1], basis.shape[1])
+    out.index_copy_(0, rows, _token_rows(x, rows) @ basis)
+    return out.view(x.shape[0], x.shape[1], basis.shape[1])
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
