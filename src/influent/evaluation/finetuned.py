@@ -9,6 +9,10 @@ start continues the same AdamW schedule from the trained weights; changes are ta
 retraining on all examples (:meth:`GroundTruth.baseline`). The PBRF is solved approximately by minibatch
 SGD (``pbrf_epochs`` passes; p is in the millions). Scores come from
 :func:`influent.factored_influence.pairwise_scores` over the trainable ``nn.Linear`` modules.
+
+By default (``frozen_prefix=True``) the frozen embeddings and layers run once: the hidden states entering
+the first trainable layer are cached and every training, scoring, retraining and PBRF step runs only the
+trainable suffix (:mod:`influent.evaluation.frozen_prefix`); dropout then acts in the trainable layers only.
 """
 
 from __future__ import annotations
@@ -20,6 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from influent.evaluation.frozen_prefix import (
+    CachedPrefixTask,
+    cache_hidden_states,
+    first_token_model,
+    split_frozen_prefix,
+    supports_first_token,
+    supports_frozen_prefix,
+)
 from influent.evaluation.groundtruth import GroundTruth, tensor_digest
 from influent.evaluation.lds import lds, random_subsets
 from influent.evaluation.metrics import correlations, relative_error
@@ -62,6 +74,8 @@ def validate_finetuned(
     pbrf_epochs: int = 2,
     pbrf_lr: float | None = None,
     subset_fraction: float = 0.5,
+    frozen_prefix: bool = True,
+    first_token: bool = True,
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
@@ -82,6 +96,16 @@ def validate_finetuned(
         pbrf_lr: their step size (None: ``1 / lambda_max`` by power iteration).
         data, encoder: corpus spec and encoder (defaults: bundled Rotten Tomatoes, packaged MiniLM).
         text_column, label_column: columns of a local ``data`` file.
+        frozen_prefix: compute the hidden states entering the first trainable layer once and run only the
+            trainable suffix (last ``fine_tune_last`` layers, pooler, head) in training, scoring, retraining
+            and the PBRF (:mod:`influent.evaluation.frozen_prefix`; same results as the full model with
+            the frozen layers' dropout off, several times cheaper). False: run the full model each step
+            (dropout then also fires in the frozen layers).
+        first_token: with ``frozen_prefix`` and ``fine_tune_last == 1`` on a BERT-like model, train, retrain
+            and solve the PBRF with the last layer evaluated at the first token only (the pooler reads
+            nothing else; :func:`~influent.evaluation.frozen_prefix.first_token_model`); scores still use
+            the whole layer. Same function to float rounding; dropout masks are drawn for the used positions
+            only.
         cache_dir: cache root (trained model, factors and retraining results live under it).
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -122,10 +146,21 @@ def validate_finetuned(
     trainable = freeze_all_but_last(model, fine_tune_last)
     model.eval()
     task = FinetunedTask()
+    if frozen_prefix and supports_frozen_prefix(model):
+        # everything below the first trainable layer is fixed: cache its output once, train the suffix only
+        train_batch = cache_hidden_states(model, train_batch, fine_tune_last)
+        query_batch = cache_hidden_states(model, query_batch, fine_tune_last)
+        model = split_frozen_prefix(model, fine_tune_last)
+        task = CachedPrefixTask()
+    else:
+        frozen_prefix = False
+    first_token = bool(first_token and frozen_prefix and fine_tune_last == 1 and supports_first_token(model))
+    # the model trained, retrained and PBRF-solved (same tracked parameters, same order as `model`)
+    fit_model = first_token_model(model) if first_token else model
     space = ParameterSpace(model, task)
     theta0 = space.flat()
     trainer = MinibatchTrainer(
-        model,
+        fit_model,
         task,
         theta0,
         epochs=epochs,
@@ -139,7 +174,14 @@ def validate_finetuned(
 
     # ---- the original fine-tuning (cached)
     key = fingerprint(
-        encoder, corpus.fingerprint(), train_rows.tolist(), fine_tune_last, trainer.settings, max_length
+        encoder,
+        corpus.fingerprint(),
+        train_rows.tolist(),
+        fine_tune_last,
+        trainer.settings,
+        max_length,
+        *(["frozen-prefix"] if frozen_prefix else []),
+        *(["first-token"] if first_token else []),
     )
     folder = cache / "validate" / f"finetuned-{key}"
     if (folder / "theta.safetensors").exists():
@@ -149,6 +191,8 @@ def validate_finetuned(
         write_tensors(folder / "theta.safetensors", {"theta": theta_s})
         write_json(folder / "train.json", info)
     space.load(theta_s)
+    if fit_model is not model:
+        ParameterSpace(fit_model, task).load(theta_s)
     with torch.no_grad():
         acc = float(
             (task.model_output(model, query_batch).argmax(-1) == query_batch["labels"]).double().mean()
@@ -183,7 +227,7 @@ def validate_finetuned(
 
     # ---- ground truth
     gt = GroundTruth(
-        model,
+        fit_model,
         task,
         train_batch,
         query_batch,
@@ -261,6 +305,12 @@ def validate_finetuned(
             "lr": lr,
             "batch_size": batch_size,
             "max_length": max_length,
+            "frozen_prefix": "cached hidden states at the first trainable layer (prefix in eval mode)"
+            if frozen_prefix
+            else "off (full model every step)",
+            "first_token": "training/retraining/PBRF run the last layer at the first token only"
+            if first_token
+            else False,
             "seed": seed,
             "damping": damping,
             "pbrf": f"SGD, {pbrf_epochs} epochs, proximity = mean {ref} damping {dampings[ref]:.3g}",
