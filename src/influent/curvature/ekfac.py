@@ -51,7 +51,7 @@ from influent.task import Batch, Task
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 FISHER_TYPES = ("empirical", "true")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: padding rows skipped in the fit (factors of version 1 counted them)
 
 
 class FactorNumericsError(RuntimeError):
