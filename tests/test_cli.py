@@ -165,3 +165,13 @@ def test_validate_head_writes_tables_and_plots(capsys, base_args, tmp_path):
     assert list(out.glob("scatter-*.png"))
     code, _, err = run_cli(capsys, ["validate", "--examples", "1", "--out", str(out), *base_args])
     _one_line_error(code, err, "--examples")
+
+
+def test_audit_writes_ranked_csv_and_json(capsys, base_args, tmp_path):
+    out = tmp_path / "audit"
+    code, stdout, err = run_cli(capsys, ["audit", "--out", str(out), "--folds", "3", *base_args])
+    assert code == 0, err
+    assert "ranked 64 training examples" in stdout
+    rows = (out / "ranking.csv").read_text().strip().splitlines()
+    assert len(rows) == 65  # header + every training example
+    assert json.loads((out / "ranking.json").read_text())
