@@ -85,10 +85,10 @@ def prepare_head(
     text_column: str = "text",
     label_column: str = "label",
     hf_split: str = "train",
-    encoder: str = DEFAULT_ENCODER,
+    encoder: str | None = None,
     pooling: str = "mean",
     max_length: int = 128,
-    l2: float = DEFAULT_L2,
+    l2: float | None = None,
     seed: int = 0,
     test_fraction: float = 0.2,
     cache_dir: str | Path | None = None,
@@ -99,16 +99,18 @@ def prepare_head(
 
     Args:
         data: corpus spec (None = bundled Rotten Tomatoes; a CSV/JSONL/Parquet path; ``hf:NAME``).
-        encoder: Hugging Face encoder name or local path (default: the packaged all-MiniLM-L6-v2).
+        encoder: Hugging Face encoder name or local path (None: the packaged all-MiniLM-L6-v2).
         pooling: ``'mean'`` or ``'cls'``.
         max_length: tokens kept per text.
-        l2: ridge coefficient lambda of the head's objective.
+        l2: ridge coefficient lambda of the head's objective (None: ``DEFAULT_L2``).
         seed: seeds the train/test split.
         test_fraction: held-out share, stratified by label.
         cache_dir: cache root (default ``$INFLUENT_CACHE_DIR`` or ``~/.cache/influent``).
         progress: show progress bars.
         retrain: ignore a saved head with the same settings.
     """
+    encoder = encoder or DEFAULT_ENCODER
+    l2 = DEFAULT_L2 if l2 is None else l2
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     corpus, split = load_corpus_and_split(data, text_column, label_column, hf_split, test_fraction, seed, cache)
     enc = TextEncoder(encoder, pooling=pooling, max_length=max_length)

@@ -133,17 +133,9 @@ def run_attack(
             "attack 'concealed' needs the fine-tuned classifier and is not implemented yet (docs/poison.md)"
         )
     from influent.attacks.experiment import from_setup
-    from influent.pipeline import DEFAULT_L2, prepare_head
+    from influent.pipeline import prepare_head
 
-    kwargs = {
-        "seed": split_seed,
-        "cache_dir": cache_dir,
-        "progress": progress,
-        "l2": DEFAULT_L2 if l2 is None else l2,
-    }
-    if encoder:
-        kwargs["encoder"] = encoder
-    setup = prepare_head(data, **kwargs)
+    setup = prepare_head(data, seed=split_seed, cache_dir=cache_dir, progress=progress, l2=l2, encoder=encoder)
     seeds = list(seeds)
     rows = []
     for seed in seeds:

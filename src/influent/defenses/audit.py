@@ -164,19 +164,10 @@ def run_audit(
     Returns:
         ``{'csv', 'json', 'primary', 'rankers', 'n', 'queries'}``.
     """
-    from influent.pipeline import DEFAULT_L2, prepare_head
+    from influent.pipeline import prepare_head
 
-    kwargs = {
-        "text_column": text_column,
-        "label_column": label_column,
-        "seed": seed,
-        "cache_dir": cache_dir,
-        "progress": progress,
-        "l2": DEFAULT_L2 if l2 is None else l2,
-    }
-    if encoder:
-        kwargs["encoder"] = encoder
-    setup = prepare_head(data, **kwargs)
+    setup = prepare_head(data, text_column=text_column, label_column=label_column, seed=seed, cache_dir=cache_dir,
+                         progress=progress, l2=l2, encoder=encoder)
     qx, qy, qdesc = build_queries(setup, queries_from, trigger, query_file, text_column, label_column)
     audit = HeadAuditData(
         setup.train_x,
