@@ -135,32 +135,20 @@ def pairwise_scores(
     n_q = next(iter(pre.values())).shape[0]
     cols: list[torch.Tensor] = []
     buffers = GradBuffers()
-    was_training = model.training
-    model.eval()
-    bar = _progress(len(train_batches), "pairwise scores", progress)
-    try:
-        with torch.enable_grad(), LinearCapture(modules) as cap:
-            for batch in train_batches:
-                batch = to_device(batch, device)
-                cap.set_mask(token_mask(task, batch))
-                loss = task.per_example_loss(model, batch)
-                block = torch.zeros(n_q, loss.shape[0], dtype=torch.float64, device=device)
-                for name, a, g in cap.backward(loss):
-                    with torch.no_grad():
-                        if lowrank is not None:
-                            left, right = lowrank[name]
-                            gl = torch.einsum("bto,qor->qbtr", g, left)
-                            ar = torch.einsum("bti,qir->qbtr", a, right)
-                            block += (gl * ar).sum((2, 3)).double()
-                        else:
-                            grads = per_example_grads_from(a, g, buffers)
-                            p = pre[name]
-                            block += (p.reshape(n_q, -1) @ grads.reshape(grads.shape[0], -1).T).double()
-                cols.append(block.cpu())
-                bar.update(1)
-    finally:
-        bar.close()
-        model.train(was_training)
+    for size, captured in _training_passes(model, task, modules, train_batches, "pairwise scores", progress):
+        block = torch.zeros(n_q, size, dtype=torch.float64, device=device)
+        for name, a, g in captured:
+            with torch.no_grad():
+                if lowrank is not None:
+                    left, right = lowrank[name]
+                    gl = torch.einsum("bto,qor->qbtr", g, left)
+                    ar = torch.einsum("bti,qir->qbtr", a, right)
+                    block += (gl * ar).sum((2, 3)).double()
+                else:
+                    grads = per_example_grads_from(a, g, buffers)
+                    p = pre[name]
+                    block += (p.reshape(n_q, -1) @ grads.reshape(grads.shape[0], -1).T).double()
+        cols.append(block.cpu())
     scores = torch.cat(cols, dim=1)
     _check_scores(scores)
     return scores
@@ -173,27 +161,38 @@ def self_scores(
     modules = _modules(model, factors)
     device = next(iter(modules.values())).weight.device
     out: list[torch.Tensor] = []
+    for size, captured in _training_passes(model, task, modules, train_batches, "self scores", progress):
+        acc = torch.zeros(size, dtype=torch.float64, device=device)
+        for name, a, g in captured:
+            with torch.no_grad():
+                acc += factors.self_quadratic(name, a, g).double()
+        out.append(acc.cpu())
+    scores = torch.cat(out)
+    _check_scores(scores)
+    return scores
+
+
+def _training_passes(model, task, modules, train_batches, desc: str, progress: bool):
+    """Per training batch, ``(batch size, captured (name, activations, output grads))`` in eval mode.
+
+    One forward + backward pass per batch through :class:`LinearCapture`, padding masked; the model's
+    train/eval mode is restored afterwards.
+    """
+    device = next(iter(modules.values())).weight.device
     was_training = model.training
     model.eval()
-    bar = _progress(len(train_batches), "self scores", progress)
+    bar = _progress(len(train_batches), desc, progress)
     try:
         with torch.enable_grad(), LinearCapture(modules) as cap:
             for batch in train_batches:
                 batch = to_device(batch, device)
                 cap.set_mask(token_mask(task, batch))
                 loss = task.per_example_loss(model, batch)
-                acc = torch.zeros(loss.shape[0], dtype=torch.float64, device=device)
-                for name, a, g in cap.backward(loss):
-                    with torch.no_grad():
-                        acc += factors.self_quadratic(name, a, g).double()
-                out.append(acc.cpu())
+                yield loss.shape[0], cap.backward(loss)
                 bar.update(1)
     finally:
         bar.close()
         model.train(was_training)
-    scores = torch.cat(out)
-    _check_scores(scores)
-    return scores
 
 
 def loss_change(scores: torch.Tensor, n_train: int) -> torch.Tensor:
