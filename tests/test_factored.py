@@ -34,13 +34,14 @@ class BertTask(Task):
         return nn.functional.cross_entropy(self.model_output(model, batch), batch["labels"], reduction="none")
 
 
-def make_mlp(seed: int = 0, n: int = 192):
+def make_mlp(seed: int = 0, n: int = 192, noise: float = 0.7):
+    """5-7-6-3 tanh MLP after 150 full-batch Adam steps; labels ``argmax(x w + noise * eps)``."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     x = torch.randn(n, 5, generator=g, dtype=torch.float64)
     w = torch.randn(5, 3, generator=g, dtype=torch.float64)
-    y = (x @ w + 0.7 * torch.randn(n, 3, generator=g, dtype=torch.float64)).argmax(-1)
+    y = (x @ w + noise * torch.randn(n, 3, generator=g, dtype=torch.float64)).argmax(-1)
     opt = torch.optim.Adam(model.parameters(), lr=0.03)
     for _ in range(150):
         opt.zero_grad()
@@ -97,6 +98,11 @@ def flat_grads(model, task, batch, n):
 
 
 def exact_scores(model, task, batch, n, queries, factors, fisher):
+    """Scores with the exact damped Fisher / GNH: ``(full matrix, its per-module blocks only)``.
+
+    The block-diagonal variant keeps each module's exact block and drops the cross-module blocks: the
+    best any per-module method (diagonal, K-FAC, EK-FAC) can do.
+    """
     mods = select_linear_modules(model, "all")
     g_train = flat_grads(model, task, batch, n)
     g_q = flat_grads(model, task, queries, queries[0].shape[0])
@@ -109,10 +115,43 @@ def exact_scores(model, task, batch, n, queries, factors, fisher):
         for c in range(probs.shape[1]):
             gc = flat_grads(model, task, (x, torch.full_like(batch[1], c)), n)
             fisher_m += (gc * probs[:, c : c + 1]).T @ gc / n
-    damp = torch.cat(
-        [torch.full(((m.in_features + 1) * m.out_features,), factors.damping[k]) for k, m in mods.items()]
-    ).double()
-    return g_q @ torch.linalg.solve(fisher_m + torch.diag(damp), g_train.T)
+    sizes = [(m.in_features + 1) * m.out_features for m in mods.values()]
+    damp = torch.cat([torch.full((s,), factors.damping[k]) for k, s in zip(mods, sizes)]).double()
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    blocks = torch.where(owner[:, None] == owner[None, :], fisher_m, torch.zeros_like(fisher_m))
+    return tuple(g_q @ torch.linalg.solve(m + torch.diag(damp), g_train.T) for m in (fisher_m, blocks))
+
+
+def output_layer_terms(model, batch):
+    """Input ``[h, 1]`` of the last Linear, predictive probabilities and ``p - onehot(y)`` (closed form)."""
+    x, y = batch
+    with torch.no_grad():
+        a = torch.cat([model[:-1](x), torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+        p = torch.softmax(model(x), -1)
+    return a, p, p - nn.functional.one_hot(y, p.shape[1]).to(p)
+
+
+def exact_output_layer(model, batch, queries, fisher):
+    """Exact Fisher / GNH of the last Linear's ``[W | b]`` (row-major) and its per-example gradients.
+
+    ``G_i = r_i a_i^T`` with ``r_i = p_i - onehot(y_i)``; GNH ``= mean_i (diag p_i - p_i p_i^T) ⊗ a_i a_i^T``,
+    empirical Fisher ``= mean_i r_i r_i^T ⊗ a_i a_i^T``. Closed form, independent of the library's hooks.
+    """
+    a, p, r = output_layer_terms(model, batch)
+    aq, _, rq = output_layer_terms(model, queries)
+    n, k, d = a.shape[0], p.shape[1], a.shape[1]
+    if fisher == "empirical":
+        out_cov = r[:, :, None] * r[:, None, :]
+    else:
+        out_cov = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    fisher_m = torch.einsum("noq,ni,nj->oiqj", out_cov, a, a).reshape(k * d, k * d) / n
+    g_train = (r[:, :, None] * a[:, None, :]).reshape(n, -1)
+    g_q = (rq[:, :, None] * aq[:, None, :]).reshape(aq.shape[0], -1)
+    return fisher_m, g_q, g_train
+
+
+def spearman(a, b) -> float:
+    return round(float(spearmanr(a.flatten(), b.flatten())[0]), 3)
 
 
 # ------------------------------------------------------------------------------------------- tests
@@ -232,10 +271,13 @@ def test_low_rank_queries():
 def test_ground_truth_spearman_mlp():
     """Factored scores against exact damped Fisher/GNH scores on a tiny MLP, same absolute damping for all.
 
-    Printed for the record. On this 3-layer MLP (111 parameters, 192 examples, damping 0.1 x the mean
-    diagonal of the exact Fisher) cross-layer and within-layer correlations the block-Kronecker
-    structure ignores dominate, so every factored method is far from the exact answer (Spearman about
-    0.3); EK-FAC is asserted to be the best of them, not >= 0.9 (see docs/ekfac.md).
+    Printed for the record (docs/ekfac.md, "Ground truth"). On this 3-layer MLP (111 parameters, 192
+    examples it fits to training accuracy 0.99, damping 0.1 x the mean diagonal of the exact empirical
+    Fisher) every factored method is far from the exact answer (Spearman about 0.3), and the reason is
+    structural: even the exact per-module blocks of the same matrix (``blockdiag``, the ceiling of any
+    per-module method) reach only about 0.5, and within a module the Kronecker eigenbasis is off because
+    the curvature sits on a few examples near the decision boundaries. The issue's >= 0.9 is not asserted
+    here; see ``test_ground_truth_spearman_output_layer`` for where it holds.
     """
     model, batch = make_mlp(n=192)
     task = MLPTask()
@@ -252,23 +294,131 @@ def test_ground_truth_spearman_mlp():
             f = fit_factors(model, task, chunks(batch, n, 64), cfg, progress=False)
             approx = pairwise_scores(model, task, f, [queries], chunks(batch, n, 64), progress=False)
             if exact is None:
-                exact = exact_scores(model, task, batch, n, queries, f, fisher)
-            rho[strategy] = round(float(spearmanr(approx.flatten(), exact.flatten())[0]), 3)
+                exact, blockdiag = exact_scores(model, task, batch, n, queries, f, fisher)
+                rho["blockdiag"] = spearman(blockdiag, exact)
+            rho[strategy] = spearman(approx, exact)
         report[fisher] = rho
-    print(f"\nSpearman vs exact damped Fisher/GNH (tiny MLP, damping {damping:.2e}):", report)
+    print(f"\nSpearman vs exact damped Fisher/GNH (tiny MLP, all 3 layers, damping {damping:.2e}):", report)
     rho = report["empirical"]
     assert rho["ekfac"] >= rho["kfac"] and rho["ekfac"] >= rho["diagonal"], report
     assert rho["ekfac"] > 0.2, report
+    # cross-module blocks dominate: exact per-module blocks beat every factored method, yet stay far from 0.9
+    for r in report.values():
+        assert max(r["ekfac"], r["kfac"], r["diagonal"]) < r["blockdiag"] < 0.7, report
 
 
-def test_ekfac_exact_for_single_module_diagonalised():
-    """With one tracked module and T=1, EK-FAC equals the exact Fisher when it is diagonal in Q_S ⊗ Q_A."""
+def test_ground_truth_spearman_output_layer():
+    """EK-FAC >= 0.9 Spearman against the exact GNH where the Kronecker assumption nearly holds.
+
+    Same 5-7-6-3 MLP and training recipe, 1,000 examples, only the output Linear tracked (influence over
+    a classifier head, as with a frozen encoder), so there are no cross-module blocks; the exact
+    reference is the damped GNH (``fisher='true'``, expectation over labels; the factors sample one label
+    per example) and the empirical Fisher of those 21 parameters, in closed form. Damping 0.1 x the mean
+    diagonal of the exact matrix (= kronfluence's heuristic for EK-FAC).
+
+    K-FAC / EK-FAC assume an example's output-gradient covariance ``diag p - p p^T`` does not depend on
+    its activations; that holds when the curvature is spread evenly over the examples. ``neff`` measures
+    that spread: ``(sum w)^2 / (n sum w^2)`` with ``w_i = 1 - |p_i|^2``. With label noise 3.0 (training
+    accuracy 0.61, neff 0.95) EK-FAC reaches 0.95 and is asserted >= 0.9; with noise 1.0 (a classifier like
+    the project's frozen-encoder head: training accuracy 0.80, held-out 0.76, neff 0.67) it is about 0.76,
+    printed and not asserted at 0.9.
+    """
+    task = MLPTask()
+    n = 1000
+    report = {}
+    for noise in (3.0, 1.0):
+        model, batch = make_mlp(n=n, noise=noise)
+        qx = torch.randn(16, 5, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        queries = (qx, model(qx).argmax(-1))
+        _, p, _ = output_layer_terms(model, batch)
+        w = 1 - p.square().sum(-1)
+        entry = {
+            "train_acc": round(float((p.argmax(-1) == batch[1]).double().mean()), 3),
+            "neff": round(float(w.sum() ** 2 / (n * w.square().sum())), 3),
+        }
+        for fisher in ("true", "empirical"):
+            fisher_m, g_q, g_train = exact_output_layer(model, batch, queries, fisher)
+            damping = 0.1 * float(fisher_m.diagonal().mean())
+            eye = torch.eye(fisher_m.shape[0], dtype=torch.float64)
+            exact = g_q @ torch.linalg.solve(fisher_m + damping * eye, g_train.T)
+            rho = {}
+            for strategy in ("ekfac", "kfac", "diagonal", "identity"):
+                cfg = FactorConfig(strategy=strategy, fisher=fisher, damping=damping, modules=r"^4$")
+                f = fit_factors(model, task, chunks(batch, n, 250), cfg, progress=False)
+                approx = pairwise_scores(model, task, f, [queries], chunks(batch, n, 250), progress=False)
+                rho[strategy] = spearman(approx, exact)
+            entry[fisher] = rho
+        report[noise] = entry
+    print(
+        "\nSpearman vs exact damped GNH / empirical Fisher (tiny MLP, output layer, by label noise):", report
+    )
+    for fisher in ("true", "empirical"):
+        rho = report[3.0][fisher]
+        assert rho["ekfac"] >= 0.9, report
+        # EK-FAC and K-FAC tie here (differences of -0.007..+0.012 over 8 model seeds): allow 0.01
+        assert rho["ekfac"] >= rho["kfac"] - 0.01 and rho["kfac"] >= 0.9, report
+        assert rho["kfac"] >= rho["diagonal"] + 0.15 and rho["diagonal"] >= rho["identity"], report
+        rho = report[1.0][fisher]  # practitioner-like confidence: curvature still helps, 0.9 not reached
+        assert rho["ekfac"] >= 0.7 and rho["ekfac"] >= rho["diagonal"] + 0.1, report
+        assert rho["diagonal"] >= rho["identity"], report
+
+
+def test_factored_curvature_equals_dense_definitions():
+    """Each factored preconditioner equals its definition as a dense block-diagonal p x p matrix.
+
+    ``[W | b]`` row-major vec (the layout of ``flat_grads``): the K-FAC block is ``kron(S, A)`` (``kron(A, S)``,
+    the column-major convention, differs by about 120% here), EK-FAC's is ``Q diag(Lambda) Q^T`` with
+    ``Q = kron(Q_S, Q_A)`` and ``Lambda = diag(Q^T F_m Q)`` of the exact empirical Fisher block ``F_m``.
+    Activations and output gradients come from an explicit forward pass, not the library's hooks.
+    """
     model, batch = make_mlp(n=64)
     task = MLPTask()
-    f = fit_factors(
-        model, task, [batch], FactorConfig(strategy="ekfac", damping=1e-3, modules=r"^4$"), progress=False
-    )
-    assert f.names == ["4"] and f.damping["4"] == pytest.approx(1e-3)
+    x, y = batch
+    n = 64
+    queries = chunks(batch, n, 5)[0]
+    z1 = model[0](x)
+    z2 = model[2](torch.tanh(z1))
+    z3 = model[4](torch.tanh(z2))
+    # the loss is a sum over independent examples: row i of dL/dz is example i's output gradient
+    outs = torch.autograd.grad(nn.functional.cross_entropy(z3, y, reduction="sum"), [z1, z2, z3])
+    ones = torch.ones(n, 1, dtype=torch.float64)
+    acts = [torch.cat([v.detach(), ones], 1) for v in (x, torch.tanh(z1), torch.tanh(z2))]
+    g_train = flat_grads(model, task, batch, n)
+    g_q = flat_grads(model, task, queries, 5)
+    fisher_m = g_train.T @ g_train / n
+    damping = 1e-3
+    sizes = [a.shape[1] * g.shape[1] for a, g in zip(acts, outs)]
+    offsets = [0, sizes[0], sizes[0] + sizes[1], sum(sizes)]
+    for strategy in ("kfac", "ekfac", "diagonal"):
+        f = fit_factors(
+            model, task, [batch], FactorConfig(strategy=strategy, damping=damping), progress=False
+        )
+        blocks = []
+        for k, (name, a, g) in enumerate(zip(f.names, acts, outs)):
+            exact_block = fisher_m[offsets[k] : offsets[k + 1], offsets[k] : offsets[k + 1]]
+            if strategy == "diagonal":
+                blocks.append(torch.diag(exact_block.diagonal()))
+                continue
+            a_cov, s_cov = a.T @ a / n, g.T @ g / n
+            if strategy == "kfac":
+                blocks.append(torch.kron(s_cov, a_cov))
+                continue
+            q = torch.kron(f.tensors[f"{name}::eigvec_s"].double(), f.tensors[f"{name}::eigvec_a"].double())
+            torch.testing.assert_close(q @ q.T, torch.eye(q.shape[0], dtype=torch.float64))
+            q_s, q_a = torch.linalg.eigh(s_cov)[1], torch.linalg.eigh(a_cov)[1]
+            torch.testing.assert_close(  # the library's eigenbasis is that of A and S (up to signs)
+                (q.T @ torch.kron(q_s, q_a)).abs(),
+                torch.eye(q.shape[0], dtype=torch.float64),
+                atol=1e-6,
+                rtol=0,
+            )
+            lam = (q.T @ exact_block @ q).diagonal()
+            torch.testing.assert_close(f.tensors[f"{name}::lambda"].reshape(-1), lam, rtol=1e-9, atol=1e-14)
+            blocks.append(q @ torch.diag(lam) @ q.T)
+        dense = torch.block_diag(*blocks) + damping * torch.eye(sum(sizes), dtype=torch.float64)
+        expected = g_q @ torch.linalg.solve(dense, g_train.T)
+        got = pairwise_scores(model, task, f, [queries], [batch], progress=False)
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
 
 
 def test_cache_round_trip_and_resume(tmp_path):
