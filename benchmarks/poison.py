@@ -27,7 +27,7 @@ from influent.defenses.evaluate import mislabel_experiment, trigger_defense
 from influent.pipeline import prepare_head
 from influent.store import write_json
 
-PARTS = ("mislabel", "trigger", "label-flip", "perturb", "mislabel-finetuned")
+PARTS = ("mislabel", "trigger", "label-flip", "perturb", "mislabel-finetuned", "concealed")
 
 
 def log(msg: str) -> None:
@@ -215,6 +215,52 @@ def perturb_md(rows: list[dict]) -> str:
     )
 
 
+def concealed_md(res: dict, args) -> str:
+    """Attack, audit and removal tables of :func:`~influent.attacks.concealed_experiment.run_concealed`."""
+    run0 = res["runs"][0]
+    head = (
+        f"Trigger {args.trigger!r} ({run0['source']} -> {run0['target']}); victim: MiniLM, last layer + pooler + "
+        f"head fine-tuned (AdamW, {args.concealed_epochs} epochs) on a {run0['n_train']}-review stratified slice; "
+        f"poisons crafted against the clean model with {args.concealed_curvature} curvature (HotFlip, top-40 "
+        f"candidates re-scored, {run0['banned_token_count']} vocabulary ids banned), none containing the "
+        f"trigger (asserted); success on {res['rows'][0]['n_triggered_eval']} triggered evaluation-half "
+        f"source reviews; {len(res['seeds'])} seed(s), mean ± sd.\n"
+    )
+    attack = table(
+        ["poisons", "attack success (%)", "never-poisoned (%)", "net success (%)", "clean acc. (%)",
+         "clean acc. never-poisoned (%)", "crafting seconds"],
+        [
+            [r["n_poison"]]
+            + [fmt(r[f"{m}_mean"], r[f"{m}_sd"]) for m in
+               ("attack_success", "control_success", "net_success", "clean_accuracy", "clean_accuracy_control")]
+            + [f"{r['poison_seconds_mean']:.0f} ± {r['poison_seconds_sd']:.0f}"]
+            for r in sorted(res["summary"], key=lambda r: r["n_poison"])
+        ],
+    )
+    metrics = ["auroc", "auprc", "recall@k=n_bad", "recall@1%", "recall@5%", "recall@10%"]
+    audit = table(
+        ["ranker (largest N)", "AUROC", "AUPRC", "recall@|poison| (%)", "recall@1% (%)", "recall@5% (%)",
+         "recall@10% (%)"],
+        [
+            [r["ranker"]] + [fmt(r[f"{m}_mean"], r[f"{m}_sd"], pct=m not in ("auroc", "auprc")) for m in metrics]
+            for r in sorted(res["audit_summary"], key=lambda r: -r["recall@5%_mean"])
+        ],
+    )
+    removal = table(
+        ["top 5% removed by", "poisons removed", "attack success (%)", "net success (%)", "clean acc. (%)"],
+        [
+            [r["ranker"], f"{r['poisons_removed_mean']:.1f} ± {r['poisons_removed_sd']:.1f}"]
+            + [fmt(r[f"{m}_mean"], r[f"{m}_sd"]) for m in ("attack_success", "net_success", "clean_accuracy")]
+            for r in res["removal_summary"]
+        ],
+    )
+    examples = "\n".join(
+        f"- `{p['start']}` -> `{p['text']}`" for p in run0["poisons"][:3]
+    )
+    return "\n".join([head, attack, "", audit, "", removal, "", "Strongest poisons of seed "
+                      f"{run0['seed']} (start -> crafted):\n", examples])
+
+
 def per_seed_mean(rows: list[dict], keys: list[str], values: list[str]) -> list[dict]:
     """Average rows within each (seed, keys) group first, so sd is across seeds."""
     out = []
@@ -238,6 +284,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ft-train-size", type=int, default=1000, help="fine-tuned mislabel run: training slice")
     ap.add_argument("--ft-epochs", type=int, default=2)
     ap.add_argument("--ft-last-k", type=int, default=1)
+    ap.add_argument("--concealed-sizes", type=int, nargs="+", default=[10, 25, 50])
+    ap.add_argument("--concealed-train-size", type=int, default=1000)
+    ap.add_argument("--concealed-epochs", type=int, default=3)
+    ap.add_argument("--concealed-curvature", default="ekfac", choices=["ekfac", "kfac", "diagonal", "identity"])
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -358,6 +408,22 @@ def main(argv=None) -> int:
             ),
             "",
         ]
+        save()
+    if "concealed" in args.parts:
+        from influent.attacks.concealed_experiment import run_concealed
+
+        log(f"concealed poisons, seeds {args.seeds}")
+        res = run_concealed(
+            seeds=args.seeds,
+            sizes=tuple(args.concealed_sizes),
+            trigger=args.trigger,
+            train_size=args.concealed_train_size,
+            epochs=args.concealed_epochs,
+            curvature=args.concealed_curvature,
+            progress=False,
+        )
+        results["concealed"] = res
+        md += ["## Concealed trigger poisons (fine-tuned classifier)\n", concealed_md(res, args), ""]
         save()
     log(f"done in {time.time() - t0:.0f}s -> {out}")
     return 0

@@ -78,6 +78,7 @@ def validate_finetuned(
     first_token: bool = True,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    heldout: int = 500,
 ) -> dict:
     """Factored influence vs cold/warm leave-one-out, PBRF and LDS on a fine-tuned classifier.
 
@@ -107,6 +108,8 @@ def validate_finetuned(
             the whole layer. Same function to float rounding; dropout masks are drawn for the used positions
             only.
         cache_dir: cache root (trained model, factors and retraining results live under it).
+        heldout: test reviews (outside the queries, seeded draw) on which the trained model's accuracy is
+            reported.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -137,6 +140,16 @@ def validate_finetuned(
         batch_size=queries,
         max_length=max_length,
     )
+    # held-out reviews (outside the queries) for the trained model's accuracy
+    rest = np.setdiff1d(np.asarray(split.test_idx), query_rows)
+    heldout_rows = np.sort(np.random.default_rng(seed + 1).choice(rest, min(heldout, len(rest)), replace=False))
+    (heldout_batch,) = make_batches(
+        tokenizer,
+        [corpus.texts[i] for i in heldout_rows],
+        labels[heldout_rows].tolist(),
+        batch_size=max(len(heldout_rows), 1),
+        max_length=max_length,
+    )
     num_labels = int(labels.max()) + 1
     torch.manual_seed(seed)
     # eager attention: the PBRF step size uses forward-mode AD, which SDPA kernels lack on CPU
@@ -150,6 +163,7 @@ def validate_finetuned(
         # everything below the first trainable layer is fixed: cache its output once, train the suffix only
         train_batch = cache_hidden_states(model, train_batch, fine_tune_last)
         query_batch = cache_hidden_states(model, query_batch, fine_tune_last)
+        heldout_batch = cache_hidden_states(model, heldout_batch, fine_tune_last)
         model = split_frozen_prefix(model, fine_tune_last)
         task = CachedPrefixTask()
     else:
@@ -197,6 +211,14 @@ def validate_finetuned(
         acc = float(
             (task.model_output(model, query_batch).argmax(-1) == query_batch["labels"]).double().mean()
         )
+        heldout_acc = float(
+            torch.cat(
+                [
+                    task.model_output(model, b).argmax(-1) == b["labels"]
+                    for b in (slice_batch(heldout_batch, slice(s, s + 128)) for s in range(0, len(heldout_rows), 128))
+                ]
+            ).double().mean()
+        ) if len(heldout_rows) else float("nan")
 
     # ---- scores per strategy
     chunks = [slice_batch(train_batch, slice(s, s + 64)) for s in range(0, n, 64)]
@@ -318,6 +340,7 @@ def validate_finetuned(
             "warm start": "AdamW from the trained weights, same schedule",
             "LDS retraining": "cold start",
             "query accuracy": acc,
+            f"held-out accuracy ({len(heldout_rows)} test reviews)": heldout_acc,
             "theta digest": tensor_digest(theta_s),
         },
         "estimates": estimates,

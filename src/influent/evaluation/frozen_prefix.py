@@ -84,34 +84,60 @@ def split_frozen_prefix(model: nn.Module, last_k: int) -> nn.Module:
     return suffix.eval()
 
 
-@torch.no_grad()
-def cache_hidden_states(model: nn.Module, batch: dict, last_k: int, chunk: int = 128) -> dict:
-    """Hidden states entering the first of the last ``last_k`` layers, for every row of ``batch`` (eval mode).
+def prefix_hidden_states(
+    model: nn.Module,
+    last_k: int,
+    attention_mask: torch.Tensor,
+    *,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The hidden states entering the first of the last ``last_k`` layers, ``[B, T, H]``.
 
-    Returns ``{"inputs_embeds": [B, T, H], "attention_mask": [B, T], "labels": [B]}`` (labels if present).
+    Runs the embeddings and the frozen layers only (the forward stops at the first trainable layer). Under
+    grad mode the result stays differentiable w.r.t. ``inputs_embeds`` (word embeddings; position and
+    token-type embeddings are added by the model), which the HotFlip search of the concealed-poison attack
+    uses. The model should be in eval mode (dropout off) for a deterministic prefix.
     """
     layers = encoder_layers(model)
     first = layers[len(layers) - last_k]
     captured: list[torch.Tensor] = []
 
     def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        captured.append(hidden.detach().clone())
+        captured.append(args[0] if args else kwargs["hidden_states"])
         raise _Captured
 
-    was = model.training
-    model.eval()
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    task = FinetunedTask()
-    n = int(batch["input_ids"].shape[0])
     try:
-        for s in range(0, n, chunk):
-            try:
-                task.model_output(model, slice_batch(batch, slice(s, s + chunk)))
-            except _Captured:
-                pass
+        model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+    except _Captured:
+        pass
     finally:
         handle.remove()
+    if not captured:
+        raise RuntimeError("the forward pass never reached the first trainable layer")
+    return captured[0]
+
+
+@torch.no_grad()
+def cache_hidden_states(model: nn.Module, batch: dict, last_k: int, chunk: int = 128) -> dict:
+    """Hidden states entering the first of the last ``last_k`` layers, for every row of ``batch`` (eval mode).
+
+    Returns ``{"inputs_embeds": [B, T, H], "attention_mask": [B, T], "labels": [B]}`` (labels if present).
+    """
+    was = model.training
+    model.eval()
+    n = int(batch["input_ids"].shape[0])
+    captured = []
+    try:
+        for s in range(0, n, chunk):
+            part = slice_batch(batch, slice(s, s + chunk))
+            captured.append(
+                prefix_hidden_states(model, last_k, part["attention_mask"], input_ids=part["input_ids"])
+                .detach()
+                .clone()
+            )
+    finally:
         model.train(was)
     out = {"inputs_embeds": torch.cat(captured, 0), "attention_mask": batch["attention_mask"]}
     if "labels" in batch:
