@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from influent.errors import UserError
 from influent.store import write_json
+
+if TYPE_CHECKING:
+    from influent.pipeline import HeadSetup
 
 KINDS = ("label-flip", "perturb", "trigger", "concealed")
 
@@ -109,6 +113,7 @@ def run_attack(
     split_seed: int = 0,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    setup: HeadSetup | None = None,
     **options,
 ) -> dict:
     """Run attack ``kind`` (``label-flip``, ``perturb``, ``trigger``; ``concealed`` needs the fine-tuned model).
@@ -118,6 +123,8 @@ def run_attack(
         seeds: attack seeds (each re-divides held-out into validation/evaluation halves).
         out: folder for ``attack_<kind>.json`` (rows + summary), or None.
         split_seed: the train/held-out split seed passed to ``prepare_head``.
+        setup: an already prepared :class:`~influent.pipeline.HeadSetup` (e.g. with other text/label columns);
+            when given, ``data``, ``encoder``, ``l2``, ``split_seed`` and ``cache_dir`` are not used.
         options: ``budgets`` (fractions), ``targets`` (count), ``rounds_per_budget``, ``objective``
             (``correct`` or ``loss``) (label-flip);
             ``ks``, ``eps``, ``steps``, ``targets`` (perturb); ``sizes``, ``trigger``, ``source``, ``target``,
@@ -135,7 +142,10 @@ def run_attack(
     from influent.attacks.experiment import from_setup
     from influent.pipeline import prepare_head
 
-    setup = prepare_head(data, seed=split_seed, cache_dir=cache_dir, progress=progress, l2=l2, encoder=encoder)
+    if setup is None:
+        setup = prepare_head(data, seed=split_seed, cache_dir=cache_dir, progress=progress, l2=l2, encoder=encoder)
+    else:
+        split_seed = int(setup.info.get("seed", split_seed))
     seeds = list(seeds)
     rows = []
     for seed in seeds:
