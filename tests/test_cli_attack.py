@@ -143,6 +143,33 @@ def test_options_that_do_not_fit_the_data_are_one_line_exit_2(capsys, data_args,
     _one_line_error(code, err, needle)
 
 
+def test_concealed_end_to_end_on_tiny_data(capsys, tiny_encoder_dir, tmp_path):
+    """The real concealed attack on a 240-review corpus and the in-code tiny BERT: files, rows, no trigger."""
+    import csv
+    import json
+
+    from conftest import make_reviews
+
+    path = tmp_path / "reviews.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["review", "sentiment"])
+        w.writerows(make_reviews(240, seed=3))
+    out = tmp_path / "out"
+    code, stdout, _ = run_attack_cli(capsys, [
+        "concealed", "--data", str(path), "--text-column", "review", "--label-column", "sentiment",
+        "--encoder", str(tiny_encoder_dir), "--sizes", "2", "4", "--trigger", "superb", "--source", "neg",
+        "--target", "pos", "--n-eval", "10", "--n-adv", "5", "--train-size", "60", "--epochs", "1",
+        "--candidates", "4", "--seeds", "0", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet",
+    ])
+    assert code == 0, stdout
+    result = json.loads((out / "attack_concealed.json").read_text())
+    assert [r["n_poison"] for r in result["rows"]] == [2, 4]
+    assert all(0 <= r["attack_success"] <= 1 for r in result["rows"])
+    assert not any("superb" in p["text"] for run in result["runs"] for p in run["poisons"])
+    assert (out / "attack_concealed.md").exists() and "net_success" in stdout
+
+
 def test_concealed_is_passed_through_to_run_attack(capsys, monkeypatch, tmp_path):
     import influent.attacks.run
 

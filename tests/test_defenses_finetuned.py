@@ -34,4 +34,8 @@ def test_finetuned_mislabel_experiment_on_a_tiny_bert(tmp_path):
     }
     for row in out["rankers"].values():
         assert 0.0 <= row["auroc"] <= 1.0 and "recall@10%" in row
+        # the labels fixed are exactly the flips found in the top 10%, and the refit is scored
+        assert row["fixed"] == round(row["recall@10%"] * out["n_flipped"])
+        assert 0.0 <= row["accuracy_after_fix"] <= 1.0
+    assert 0.0 <= out["accuracy_noisy_model"] <= 1.0 and 0.0 <= out["accuracy_clean_model"] <= 1.0
     assert out["rankers"]["loss"]["auroc"] > 0.6

@@ -198,6 +198,8 @@ _ATTACK_OPTIONS = {
     "targets": ("label-flip", "perturb"), "ks": ("perturb",), "eps": ("perturb",), "steps": ("perturb",),
     "sizes": _TRIGGERED, "trigger": _TRIGGERED, "source": _TRIGGERED, "target": _TRIGGERED, "n_eval": _TRIGGERED,
     "damping": ("label-flip", "perturb", "trigger", "concealed"),
+    "train_size": ("concealed",), "epochs": ("concealed",), "n_adv": ("concealed",), "curvature": ("concealed",),
+    "candidates": ("concealed",), "last_k": ("concealed",),
 }
 
 
@@ -221,7 +223,8 @@ def _check_attack_args(args: argparse.Namespace) -> dict:
     if args.budgets is not None and (not args.budgets or not all(0.0 < b < 1.0 for b in args.budgets)):
         raise UserError(f"--budgets needs one or more fractions strictly between 0 and 1, got {args.budgets}")
     for name, low in (("targets", 1 if args.kind == "perturb" else 0), ("rounds_per_budget", 1), ("steps", 1),
-                      ("n_eval", 1)):
+                      ("n_eval", 1), ("train_size", 2), ("epochs", 1), ("n_adv", 1), ("candidates", 1),
+                      ("last_k", 1)):
         value = getattr(args, name)
         if value is not None and value < low:
             raise UserError(f"{_flag(name)} must be at least {low}, got {value}")
@@ -310,8 +313,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     seeds = (0, 1, 2) if args.seeds is None else args.seeds
     common = {"seeds": seeds, "out": args.out, "progress": not args.quiet}
     if args.kind == "concealed":  # not an attack on the head: run_attack takes the data options itself
-        result = run_attack(args.kind, args.data, encoder=args.encoder, l2=args.l2, split_seed=args.seed,
-                            cache_dir=args.cache_dir, **common, **options)
+        result = run_attack(args.kind, args.data, encoder=args.encoder, split_seed=args.seed,
+                            cache_dir=args.cache_dir, text_column=args.text_column,
+                            label_column=args.label_column, **common, **options)
     else:
         setup = _head_setup(args)
         _check_attack_data(args, setup, options)
@@ -451,7 +455,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", default=None,
                    help="class (name or index) the poisons are relabelled to (default positive/fresh, else 1)")
     g.add_argument("--n-eval", type=int, default=None,
-                   help="triggered source-class held-out reviews scored per seed (default 300)")
+                   help="triggered source-class held-out reviews scored per seed (default 300; concealed 200)")
+    g = p.add_argument_group("concealed (fine-tuned classifier; Wallace et al. 2021)")
+    g.add_argument("--train-size", type=int, default=None,
+                   help="stratified training slice the victim is fine-tuned on (default 1000)")
+    g.add_argument("--epochs", type=int, default=None, help="victim's AdamW epochs (default 3)")
+    g.add_argument("--last-k", type=int, default=None, help="fine-tuned encoder layers (default 1)")
+    g.add_argument("--n-adv", type=int, default=None,
+                   help="triggered validation reviews in the attacker's objective, and as many disjoint ones as "
+                        "the audit's queries (default 50)")
+    g.add_argument("--curvature", choices=["ekfac", "kfac", "diagonal", "identity"], default=None,
+                   help="attacker's curvature: ekfac = influence (default), identity = one-step unroll")
+    g.add_argument("--candidates", type=int, default=None,
+                   help="HotFlip candidates re-scored per position (default 40)")
     _add_data_options(p)
     p.set_defaults(func=cmd_attack)
 

@@ -72,6 +72,7 @@ def concealed_seed(
     batch_size: int = 32,
     max_length: int = 48,
     curvature: str = "ekfac",
+    damping: float | None = None,
     candidates: int = 40,
     sweeps: int = 1,
     max_tokens: int = 16,
@@ -89,34 +90,19 @@ def concealed_seed(
         clean_accuracy_control, ...}], 'audit': {ranker: detection metrics}, 'removal': [...],
         'poisons': [...], 'seconds': {...}}``; rates in [0, 1].
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from influent.curvature.ekfac import FactorConfig, fit_factors
     from influent.evaluation.detection import detection_metrics
-    from influent.evaluation.frozen_prefix import (
-        CachedPrefixTask,
-        cache_hidden_states,
-        first_token_model,
-        split_frozen_prefix,
-        supports_first_token,
-        supports_frozen_prefix,
-    )
-    from influent.evaluation.retrain import MinibatchTrainer
     from influent.evaluation.validate import _stratified
     from influent.factored_influence import pairwise_scores, preconditioned_query_gradients, self_scores
-    from influent.gradients import ParameterSpace
-    from influent.models.finetuned import default_encoder, freeze_all_but_last, make_batches
+    from influent.models.suffix_classifier import SuffixClassifier
     from influent.pipeline import load_corpus_and_split
     from influent.store import default_cache_dir
 
     if not sizes or min(sizes) < 1:
         raise UserError(f"--sizes must be positive poison counts, got {list(sizes)}")
-    if last_k < 1:
-        raise UserError("the concealed attack fine-tunes at least the last encoder layer (--last-k >= 1)")
     times: dict[str, float] = {}
     t_all = time.perf_counter()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    encoder = encoder or default_encoder()
     corpus, split = load_corpus_and_split(data, text_column, label_column, "train", 0.2, split_seed, cache)
     names = list(corpus.label_names)
     src, tgt = resolve_classes(SimpleNamespace(label_names=names, num_classes=len(names)), source, target)
@@ -138,76 +124,43 @@ def concealed_seed(
     ev_src = [i for i in ev_rows if labels[i] == src][:n_eval]
     ev_clean = ev_rows[:n_clean_eval]
 
-    tok = AutoTokenizer.from_pretrained(encoder)
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        encoder, num_labels=len(names), attn_implementation="eager"
+    victim = SuffixClassifier(
+        encoder, len(names), last_k=last_k, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size,
+        max_length=max_length,
     )
-    freeze_all_but_last(model, last_k)
-    model.eval()
-    if not supports_frozen_prefix(model):
-        raise UserError("the concealed attack needs a BERT-like encoder (embeddings + encoder layers)")
-
-    def cached(texts: list[str], ys: list[int]) -> dict:
-        (b,) = make_batches(tok, texts, ys, batch_size=max(len(texts), 1), max_length=max_length)
-        return cache_hidden_states(model, b, last_k)
-
+    tok, task = victim.tokenizer, victim.task
     t = time.perf_counter()
     train_texts = [corpus.texts[i] for i in rows_slice]
     train_y = labels[rows_slice].tolist()
     n = len(train_texts)
-    train_batch = cached(train_texts, train_y)
-    adv_batch = cached(adv_texts, [tgt] * n_adv)
-    defender_batch = cached(defender_texts, [src] * n_adv)
-    trig_eval = cached([insert_trigger(corpus.texts[i], trigger) for i in ev_src], [src] * len(ev_src))
-    clean_eval = cached([corpus.texts[i] for i in ev_clean], labels[ev_clean].tolist())
+    train_batch = victim.cache(train_texts, train_y)
+    adv_batch = victim.cache(adv_texts, [tgt] * n_adv)
+    defender_batch = victim.cache(defender_texts, [src] * n_adv)
+    trig_eval = victim.cache([insert_trigger(corpus.texts[i], trigger) for i in ev_src], [src] * len(ev_src))
+    clean_eval = victim.cache([corpus.texts[i] for i in ev_clean], labels[ev_clean].tolist())
     times["prefix_cache"] = time.perf_counter() - t
 
-    task = CachedPrefixTask()
-    suffix = split_frozen_prefix(model, last_k)
-    fit_model = first_token_model(suffix) if last_k == 1 and supports_first_token(suffix) else suffix
-    theta0 = ParameterSpace(suffix, task).flat()
-    trainer = MinibatchTrainer(
-        fit_model,
-        task,
-        theta0,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        optimizer="adamw",
-        dropout=True,
-        seed=seed,
-    )
-    fit_space = ParameterSpace(fit_model, task)
-
-    @torch.no_grad()
-    def predictions(theta: torch.Tensor, batch: dict) -> torch.Tensor:
-        fit_space.load(theta)
-        return torch.cat([task.model_output(fit_model, b).argmax(-1) for b in _batches(batch, 256)])
-
     def rates(theta: torch.Tensor) -> tuple[float, float]:
-        succ = float((predictions(theta, trig_eval) == tgt).double().mean())
-        acc = float((predictions(theta, clean_eval) == clean_eval["labels"]).double().mean())
-        return succ, acc
+        succ = float((victim.predict(theta, trig_eval) == tgt).double().mean())
+        return succ, victim.accuracy(theta, clean_eval)
 
     # ---- the clean victim and the attacker's direction
     t = time.perf_counter()
-    theta_c, info_c = trainer.fit(train_batch, torch.arange(n), theta0)
+    theta_c, info_c = victim.fit(train_batch)
     times["train_clean"] = time.perf_counter() - t
     ctrl_succ, ctrl_acc = rates(theta_c)
     t = time.perf_counter()
-    ParameterSpace(suffix, task).load(theta_c)
+    suffix = victim.load_suffix(theta_c)
     factors = fit_factors(
         suffix,
         task,
         _batches(train_batch),
-        FactorConfig(strategy=curvature, modules="trainable", seed=seed),
+        FactorConfig(strategy=curvature, modules="trainable", damping=damping, seed=seed),
         progress=progress,
     )
     pre = preconditioned_query_gradients(suffix, task, factors, [adv_batch])
     direction = {k: v.mean(0) for k, v in pre.items()}
-    ParameterSpace(model, task).load(theta_c)  # the full model with the clean suffix (same order)
-    alignment = Alignment(model, suffix, direction, last_k)
+    alignment = Alignment(victim.load_full(theta_c), suffix, direction, last_k)
     times["attacker_curvature"] = time.perf_counter() - t
     search = craft_poisons(
         alignment,
@@ -229,13 +182,13 @@ def concealed_seed(
     n_max = max(sizes)
     all_texts = train_texts + search.texts
     all_y = train_y + [tgt] * n_max
-    all_batch = cached(all_texts, all_y)
+    all_batch = victim.cache(all_texts, all_y)
     rows = []
     thetas = {}
     t = time.perf_counter()
     for n_p in sorted(sizes):
         keep = torch.cat([torch.arange(n), n + torch.arange(n_p)])
-        theta, info = trainer.fit(all_batch, keep, theta0)
+        theta, _ = victim.fit(all_batch, keep)
         thetas[n_p] = theta
         succ, acc = rates(theta)
         rows.append(
@@ -258,7 +211,7 @@ def concealed_seed(
     t = time.perf_counter()
     is_poison = np.zeros(n + n_max, dtype=bool)
     is_poison[n:] = True
-    ParameterSpace(suffix, task).load(thetas[n_max])
+    suffix = victim.load_suffix(thetas[n_max])
     chunks = _batches(all_batch)
     f_ek = fit_factors(
         suffix,
@@ -309,7 +262,7 @@ def concealed_seed(
         drop = np.argsort(-rankers[name], kind="stable")[:k]
         keep_mask = np.ones(n + n_max, dtype=bool)
         keep_mask[drop] = False
-        theta, _ = trainer.fit(all_batch, torch.as_tensor(np.flatnonzero(keep_mask)), theta0)
+        theta, _ = victim.fit(all_batch, torch.as_tensor(np.flatnonzero(keep_mask)))
         succ, acc = rates(theta)
         removal.append(
             {

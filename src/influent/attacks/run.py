@@ -82,10 +82,6 @@ def attack_on_experiment(kind: str, exp, **options) -> list[dict]:
             options.get("target"),
             int(options.get("n_eval", 300)),
         )
-    if kind == "concealed":
-        raise NotImplementedError(
-            "the concealed-poison attack needs the fine-tuned classifier; see docs/poison.md"
-        )
     raise ValueError(f"unknown attack {kind!r}; choose from {', '.join(KINDS)}")
 
 
@@ -116,7 +112,8 @@ def run_attack(
     setup: HeadSetup | None = None,
     **options,
 ) -> dict:
-    """Run attack ``kind`` (``label-flip``, ``perturb``, ``trigger``; ``concealed`` needs the fine-tuned model).
+    """Run attack ``kind``: ``label-flip``, ``perturb``, ``trigger`` on the head; ``concealed`` on the fine-tuned
+    classifier (:func:`~influent.attacks.concealed_experiment.run_concealed`; ``l2`` is not used there).
 
     Args:
         data: corpus spec (default: bundled Rotten Tomatoes).
@@ -128,17 +125,31 @@ def run_attack(
         options: ``budgets`` (fractions), ``targets`` (count), ``rounds_per_budget``, ``objective``
             (``correct`` or ``loss``) (label-flip);
             ``ks``, ``eps``, ``steps``, ``targets`` (perturb); ``sizes``, ``trigger``, ``source``, ``target``,
-            ``n_eval`` (trigger); ``damping`` (all).
+            ``n_eval`` (trigger, concealed; concealed also takes every keyword of
+            :func:`~influent.attacks.concealed_experiment.concealed_seed`); ``damping`` (all; for concealed
+            the attacker's curvature damping, 0 or None = heuristic).
 
     Returns:
         ``{'kind', 'seeds', 'rows', 'summary'}`` (every rate in [0, 1], accuracies on clean held-out labels).
     """
     if kind not in KINDS:
         raise UserError(f"unknown attack {kind!r}; choose from {', '.join(KINDS)}")
-    if kind == "concealed":
-        raise UserError(
-            "attack 'concealed' needs the fine-tuned classifier and is not implemented yet (docs/poison.md)"
+    if kind == "concealed":  # the fine-tuned classifier, not the head: its own data path
+        from influent.attacks.concealed_experiment import run_concealed
+
+        if setup is not None:
+            raise UserError("attack 'concealed' fine-tunes its own classifier; pass data, not a head setup")
+        if options.get("damping"):
+            options["damping"] = float(options["damping"])
+        else:
+            options.pop("damping", None)
+        options.pop("l2", None)
+        result = run_concealed(
+            data, seeds=seeds, out=out, progress=progress, encoder=encoder, split_seed=split_seed,
+            cache_dir=cache_dir, **options,
         )
+        result["split_seed"] = split_seed
+        return result
     from influent.attacks.experiment import from_setup
     from influent.pipeline import prepare_head
 
