@@ -3,7 +3,9 @@
 Both libraries get the same model (all-MiniLM-L6-v2 + classification head, last 2 layers and head
 fine-tuned), the same tracked modules (every nn.Linear, 37), the same 1,024 training snippets and 10 test
 queries at max length 64 in the same batches (each padded to its longest snippet: kronfluence's data loader
-trims the padding like influent's ``make_batches``), the empirical Fisher, and the same damping rule
+trims the padding like influent's ``make_batches``; influent's fit and scoring then re-form them by length
+internally, ``influent.task.length_buckets``, recorded as ``influent_bucketed`` with the tokens per example
+it pads to), the empirical Fisher, and the same damping rule
 (kronfluence's heuristic, ``0.1 x mean(Lambda)`` per module, which is also influent's ``damping=None``;
 or ``--damping X`` absolute for both: kronfluence adds ``damping_factor`` as is when it is a float).
 kronfluence's ``compute_train_loss`` sums over the batch while influent averages: per-example gradients,
@@ -115,6 +117,7 @@ def main() -> None:
     from influent.curvature.ekfac import FactorConfig, fit_factors
     from influent.factored_influence import pairwise_scores
     from influent.models.finetuned import FinetunedTask, make_batches
+    from influent.task import length_buckets
 
     load_start = list(os.getloadavg())
     texts, labels = load_rotten_tomatoes(args.seed)
@@ -130,6 +133,10 @@ def main() -> None:
     query_batches = make_batches(tok, q_x, q_y, batch_size=args.n_query, max_length=args.max_length)
     tokens = [int(b["attention_mask"].sum()) for b in train_batches]
     padded = [int(b["attention_mask"].numel()) for b in train_batches]
+    # influent's fit and scores re-form the batches by length internally (same answer, less padding)
+    rebatched = length_buckets(train_batches)
+    inner = rebatched[0] if rebatched is not None else train_batches
+    inner_padded = sum(int(b["attention_mask"].numel()) for b in inner)
 
     # one fine-tuning step per example, all layers trainable (the cost of the gradients influence needs)
     step_model = copy.deepcopy(model).train()
@@ -170,6 +177,9 @@ def main() -> None:
         "threads": args.threads,
         "real_tokens_per_example": round(sum(tokens) / n, 1),
         "padded_tokens_per_example": round(sum(padded) / n, 1),
+        "influent_bucketed": rebatched is not None,
+        "influent_real_tokens_per_example": round(sum(int(b["attention_mask"].sum()) for b in inner) / n, 1),
+        "influent_padded_tokens_per_example": round(inner_padded / n, 1),
         "tracked_linear_modules": len(factors.names),
         "model_linear_modules": n_linear,
         "damping": "heuristic 0.1*mean(lambda) per module" if args.damping is None else args.damping,

@@ -493,3 +493,152 @@ def test_bad_options():
     for cfg in (FactorConfig(strategy="nope"), FactorConfig(fisher="x"), FactorConfig(damping=-1.0)):
         with pytest.raises(UserError):
             fit_factors(model, MLPTask(), [batch], cfg, progress=False)
+
+
+# ------------------------------------------------------------ length bucketing, query preconditioning
+def trimmed(batch, extra: int = 0):
+    """``batch`` with its padding cut to its longest example, plus ``extra`` padded columns."""
+    width = int(batch["attention_mask"].sum(1).max()) + extra
+    pad = max(0, width - batch["input_ids"].shape[1])
+    out = {}
+    for k, v in batch.items():
+        if v.dim() == 2:
+            v = torch.cat([v, torch.zeros(v.shape[0], pad, dtype=v.dtype)], 1)[:, :width]
+        out[k] = v
+    return out
+
+
+def mixed_batches(batch, n, size):
+    """Batches of mixed widths: some trimmed to their longest, some padded past the input's width."""
+    return [trimmed(b, extra=(3 if i % 2 else 0)) for i, b in enumerate(chunks(batch, n, size))]
+
+
+def test_length_buckets_reform_and_order():
+    from influent.task import length_buckets
+
+    _, batch = make_bert(n=23)
+    batches = mixed_batches(batch, 23, 5)
+    new, order = length_buckets(batches)
+    assert sorted(order.tolist()) == list(range(23))
+    assert [b["input_ids"].shape[0] for b in new] == [5, 5, 5, 5, 3]
+    lengths = torch.cat([b["attention_mask"].sum(1) for b in new])
+    assert (lengths[:-1] >= lengths[1:]).all()  # longest first
+    for b in new:
+        assert b["input_ids"].shape[1] == int(b["attention_mask"].sum(1).max())  # trimmed to its longest
+    padded_before = sum(b["attention_mask"].numel() for b in batches)
+    assert sum(b["attention_mask"].numel() for b in new) < padded_before
+    torch.testing.assert_close(torch.cat([b["labels"] for b in new]), batch["labels"][order])
+    ids_new = [row[row != 0] for b in new for row in b["input_ids"]]
+    ids_old = [row[row != 0] for row in batch["input_ids"]]
+    for j, i in enumerate(order.tolist()):
+        assert torch.equal(ids_new[j], ids_old[i])
+    # other batch types, left padding and nothing to trim: left as they are
+    _, mlp_batch = make_mlp(n=8)
+    assert length_buckets(chunks(mlp_batch, 8, 4)) is None
+    left = {k: v.flip(1) if v.dim() == 2 else v for k, v in batches[0].items()}
+    assert length_buckets([left, left]) is None
+    no_padding = {k: v[:, :3] if v.dim() == 2 else v for k, v in batch.items()}  # lengths are >= 3
+    assert length_buckets(chunks(no_padding, 23, 5)) is None
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "diagonal"])
+def test_bucketed_scores_equal_input_order(strategy):
+    """Bucketed passes give the unbucketed scores in the input order, for any padding of the input."""
+    model, batch = make_bert(n=23)
+    task = BertTask()
+    batches = mixed_batches(batch, 23, 5)
+    cfg = FactorConfig(strategy=strategy)
+    f = fit_factors(model, task, batches, cfg, progress=False, bucket=False)
+    fb = fit_factors(model, task, batches, cfg, progress=False)
+    for k in f.tensors:
+        if "eigvec" not in k:  # eigenvectors are defined up to sign
+            torch.testing.assert_close(fb.tensors[k], f.tensors[k], rtol=1e-8, atol=1e-12)
+    q = [trimmed(chunks(batch, 23, 4)[0])]
+    ref = pairwise_scores(model, task, f, q, batches, progress=False, bucket=False)
+    got = pairwise_scores(model, task, f, q, batches, progress=False)
+    torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-10)
+    # padding invariance: the same examples padded to the full width, in batches of another size
+    wide = pairwise_scores(model, task, f, q, chunks(batch, 23, 7), progress=False)
+    torch.testing.assert_close(wide, ref, rtol=1e-7, atol=1e-10)
+    ref_self = self_scores(model, task, f, batches, progress=False, bucket=False)
+    torch.testing.assert_close(
+        self_scores(model, task, f, batches, progress=False), ref_self, rtol=1e-7, atol=1e-10
+    )
+    torch.testing.assert_close(
+        self_scores(model, task, f, chunks(batch, 23, 7), progress=False), ref_self, rtol=1e-7, atol=1e-10
+    )
+
+
+def test_bucketed_true_fisher_keeps_each_examples_label():
+    model, batch = make_bert(n=23)
+    task = BertTask()
+    batches = mixed_batches(batch, 23, 5)
+    cfg = FactorConfig(strategy="ekfac", fisher="true", seed=2)
+    f = fit_factors(model, task, batches, cfg, progress=False, bucket=False)
+    fb = fit_factors(model, task, batches, cfg, progress=False)
+    for k in f.tensors:
+        if "eigvec" not in k:
+            torch.testing.assert_close(fb.tensors[k], f.tensors[k], rtol=1e-8, atol=1e-12)
+
+
+def test_precondition_from_tokens_and_float32():
+    """Query preconditioning from token factors = from formed gradients; float32 within 1e-4 of float64."""
+    import copy
+
+    from influent.curvature.linear_grads import LinearCapture, per_example_grads_from, token_mask
+
+    model, batch = make_bert(n=12)
+    task = BertTask()
+    f = fit_factors(model, task, chunks(batch, 12, 6), FactorConfig(strategy="ekfac"), progress=False)
+    q = chunks(batch, 12, 4)[0]
+    with torch.enable_grad(), LinearCapture(select_linear_modules(model, "all")) as cap:
+        cap.set_mask(token_mask(task, q))
+        captured = cap.backward(task.per_example_loss(model, q))
+    for name, a, g in captured:
+        ref = f.precondition(name, per_example_grads_from(a, g))
+        torch.testing.assert_close(f.precondition_tokens(name, a, g), ref, rtol=1e-9, atol=1e-12)
+        # 50 more (zero) token rows: rotating the formed gradient is cheaper, the other branch
+        a_long = torch.cat([a, a.new_zeros(a.shape[0], 50, a.shape[2])], 1)
+        g_long = torch.cat([g, g.new_zeros(g.shape[0], 50, g.shape[2])], 1)
+        torch.testing.assert_close(f.precondition_tokens(name, a_long, g_long), ref, rtol=1e-9, atol=1e-12)
+    # float32 model, gradients and rotations against float64, same factors
+    model32 = copy.deepcopy(model).float()
+    s64 = pairwise_scores(model, task, f, [q], chunks(batch, 12, 6), progress=False)
+    s32 = pairwise_scores(model32, task, f, [q], chunks(batch, 12, 6), progress=False)
+    assert float((s32 - s64).norm() / s64.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(40, 9), (9, 40), (12, 12)])
+def test_per_example_dots_in_blocks(shape, monkeypatch):
+    """Dot products with per-example gradients formed a block of rows / columns at a time = formed whole."""
+    from influent.curvature.linear_grads import GradBuffers, PerExampleDots, per_example_grads_from
+
+    g_ = torch.Generator().manual_seed(0)
+    d_out, d_in = shape
+    p = torch.randn(3, d_out, d_in, generator=g_, dtype=torch.float64)
+    a = torch.randn(5, 4, d_in, generator=g_, dtype=torch.float64)
+    g = torch.randn(5, 4, d_out, generator=g_, dtype=torch.float64)
+    ref = p.reshape(3, -1) @ per_example_grads_from(a, g).reshape(5, -1).T
+    monkeypatch.setattr(PerExampleDots, "CHUNK", 50)  # blocks of 5 (or 4) rows / columns, the last shorter
+    dots = PerExampleDots(p)
+    assert dots.blocks is not None and len(dots.spans) > 2
+    buffers = GradBuffers()
+    for _ in range(2):  # reused buffers
+        torch.testing.assert_close(dots(a, g, buffers), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        dots(a[:, :1], g[:, :1], buffers),
+        p.reshape(3, -1) @ per_example_grads_from(a[:, :1], g[:, :1]).reshape(5, -1).T,
+    )
+
+
+def test_pairwise_scores_with_blocked_dots(monkeypatch):
+    from influent.curvature.linear_grads import PerExampleDots
+
+    model, batch = make_bert(n=12)
+    task = BertTask()
+    f = fit_factors(model, task, chunks(batch, 12, 6), FactorConfig(strategy="ekfac"), progress=False)
+    q = chunks(batch, 12, 4)[:1]
+    ref = pairwise_scores(model, task, f, q, chunks(batch, 12, 5), progress=False)
+    monkeypatch.setattr(PerExampleDots, "CHUNK", 40)
+    got = pairwise_scores(model, task, f, q, chunks(batch, 12, 5), progress=False)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)

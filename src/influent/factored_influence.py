@@ -32,11 +32,12 @@ from influent.curvature.ekfac import (
 from influent.curvature.linear_grads import (
     GradBuffers,
     LinearCapture,
+    PerExampleDots,
     per_example_grads_from,
     select_linear_modules,
 )
 from influent.errors import UserError
-from influent.task import Batch, Task
+from influent.task import Batch, Task, length_buckets
 
 __all__ = [
     "FactorConfig",
@@ -66,6 +67,24 @@ def query_gradients(
     measurement: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Per-query gradients ``{module: [Q, d_out, d_in(+1)]}`` of the query measurement (or loss)."""
+    return _per_query(
+        model, task, factors, query_batches, measurement, lambda name, a, g: per_example_grads_from(a, g)
+    )
+
+
+def preconditioned_query_gradients(
+    model: nn.Module, task: Task, factors: Factors, query_batches: Sequence[Batch]
+) -> dict[str, torch.Tensor]:
+    """``(F_m + d_m)^-1 g_query`` per module, ``[Q, d_out, d_in(+1)]``.
+
+    Rotated into the eigenbasis from the query's token factors (:meth:`Factors.precondition_tokens`),
+    without forming the gradient first where that is cheaper.
+    """
+    return _per_query(model, task, factors, query_batches, True, factors.precondition_tokens)
+
+
+def _per_query(model, task, factors, query_batches, measurement: bool, reduce) -> dict[str, torch.Tensor]:
+    """``reduce(name, a, g)`` (``[Q_batch, ...]``) per module and query batch, concatenated over queries."""
     modules = _modules(model, factors)
     device = next(iter(modules.values())).weight.device
     out: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
@@ -82,19 +101,11 @@ def query_gradients(
                     else task.per_example_loss(model, batch)
                 )
                 for name, a, g in cap.backward(f):
-                    out[name].append(per_example_grads_from(a, g))
+                    with torch.no_grad():
+                        out[name].append(reduce(name, a, g))
     finally:
         model.train(was_training)
     return {n: torch.cat(v) for n, v in out.items()}
-
-
-def preconditioned_query_gradients(
-    model: nn.Module, task: Task, factors: Factors, query_batches: Sequence[Batch]
-) -> dict[str, torch.Tensor]:
-    """``(F_m + d_m)^-1 g_query`` per module, ``[Q, d_out, d_in(+1)]``."""
-    grads = query_gradients(model, task, factors, query_batches)
-    with torch.no_grad():
-        return {n: factors.precondition(n, g) for n, g in grads.items()}
 
 
 def _low_rank(pre: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,6 +126,7 @@ def pairwise_scores(
     *,
     query_rank: int | None = None,
     progress: bool = True,
+    bucket: bool = True,
 ) -> torch.Tensor:
     """Scores ``[Q, N]``: ``g_query^T (F + damping)^-1 g_train`` (positive = proponent; float64).
 
@@ -125,6 +137,9 @@ def pairwise_scores(
         train_batches: batches of training examples, streamed (``per_example_loss`` differentiated).
         query_rank: if set, compress each preconditioned query gradient to this rank (SVD).
         progress: show a tqdm bar.
+        bucket: re-form dict batches with a right-padded ``attention_mask`` into batches of similar
+            length with less padding (:func:`~influent.task.length_buckets`) for the passes; the
+            scores come back in the order of ``train_batches`` and are the same up to rounding.
     """
     if query_rank is not None and query_rank < 1:
         raise UserError(f"--query-rank must be >= 1, got {query_rank}")
@@ -133,9 +148,10 @@ def pairwise_scores(
     pre = preconditioned_query_gradients(model, task, factors, query_batches)
     lowrank = {n: _low_rank(p, query_rank) for n, p in pre.items()} if query_rank else None
     n_q = next(iter(pre.values())).shape[0]
-    cols: list[torch.Tensor] = []
+    dots = None if lowrank is not None else {n: PerExampleDots(p) for n, p in pre.items()}
     buffers = GradBuffers()
-    for size, captured in _training_passes(model, task, modules, train_batches, "pairwise scores", progress):
+
+    def score_batch(size, captured):
         block = torch.zeros(n_q, size, dtype=torch.float64, device=device)
         for name, a, g in captured:
             with torch.no_grad():
@@ -145,29 +161,64 @@ def pairwise_scores(
                     ar = torch.einsum("bti,qir->qbtr", a, right)
                     block += (gl * ar).sum((2, 3)).double()
                 else:
-                    grads = per_example_grads_from(a, g, buffers)
-                    p = pre[name]
-                    block += (p.reshape(n_q, -1) @ grads.reshape(grads.shape[0], -1).T).double()
-        cols.append(block.cpu())
-    scores = torch.cat(cols, dim=1)
-    _check_scores(scores)
-    return scores
+                    block += dots[name](a, g, buffers).double()
+        return block
+
+    return _score_training_examples(
+        model, task, modules, train_batches, score_batch, "pairwise scores", progress, bucket
+    )
 
 
 def self_scores(
-    model: nn.Module, task: Task, factors: Factors, train_batches: Sequence[Batch], *, progress: bool = True
+    model: nn.Module,
+    task: Task,
+    factors: Factors,
+    train_batches: Sequence[Batch],
+    *,
+    progress: bool = True,
+    bucket: bool = True,
 ) -> torch.Tensor:
-    """Self-influence ``g_i^T (F + damping)^-1 g_i`` per training example, ``[N]`` float64 (>= 0)."""
+    """Self-influence ``g_i^T (F + damping)^-1 g_i`` per training example, ``[N]`` float64 (>= 0).
+
+    ``bucket``: as in :func:`pairwise_scores`.
+    """
     modules = _modules(model, factors)
     device = next(iter(modules.values())).weight.device
-    out: list[torch.Tensor] = []
-    for size, captured in _training_passes(model, task, modules, train_batches, "self scores", progress):
+
+    def score_batch(size, captured):
         acc = torch.zeros(size, dtype=torch.float64, device=device)
         for name, a, g in captured:
             with torch.no_grad():
                 acc += factors.self_quadratic(name, a, g).double()
-        out.append(acc.cpu())
-    scores = torch.cat(out)
+        return acc
+
+    return _score_training_examples(
+        model, task, modules, train_batches, score_batch, "self scores", progress, bucket
+    )
+
+
+def _score_training_examples(
+    model, task, modules, train_batches, score_batch, desc: str, progress: bool, bucket: bool
+) -> torch.Tensor:
+    """``score_batch(batch size, captured)`` (scores ``[..., B]``) over the training batches, concatenated
+    along the last axis in the order of ``train_batches``.
+
+    With ``bucket`` the examples are first re-formed by length (:func:`~influent.task.length_buckets`,
+    when the batches allow it) and their scores put back in the input order afterwards.
+    """
+    rebatched = length_buckets(train_batches) if bucket else None
+    batches, order = rebatched if rebatched is not None else (train_batches, None)
+    scores = torch.cat(
+        [
+            score_batch(size, captured).cpu()
+            for size, captured in _training_passes(model, task, modules, batches, desc, progress)
+        ],
+        dim=-1,
+    )
+    if order is not None:
+        restored = torch.empty_like(scores)
+        restored[..., order] = scores
+        scores = restored
     _check_scores(scores)
     return scores
 

@@ -2,12 +2,15 @@
 
 The engine never looks inside a batch. A batch is any pytree (tensor, tuple, dict) of tensors whose
 leading dimension indexes examples; the engine only slices it along that dimension (``vmap`` for
-per-example gradients) and hands it back to the task.
+per-example gradients) and hands it back to the task. The one exception is :func:`length_buckets`
+(used by the factored-influence passes): dict batches with a right-padded ``attention_mask`` are
+re-formed into batches of similar length with their padding trimmed.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,3 +92,78 @@ def iter_chunks(batch: Batch, n: int, chunk: int) -> Iterable[tuple[int, Batch]]
     """Yield ``(start, rows start:start+chunk)`` over a batch of ``n`` examples."""
     for start in range(0, n, chunk):
         yield start, slice_batch(batch, slice(start, min(n, start + chunk)))
+
+
+def length_buckets(
+    batches: Sequence[Batch], mask_key: str = "attention_mask"
+) -> tuple[list[Batch], torch.Tensor] | None:
+    """The examples of ``batches`` re-formed into batches of similar length with less padding, or None.
+
+    Applies to dict batches holding a right-padded ``mask_key`` ``[B, T]`` (each row: ones, then zeros)
+    and only tensors with that leading dimension ``B``; a tensor whose first two dimensions are
+    ``[B, T]`` is per token. The examples are sorted by their number of real tokens (longest first,
+    stable) and cut into batches of the largest input batch size, each trimmed to its own longest
+    example; positions past an example's end are filled, per key, with the value found at a padded
+    position of the input (the mask with 0). The result is the same for a model in which padded
+    positions do not change the real ones (an attention-masked encoder; influence passes also mask
+    padding out of every tracked module).
+
+    Returns:
+        ``(new batches, order)`` with ``order[j]`` the position, in the input batches concatenated, of
+        the j-th example of the new batches (so ``out[..., order] = new_scores`` restores the input
+        order); None when the batches do not have this form or re-forming them would not remove padding.
+    """
+    batches = list(batches)
+    if not batches or not all(isinstance(b, dict) for b in batches):
+        return None
+    keys = list(batches[0])
+    kinds: dict[str, tuple] = {}  # per key: (per token, dtype, device, trailing shape), equal in all batches
+    masks, sizes = [], []
+    for b in batches:
+        mask = b.get(mask_key)
+        if list(b) != keys or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            return None
+        real = mask != 0
+        if bool((real[:, 1:] & ~real[:, :-1]).any()):
+            return None  # not right-padded (left padding, holes): leave as is
+        for k in keys:
+            v = b[k]
+            if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != mask.shape[0]:
+                return None
+            tok = v.dim() >= 2 and v.shape[:2] == mask.shape
+            kind = (tok, v.dtype, v.device, tuple(v.shape[2:] if tok else v.shape[1:]))
+            if kinds.setdefault(k, kind) != kind:
+                return None
+        masks.append(real)
+        sizes.append(int(mask.shape[0]))
+    per_token = {k: kind[0] for k, kind in kinds.items()}
+    lengths = torch.cat([m.sum(1) for m in masks]).cpu()
+    size = max(sizes)
+    order = torch.sort(lengths, descending=True, stable=True).indices
+    widths = [max(1, int(lengths[order[s : s + size]].max())) for s in range(0, len(order), size)]
+    before = sum(n * int(m.shape[1]) for n, m in zip(sizes, masks))
+    if sum(min(size, len(order) - i * size) * w for i, w in enumerate(widths)) >= before:
+        return None
+    width = max(int(m.shape[1]) for m in masks)
+    full: dict[str, torch.Tensor] = {}
+    for k in keys:
+        parts = [b[k] for b in batches]
+        if not per_token[k]:
+            full[k] = torch.cat(parts)
+            continue
+        padded = next(((p, m) for p, m in zip(parts, masks) if not bool(m.all())), None)
+        if padded is None:
+            return None  # no padded position to copy a fill value from
+        fill = padded[0][~padded[1]][0]
+        out = fill.new_empty((len(order), width, *fill.shape))
+        out[:] = fill
+        row = 0
+        for p in parts:
+            out[row : row + p.shape[0], : p.shape[1]] = p
+            row += p.shape[0]
+        full[k] = out
+    new = []
+    for i, w in enumerate(widths):
+        idx = order[i * size : (i + 1) * size].to(batches[0][mask_key].device)
+        new.append({k: (v[idx, :w].contiguous() if per_token[k] else v[idx]) for k, v in full.items()})
+    return new, order

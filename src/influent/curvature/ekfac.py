@@ -47,7 +47,7 @@ from influent.curvature.linear_grads import (
     token_mask,
 )
 from influent.errors import UserError
-from influent.task import Batch, Task
+from influent.task import Batch, Task, length_buckets
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 FISHER_TYPES = ("empirical", "true")
@@ -182,6 +182,24 @@ class Factors:
         rot = qs.T @ grads @ qa
         return qs @ (rot * inv) @ qa.T
 
+    def precondition_tokens(self, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """:meth:`precondition` of ``G_q = sum_t g_qt a_qt^T`` given by its token factors.
+
+        ``a`` ``[Q, T, d_in(+1)]`` and ``g`` ``[Q, T, d_out]`` as captured. In the eigenbasis the rotation
+        ``Q_S^T G Q_A = (g Q_S)^T (a Q_A)`` is formed from the tokens when that is cheaper
+        (``T (d_out^2 + d_in^2 + d_out d_in)`` instead of ``d_out d_in (d_out + d_in)`` multiply-adds per
+        gradient: about 6x fewer for a 1536 x 385 layer at T = 64); the rotation back is the same.
+        Same result as ``precondition(name, per_example_grads_from(a, g))`` up to rounding.
+        """
+        t, d_in, d_out = a.shape[1], a.shape[-1], g.shape[-1]
+        from_tokens = t * (d_out * d_out + d_in * d_in + d_out * d_in) < d_out * d_in * (d_out + d_in)
+        if not (self.rotated and from_tokens):
+            return self.precondition(name, per_example_grads_from(a, g))
+        inv = self._inv_scale(name, g)
+        qa, qs = self._t(name, "eigvec_a", a), self._t(name, "eigvec_s", g)
+        rot = per_example_grads_from(a @ qa, g @ qs)
+        return qs @ (rot * inv) @ qa.T
+
     def self_quadratic(self, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``vec(G_i)^T (F_m + d_m I)^-1 vec(G_i)`` per example from activations/output grads ``[B]``."""
         inv = self._inv_scale(name, a)
@@ -292,9 +310,13 @@ def _run_pass(
     folder: Path | None,
     checkpoint_every: int,
     uniforms: torch.Tensor | None,
+    order: torch.Tensor | None,
     progress: bool,
 ) -> dict[str, torch.Tensor]:
     """One forward/backward pass over ``batches`` accumulating sums; resumable via ``folder``.
+
+    ``order``: which input example each example of ``batches`` is when they were re-formed by length
+    (None: as given); saved with a partial checkpoint, which is resumed only for the same order.
 
     ``update(sums, name, a, g, tokens, rows)`` gets each module's activations ``a`` and output gradients
     ``g`` (``[B, T, d]``), the number of counted tokens and ``rows``: the positions of the real tokens in
@@ -307,13 +329,16 @@ def _run_pass(
         return store.read_tensors(done_file)
     sums = init()
     start = 0
+    offsets = np.cumsum([0] + [task.batch_size(b) for b in batches])
+    order = torch.arange(int(offsets[-1])) if order is None else order.cpu()
     if partial is not None and partial.exists():
         saved = store.read_tensors(partial)
-        if set(saved) == set(sums) | {"__batches_done__"}:
+        if set(saved) == set(sums) | {"__batches_done__", "__order__"} and torch.equal(
+            saved.pop("__order__"), order
+        ):
             start = int(saved.pop("__batches_done__").item())
             sums = saved
     device = next(iter(modules.values())).weight.device
-    offsets = np.cumsum([0] + [task.batch_size(b) for b in batches])
     bar = _progress(len(batches), f"fit {config.strategy} ({stage})", progress, initial=start)
     with torch.enable_grad(), LinearCapture(modules) as cap:
         for i in range(start, len(batches)):
@@ -343,7 +368,9 @@ def _run_pass(
                 if k.endswith("::n_examples"):
                     sums[k] += loss.shape[0]
             if partial is not None and ((i + 1) % checkpoint_every == 0) and i + 1 < len(batches):
-                store.write_tensors(partial, {**sums, "__batches_done__": torch.tensor(i + 1)})
+                store.write_tensors(
+                    partial, {**sums, "__batches_done__": torch.tensor(i + 1), "__order__": order}
+                )
             bar.update(1)
     bar.close()
     if done_file is not None:
@@ -368,6 +395,7 @@ def fit_factors(
     checkpoint_every: int = 32,
     progress: bool = True,
     data_id: str | None = None,
+    bucket: bool = True,
 ) -> Factors:
     """Fit (or load from the cache) the factored curvature of ``task``'s training loss.
 
@@ -380,6 +408,9 @@ def fit_factors(
         checkpoint_every: save partial sums every this many batches (resume granularity).
         progress: show a tqdm bar.
         data_id: fingerprint of the training data; default: hash of every tensor in ``batches``.
+        bucket: run the passes over the examples re-formed by length with less padding
+            (:func:`~influent.task.length_buckets`, dict batches with a right-padded ``attention_mask``);
+            the factors are the same up to rounding (sums over examples) and share the cache entry.
 
     Returns:
         :class:`Factors` over ``n = sum of batch sizes`` examples (averages, matching the mean loss).
@@ -405,9 +436,11 @@ def fit_factors(
 
     was_training = model.training
     model.eval()
+    rebatched = length_buckets(batches) if bucket and config.strategy != "identity" else None
+    fit_batches, order = rebatched if rebatched is not None else (batches, None)
     try:
         tensors, damping = _fit(
-            model, task, batches, config, modules, shapes, folder, checkpoint_every, progress, n
+            model, task, fit_batches, config, modules, shapes, folder, checkpoint_every, progress, n, order
         )
     finally:
         model.train(was_training)
@@ -439,7 +472,7 @@ def fit_factors(
     return Factors(config, manifest, tensors)
 
 
-def _fit(model, task, batches, config, modules, shapes, folder, checkpoint_every, progress, n):
+def _fit(model, task, batches, config, modules, shapes, folder, checkpoint_every, progress, n, order):
     strategy = config.strategy
     frac = config.damping_fraction
     tensors: dict[str, torch.Tensor] = {}
@@ -454,6 +487,8 @@ def _fit(model, task, batches, config, modules, shapes, folder, checkpoint_every
     if config.fisher == "true":
         gen = torch.Generator().manual_seed(int(config.seed))
         uniforms = torch.rand(n, generator=gen, dtype=torch.float64)
+        if order is not None:
+            uniforms = uniforms[order.cpu()]  # each example keeps its own sampled label
     common = dict(  # noqa: C408
         model=model,
         task=task,
@@ -463,6 +498,7 @@ def _fit(model, task, batches, config, modules, shapes, folder, checkpoint_every
         folder=folder,
         checkpoint_every=checkpoint_every,
         uniforms=uniforms,
+        order=order,
         progress=progress,
     )
     dtype = next(iter(modules.values())).weight.dtype

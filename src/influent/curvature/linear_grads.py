@@ -216,6 +216,50 @@ def per_example_grads_from(
     return torch.bmm(g.transpose(1, 2), a, out=out)
 
 
+class PerExampleDots:
+    """``<P_q, G_i>`` (``[Q, B]``) of fixed matrices ``P`` ``[Q, d_out, d_in]`` with per-example gradients.
+
+    ``G_i = sum_t g_it a_it^T`` is formed a block of rows (or, for a wide input, columns) at a time, about
+    ``CHUNK`` elements per example, and contracted with the same block of ``P`` while it is still in cache:
+    the same multiply-adds as forming all of ``G`` and then its dot products, without writing and
+    re-reading ``[B, d_out, d_in]`` in memory (1 thread, batch 32, 31 tokens: 36 -> 29 ms on a 1536 x 385
+    layer, 34 -> 32 ms on a 384 x 1537 one, no change on 384 x 385).
+    """
+
+    CHUNK = 32768
+
+    def __init__(self, p: torch.Tensor) -> None:
+        q, d_out, d_in = p.shape
+        self.p = p
+        self.axis = 1 if d_out >= d_in else 2
+        n, other = (d_out, d_in) if self.axis == 1 else (d_in, d_out)
+        size = max(1, self.CHUNK // other)
+        self.spans = [(s, min(n, s + size)) for s in range(0, n, size)]
+        self.blocks = (
+            None
+            if len(self.spans) == 1
+            else [p.narrow(self.axis, s, e - s).reshape(q, -1) for s, e in self.spans]
+        )
+
+    def __call__(self, a: torch.Tensor, g: torch.Tensor, buffers: GradBuffers) -> torch.Tensor:
+        q = self.p.shape[0]
+        if self.blocks is None or a.shape[1] == 1:
+            grads = per_example_grads_from(a, g, buffers)
+            return self.p.reshape(q, -1) @ grads.reshape(grads.shape[0], -1).T
+        b = g.shape[0]
+        gt = g.transpose(1, 2)
+        out = g.new_zeros(q, b)
+        for (s, e), block in zip(self.spans, self.blocks):
+            if self.axis == 1:
+                buf = buffers.get(b, e - s, a.shape[-1], g)
+                torch.bmm(gt[:, s:e], a, out=buf)
+            else:
+                buf = buffers.get(b, g.shape[-1], e - s, g)
+                torch.bmm(gt, a[:, :, s:e], out=buf)
+            out.addmm_(block, buf.reshape(b, -1).T)
+        return out
+
+
 class GradBuffers:
     """Reusable ``[B, d_out, d_in]`` output buffers, one per (shape, dtype, device)."""
 
