@@ -257,8 +257,9 @@ def concealed_md(res: dict, args) -> str:
     examples = "\n".join(
         f"- `{p['start']}` -> `{p['text']}`" for p in run0["poisons"][:3]
     )
-    return "\n".join([head, attack, "", audit, "", removal, "", "Strongest poisons of seed "
-                      f"{run0['seed']} (start -> crafted):\n", examples])
+    intro = f"Strongest poisons of seed {run0['seed']} (start -> crafted):\n"
+    parts = [head, attack, "", audit, "", removal, "", intro, examples]
+    return "\n".join(parts)
 
 
 def per_seed_mean(rows: list[dict], keys: list[str], values: list[str]) -> list[dict]:

@@ -91,9 +91,8 @@ def test_train_save_load_and_influence(tmp_path):
 def test_training_is_seeded(tmp_path):
     enc = tiny_encoder(tmp_path)
     tr_x, tr_y = toy_data(32, 0)
-    kw = dict(
-        encoder=enc, last_k=None, epochs=1, lr=1e-3, batch_size=8, max_length=16, seed=3, progress=False
-    )
+    kw = {"encoder": enc, "last_k": None, "epochs": 1, "lr": 1e-3, "batch_size": 8, "max_length": 16,
+          "seed": 3, "progress": False}
     m1, tok, _ = train_finetuned(tr_x, tr_y, tr_x[:8], tr_y[:8], None, **kw)
     m2, _, _ = train_finetuned(tr_x, tr_y, tr_x[:8], tr_y[:8], None, **kw)
     b = make_batches(tok, tr_x[:8], tr_y[:8], batch_size=8, max_length=16)[0]

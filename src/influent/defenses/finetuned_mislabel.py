@@ -128,7 +128,7 @@ def finetuned_mislabel_experiment(
         fix = torch.as_tensor(top[is_bad[top]], dtype=torch.long)
         fixed[fix] = y[fix]
         row["accuracy_after_fix"] = clf.accuracy(clf.fit(with_labels(fixed))[0], eval_batch)
-        row["fixed"] = int(len(fix))
+        row["fixed"] = len(fix)
         rankers[name] = row
     times["fix_and_retrain"] = time.perf_counter() - t
     return {
