@@ -383,39 +383,14 @@ def main(argv=None) -> int:
             )
             results["mislabel_finetuned"] = res
             save()
-        metrics = ["auroc", "auprc", "recall@5%", "recall@10%", "recall@20%", "recall@30%", "accuracy_after_fix"]
-        summ = summarise(ranker_rows(res, metrics), ["ranker"], metrics)
-        accs = summarise(
-            [{"k": 0, "clean": r["accuracy_clean_model"], "noisy": r["accuracy_noisy_model"]} for r in res],
-            ["k"],
-            ["clean", "noisy"],
-        )[0]
         md += [
             "## Mislabel audit (fine-tuned classifier, EK-FAC)\n",
             (
-                f"{args.ft_train_size}-review slice, 10% flipped, last {args.ft_last_k} layer(s) + pooler + head, "
-                f"{args.ft_epochs} epochs (seeded AdamW on cached prefix hidden states), {len(res)} seed(s). "
-                f"Evaluation accuracy: never-noised model {fmt(accs['clean_mean'], accs['clean_sd'])}, "
-                f"noisy model {fmt(accs['noisy_mean'], accs['noisy_sd'])} (%); the last column restores the "
-                "flipped labels among the ranker's top 10% and fine-tunes again.\n"
+                f"Last {args.ft_last_k} layer(s) + pooler + head, {args.ft_epochs} epochs (seeded AdamW on cached "
+                "prefix hidden states); the last column restores the flipped labels among the ranker's top 10% "
+                "and fine-tunes again.\n"
             ),
-            table(
-                [
-                    "ranker",
-                    "AUROC",
-                    "AUPRC",
-                    "recall@5% (%)",
-                    "recall@10% (%)",
-                    "recall@20% (%)",
-                    "recall@30% (%)",
-                    "eval acc. after fixing top 10% (%)",
-                ],
-                [
-                    [r["ranker"]]
-                    + [fmt(r[f"{m}_mean"], r[f"{m}_sd"], pct=m not in ("auroc", "auprc")) for m in metrics]
-                    for r in sorted(summ, key=lambda r: -r["recall@10%_mean"])
-                ],
-            ),
+            mislabel_md(res),
             "",
         ]
         save()
