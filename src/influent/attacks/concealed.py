@@ -210,6 +210,7 @@ class PoisonSearch:
     start_alignment: list[float]
     flips: int
     seconds: float
+    banned_count: int = 0
     history: list[dict] = field(default_factory=list)
 
 
@@ -317,5 +318,6 @@ def craft_poisons(
         start_alignment=[float(start_j[i]) for i in order],
         flips=flips,
         seconds=time.perf_counter() - t0,
+        banned_count=len(banned),
         history=history,
     )

@@ -34,7 +34,6 @@ import torch
 from influent.attacks.concealed import (
     DEFAULT_SIZES,
     Alignment,
-    banned_token_ids,
     contains_trigger,
     craft_poisons,
 )
@@ -46,10 +45,10 @@ AUDIT_FRACTIONS = (0.01, 0.05, 0.10, 0.30)
 
 
 def _batches(batch: dict, size: int = 64) -> list[dict]:
-    from influent.task import slice_batch
+    """``batch`` in row chunks of ``size`` (:func:`~influent.task.iter_chunks`)."""
+    from influent.task import iter_chunks
 
-    n = int(batch["attention_mask"].shape[0])
-    return [slice_batch(batch, slice(s, s + size)) for s in range(0, n, size)]
+    return [b for _, b in iter_chunks(batch, int(batch["attention_mask"].shape[0]), size)]
 
 
 def concealed_seed(
@@ -276,14 +275,13 @@ def concealed_seed(
         )
     times["removal"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
-    banned = banned_token_ids(tok, trigger)
     return {
         "seed": seed,
         "n_train": n,
         "source": names[src],
         "target": names[tgt],
         "trigger": trigger,
-        "banned_token_count": len(banned),
+        "banned_token_count": search.banned_count,
         "train_grad_norm_clean": info_c.get("grad_norm"),
         "rows": rows,
         "audit": audit,

@@ -57,7 +57,7 @@ def finetuned_mislabel_experiment(
     from influent.curvature.ekfac import FactorConfig, fit_factors
     from influent.factored_influence import self_scores
     from influent.models.suffix_classifier import SuffixClassifier
-    from influent.task import slice_batch
+    from influent.task import iter_chunks, slice_batch
 
     y = torch.as_tensor(labels, dtype=torch.long)
     k = int(y.max()) + 1
@@ -84,7 +84,7 @@ def finetuned_mislabel_experiment(
     acc_clean = clf.accuracy(clf.fit(with_labels(y))[0], eval_batch)
 
     model, task = clf.load_suffix(theta_noisy), clf.task
-    chunks = [slice_batch(batch, slice(s, s + 64)) for s in range(0, n, 64)]
+    chunks = [c for _, c in iter_chunks(batch, n, 64)]
     with torch.no_grad():
         loss = torch.cat([task.per_example_loss(model, c) for c in chunks]).double().numpy()
     t = time.perf_counter()

@@ -39,7 +39,7 @@ from influent.evaluation.retrain import MinibatchTrainer
 from influent.evaluation.validate import _plots, _stratified, _write, select_examples
 from influent.gradients import ParameterSpace, full_gradient
 from influent.store import fingerprint, read_tensors, write_json, write_tensors
-from influent.task import slice_batch
+from influent.task import iter_chunks, slice_batch
 
 
 def trainable_module_regex(model: torch.nn.Module) -> str:
@@ -215,13 +215,13 @@ def validate_finetuned(
             torch.cat(
                 [
                     task.model_output(model, b).argmax(-1) == b["labels"]
-                    for b in (slice_batch(heldout_batch, slice(s, s + 128)) for s in range(0, len(heldout_rows), 128))
+                    for _, b in iter_chunks(heldout_batch, len(heldout_rows), 128)
                 ]
             ).double().mean()
         ) if len(heldout_rows) else float("nan")
 
     # ---- scores per strategy
-    chunks = [slice_batch(train_batch, slice(s, s + 64)) for s in range(0, n, 64)]
+    chunks = [c for _, c in iter_chunks(train_batch, n, 64)]
     regex = trainable_module_regex(model)
     scores: dict[str, np.ndarray] = {}
     dampings: dict[str, float] = {}

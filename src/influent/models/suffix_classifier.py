@@ -105,13 +105,11 @@ class SuffixClassifier:
     @torch.no_grad()
     def logits(self, theta: torch.Tensor, batch: dict, chunk: int = 256) -> torch.Tensor:
         """Logits ``[B, K]`` of the classifier with parameters ``theta`` (eval mode)."""
-        from influent.task import slice_batch
+        from influent.task import iter_chunks
 
         self._fit_space.load(theta)
         n = int(batch["attention_mask"].shape[0])
-        return torch.cat(
-            [self.task.model_output(self.fit_model, slice_batch(batch, slice(s, s + chunk))) for s in range(0, n, chunk)]
-        )
+        return torch.cat([self.task.model_output(self.fit_model, b) for _, b in iter_chunks(batch, n, chunk)])
 
     def predict(self, theta: torch.Tensor, batch: dict) -> torch.Tensor:
         return self.logits(theta, batch).argmax(-1)
