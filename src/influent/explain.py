@@ -136,6 +136,8 @@ def explain_finetuned(
     damping: float | None = None,
     query_rank: int | None = None,
     seed: int = 0,
+    train_cache: bool = False,
+    train_cache_max_bytes: int | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Explain predictions of the fine-tuned classifier with factored curvature (fitted once, cached).
@@ -148,8 +150,11 @@ def explain_finetuned(
         fisher: ``empirical`` or ``true`` (labels sampled from the model).
         damping: absolute damping, or None for 0.1 x the mean eigenvalue per module.
         query_rank: optional low-rank compression of preconditioned query gradients.
+        train_cache: keep the training token factors beside the model (:mod:`influent.curvature.token_cache`)
+            so later calls skip the training passes; ``train_cache_max_bytes`` caps its size (None: 16 GiB).
     """
     from influent.curvature.ekfac import FactorConfig
+    from influent.curvature.token_cache import DEFAULT_MAX_BYTES
     from influent.factored_influence import explain as factored_explain
     from influent.models.finetuned import FinetunedTask
 
@@ -164,7 +169,8 @@ def explain_finetuned(
     config = FactorConfig(strategy=strategy, modules=modules, fisher=fisher, damping=damping, seed=seed)
     scores, _ = factored_explain(
         setup.model, task, setup.batches(setup.train_idx), setup.text_batches(texts, explained), config,
-        cache_dir=setup.folder, query_rank=query_rank, progress=progress,
+        cache_dir=setup.folder, query_rank=query_rank, progress=progress, train_cache=train_cache,
+        train_cache_max_bytes=train_cache_max_bytes or DEFAULT_MAX_BYTES,
     )
     ids = [setup.corpus.ids[i] for i in setup.train_idx]
     train_texts = [setup.corpus.texts[i] for i in setup.train_idx]

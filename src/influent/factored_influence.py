@@ -11,6 +11,12 @@ streamed batch by batch, their per-example gradients formed per module from acti
 gradients and contracted with all queries at once, so no full parameter vector per example exists.
 With ``query_rank=r`` each preconditioned query gradient is replaced by its rank-r SVD truncation and
 training gradients are never formed (cost per token ``Q * r * (d_in + d_out)``).
+
+With ``train_cache=DIR`` the training examples' token factors are kept on disk in the factors' eigenbasis
+(:mod:`influent.curvature.token_cache`, about 4 MB per snippet for MiniLM): the first call (or the EK-FAC
+fit, :func:`fit_factors` with the same ``train_cache``) writes them, and later query sets are scored from
+them with the queries kept in the eigenbasis, so no forward or backward pass over the training data runs
+and the preconditioned queries are not rotated back. Same scores up to rounding.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from influent.curvature.ekfac import (
     Factors,
     _progress,
     fit_factors,
+    tensor_fingerprint,
     to_device,
     token_mask,
 )
@@ -36,6 +43,7 @@ from influent.curvature.linear_grads import (
     per_example_grads_from,
     select_linear_modules,
 )
+from influent.curvature.token_cache import DEFAULT_MAX_BYTES, TrainTokenCache, open_cache
 from influent.errors import UserError
 from influent.task import Batch, Task, length_buckets
 
@@ -73,14 +81,16 @@ def query_gradients(
 
 
 def preconditioned_query_gradients(
-    model: nn.Module, task: Task, factors: Factors, query_batches: Sequence[Batch]
+    model: nn.Module, task: Task, factors: Factors, query_batches: Sequence[Batch], *, in_basis: bool = False
 ) -> dict[str, torch.Tensor]:
     """``(F_m + d_m)^-1 g_query`` per module, ``[Q, d_out, d_in(+1)]``.
 
     Rotated into the eigenbasis from the query's token factors (:meth:`Factors.precondition_tokens`),
-    without forming the gradient first where that is cheaper.
+    without forming the gradient first where that is cheaper. ``in_basis``: left in the eigenbasis
+    (:meth:`Factors.precondition_tokens_in_basis`), for training gradients in that basis.
     """
-    return _per_query(model, task, factors, query_batches, True, factors.precondition_tokens)
+    reduce = factors.precondition_tokens_in_basis if in_basis else factors.precondition_tokens
+    return _per_query(model, task, factors, query_batches, True, reduce)
 
 
 def _per_query(model, task, factors, query_batches, measurement: bool, reduce) -> dict[str, torch.Tensor]:
@@ -127,6 +137,8 @@ def pairwise_scores(
     query_rank: int | None = None,
     progress: bool = True,
     bucket: bool = True,
+    train_cache: str | Path | None = None,
+    train_cache_max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> torch.Tensor:
     """Scores ``[Q, N]``: ``g_query^T (F + damping)^-1 g_train`` (positive = proponent; float64).
 
@@ -140,12 +152,16 @@ def pairwise_scores(
         bucket: re-form dict batches with a right-padded ``attention_mask`` into batches of similar
             length with less padding (:func:`~influent.task.length_buckets`) for the passes; the
             scores come back in the order of ``train_batches`` and are the same up to rounding.
+        train_cache: folder of the training token cache (:mod:`influent.curvature.token_cache`): read
+            what is there, compute and write the rest; None: no cache.
+        train_cache_max_bytes: do not write a cache estimated larger than this (None: no limit).
     """
     if query_rank is not None and query_rank < 1:
         raise UserError(f"--query-rank must be >= 1, got {query_rank}")
     modules = _modules(model, factors)
     device = next(iter(modules.values())).weight.device
-    pre = preconditioned_query_gradients(model, task, factors, query_batches)
+    plan = _plan(task, factors, modules, train_batches, bucket, train_cache, train_cache_max_bytes)
+    pre = preconditioned_query_gradients(model, task, factors, query_batches, in_basis=plan.cache is not None)
     lowrank = {n: _low_rank(p, query_rank) for n, p in pre.items()} if query_rank else None
     n_q = next(iter(pre.values())).shape[0]
     dots = None if lowrank is not None else {n: PerExampleDots(p) for n, p in pre.items()}
@@ -164,9 +180,7 @@ def pairwise_scores(
                     block += dots[name](a, g, buffers).double()
         return block
 
-    return _score_training_examples(
-        model, task, modules, train_batches, score_batch, "pairwise scores", progress, bucket
-    )
+    return _score_training_examples(model, task, factors, modules, plan, score_batch, "pairwise scores", progress)
 
 
 def self_scores(
@@ -177,57 +191,85 @@ def self_scores(
     *,
     progress: bool = True,
     bucket: bool = True,
+    train_cache: str | Path | None = None,
+    train_cache_max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> torch.Tensor:
     """Self-influence ``g_i^T (F + damping)^-1 g_i`` per training example, ``[N]`` float64 (>= 0).
 
-    ``bucket``: as in :func:`pairwise_scores`.
+    ``bucket``, ``train_cache``, ``train_cache_max_bytes``: as in :func:`pairwise_scores`.
     """
     modules = _modules(model, factors)
     device = next(iter(modules.values())).weight.device
+    plan = _plan(task, factors, modules, train_batches, bucket, train_cache, train_cache_max_bytes)
+    in_basis = plan.cache is not None
 
     def score_batch(size, captured):
         acc = torch.zeros(size, dtype=torch.float64, device=device)
         for name, a, g in captured:
             with torch.no_grad():
-                acc += factors.self_quadratic(name, a, g).double()
+                acc += factors.self_quadratic(name, a, g, in_basis=in_basis).double()
         return acc
 
-    return _score_training_examples(
-        model, task, modules, train_batches, score_batch, "self scores", progress, bucket
-    )
+    return _score_training_examples(model, task, factors, modules, plan, score_batch, "self scores", progress)
 
 
-def _score_training_examples(
-    model, task, modules, train_batches, score_batch, desc: str, progress: bool, bucket: bool
-) -> torch.Tensor:
-    """``score_batch(batch size, captured)`` (scores ``[..., B]``) over the training batches, concatenated
-    along the last axis in the order of ``train_batches``.
+class _Plan:
+    """The batches the scoring passes run over, the order that restores the input's, and the token cache."""
 
-    With ``bucket`` the examples are first re-formed by length (:func:`~influent.task.length_buckets`,
-    when the batches allow it) and their scores put back in the input order afterwards.
-    """
+    def __init__(self, batches, order, cache: TrainTokenCache | None):
+        self.batches, self.order, self.cache = batches, order, cache
+
+
+def _plan(task, factors, modules, train_batches, bucket, train_cache, max_bytes) -> _Plan:
     rebatched = length_buckets(train_batches) if bucket else None
-    batches, order = rebatched if rebatched is not None else (train_batches, None)
-    scores = torch.cat(
-        [
-            score_batch(size, captured).cpu()
-            for size, captured in _training_passes(model, task, modules, batches, desc, progress)
-        ],
-        dim=-1,
+    batches, order = rebatched if rebatched is not None else (list(train_batches), None)
+    cache = open_cache(
+        train_cache,
+        task=task,
+        factors_key=factors_key(factors),
+        modules=modules,
+        train_batches=train_batches,
+        pass_batches=batches,
+        bucket=bucket,
+        max_bytes=max_bytes,
     )
-    if order is not None:
+    return _Plan(batches, order, cache)
+
+
+def factors_key(factors: Factors) -> str:
+    """The factors' cache key (from :func:`fit_factors`), or a fingerprint of their tensors."""
+    key = factors.manifest.get("key")
+    if key:
+        return str(key)
+    return tensor_fingerprint([factors.tensors[k] for k in sorted(factors.tensors)]) + str(factors.damping)
+
+
+def _score_training_examples(model, task, factors, modules, plan, score_batch, desc: str, progress: bool):
+    """``score_batch(batch size, captured)`` (scores ``[..., B]``) over ``plan``'s batches, concatenated
+    along the last axis and put back in the order of the input training batches.
+
+    With a token cache, ``captured`` is in the factors' basis (:meth:`Factors.rotate_captured`).
+    """
+    passes = _training_passes(model, task, modules, plan.batches, desc, progress, plan.cache, factors)
+    scores = torch.cat([score_batch(size, captured).cpu() for size, captured in passes], dim=-1)
+    if plan.order is not None:
         restored = torch.empty_like(scores)
-        restored[..., order] = scores
+        restored[..., plan.order] = scores
         scores = restored
     _check_scores(scores)
     return scores
 
 
-def _training_passes(model, task, modules, train_batches, desc: str, progress: bool):
+def _training_passes(
+    model, task, modules, train_batches, desc: str, progress: bool, cache: TrainTokenCache | None = None,
+    factors: Factors | None = None,
+):
     """Per training batch, ``(batch size, captured (name, activations, output grads))`` in eval mode.
 
     One forward + backward pass per batch through :class:`LinearCapture`, padding masked; the model's
-    train/eval mode is restored afterwards.
+    train/eval mode is restored afterwards. With ``cache``: a batch found there is read instead (no
+    pass); the others are rotated into ``factors``' basis and written, so every yielded batch is in
+    that basis.
     """
     device = next(iter(modules.values())).weight.device
     was_training = model.training
@@ -235,11 +277,21 @@ def _training_passes(model, task, modules, train_batches, desc: str, progress: b
     bar = _progress(len(train_batches), desc, progress)
     try:
         with torch.enable_grad(), LinearCapture(modules) as cap:
-            for batch in train_batches:
-                batch = to_device(batch, device)
-                cap.set_mask(token_mask(task, batch))
-                loss = task.per_example_loss(model, batch)
-                yield loss.shape[0], cap.backward(loss)
+            for index, batch in enumerate(train_batches):
+                size = task.batch_size(batch)
+                captured = cache.read(index, size) if cache is not None else None
+                if captured is not None:
+                    captured = [(n, a.to(device), g.to(device)) for n, a, g in captured]
+                else:
+                    batch = to_device(batch, device)
+                    cap.set_mask(token_mask(task, batch))
+                    loss = task.per_example_loss(model, batch)
+                    captured = cap.backward(loss)
+                    if cache is not None:
+                        with torch.no_grad():
+                            captured = factors.rotate_captured(captured)
+                        cache.write(index, captured)
+                yield size, captured
                 bar.update(1)
     finally:
         bar.close()
@@ -268,12 +320,23 @@ def explain(
     *,
     cache_dir: str | Path | None = None,
     query_rank: int | None = None,
+    train_cache: bool = False,
+    train_cache_max_bytes: int | None = DEFAULT_MAX_BYTES,
     progress: bool = True,
 ) -> tuple[torch.Tensor, Factors]:
-    """Fit (or load) factors, then pairwise scores ``[Q, N]``; a convenience for the CLI."""
+    """Fit (or load) factors, then pairwise scores ``[Q, N]``; a convenience for the CLI.
+
+    ``train_cache``: keep the training token factors under ``cache_dir`` (written by the EK-FAC fit with
+    the empirical Fisher, else by the first scoring), so that later calls skip the training passes.
+    """
     config = config or FactorConfig()
-    factors = fit_factors(model, task, train_batches, config, cache_dir=cache_dir, progress=progress)
+    tokens = cache_dir if train_cache else None
+    factors = fit_factors(
+        model, task, train_batches, config, cache_dir=cache_dir, progress=progress,
+        train_cache=tokens, train_cache_max_bytes=train_cache_max_bytes,
+    )
     scores = pairwise_scores(
-        model, task, factors, query_batches, train_batches, query_rank=query_rank, progress=progress
+        model, task, factors, query_batches, train_batches, query_rank=query_rank, progress=progress,
+        train_cache=tokens, train_cache_max_bytes=train_cache_max_bytes,
     )
     return scores, factors

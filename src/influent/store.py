@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -56,6 +57,13 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Load the tensors of a safetensors file (on CPU)."""
     return load_file(str(path))
+
+
+def read_tensors_with_metadata(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata (each value JSON-decoded) of a file written by :func:`write_tensors`."""
+    with safe_open(str(path), framework="pt") as fh:
+        meta = {k: json.loads(v) for k, v in (fh.metadata() or {}).items()}
+        return {k: fh.get_tensor(k) for k in fh.keys()}, meta  # noqa: SIM118 - safe_open has no iterator
 
 
 def fingerprint(*parts: Any, length: int = 16) -> str:

@@ -46,6 +46,7 @@ from influent.curvature.linear_grads import (
     select_linear_modules,
     token_mask,
 )
+from influent.curvature.token_cache import DEFAULT_MAX_BYTES, open_cache
 from influent.errors import UserError
 from influent.task import Batch, Task, length_buckets
 
@@ -182,30 +183,76 @@ class Factors:
         rot = qs.T @ grads @ qa
         return qs @ (rot * inv) @ qa.T
 
+    def rotate_tokens(self, name: str, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token factors in the module's eigenbasis, ``(a Q_A, g Q_S)``; unchanged for diagonal / identity.
+
+        The per-example gradient formed from them is ``Q_S^T G_i Q_A``, the gradient in the basis in which
+        the curvature is diagonal (the one :meth:`precondition_tokens_in_basis` returns queries in).
+        """
+        if not self.rotated:
+            return a, g
+        return a @ self._t(name, "eigvec_a", a), g @ self._t(name, "eigvec_s", g)
+
+    def rotate_captured(self, captured: list) -> list:
+        """:meth:`rotate_tokens` of each captured ``(name, a, g)``; activations shared by consecutive modules
+        (query / key / value) in the same basis are rotated once and stay shared (the same tensor)."""
+        if not self.rotated:
+            return captured
+        out = []
+        prev = None  # (captured a, its basis, rotated a)
+        for name, a, g in captured:
+            qa = self._t(name, "eigvec_a", a)
+            if prev is not None and prev[0] is a and (prev[1] is qa or torch.equal(prev[1], qa)):
+                ar = prev[2]
+            else:
+                ar = a @ qa
+                prev = (a, qa, ar)
+            out.append((name, ar, g @ self._t(name, "eigvec_s", g)))
+        return out
+
+    def precondition_tokens_in_basis(self, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``Q_S^T (F_m + d_m I)^-1 G_q Q_A`` (``[Q, d_out, d_in(+1)]``) of ``G_q = sum_t g_qt a_qt^T``.
+
+        The preconditioned query gradient in the eigenbasis: its dot product with a training gradient in
+        the same basis (formed from :meth:`rotate_tokens`) is the score, without rotating it back. For
+        diagonal / identity the basis is the parameters' own and this is :meth:`precondition`. The
+        rotation is formed from the tokens, ``(g Q_S)^T (a Q_A)``, or from the formed gradient,
+        whichever takes fewer multiply-adds (``T (d_out^2 + d_in^2 + d_out d_in)`` against
+        ``d_out d_in (d_out + d_in)`` per gradient: about 6x fewer for a 1536 x 385 layer at T = 64).
+        """
+        inv = self._inv_scale(name, g)
+        if not self.rotated:
+            return per_example_grads_from(a, g) * inv
+        t, d_in, d_out = a.shape[1], a.shape[-1], g.shape[-1]
+        if t * (d_out * d_out + d_in * d_in + d_out * d_in) < d_out * d_in * (d_out + d_in):
+            rot = per_example_grads_from(*self.rotate_tokens(name, a, g))
+        else:
+            qa, qs = self._t(name, "eigvec_a", a), self._t(name, "eigvec_s", g)
+            rot = qs.T @ per_example_grads_from(a, g) @ qa
+        return rot * inv
+
     def precondition_tokens(self, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """:meth:`precondition` of ``G_q = sum_t g_qt a_qt^T`` given by its token factors.
 
-        ``a`` ``[Q, T, d_in(+1)]`` and ``g`` ``[Q, T, d_out]`` as captured. In the eigenbasis the rotation
-        ``Q_S^T G Q_A = (g Q_S)^T (a Q_A)`` is formed from the tokens when that is cheaper
-        (``T (d_out^2 + d_in^2 + d_out d_in)`` instead of ``d_out d_in (d_out + d_in)`` multiply-adds per
-        gradient: about 6x fewer for a 1536 x 385 layer at T = 64); the rotation back is the same.
-        Same result as ``precondition(name, per_example_grads_from(a, g))`` up to rounding.
+        ``a`` ``[Q, T, d_in(+1)]`` and ``g`` ``[Q, T, d_out]`` as captured;
+        :meth:`precondition_tokens_in_basis` rotated back, ``Q_S M Q_A^T``. Same result as
+        ``precondition(name, per_example_grads_from(a, g))`` up to rounding.
         """
-        t, d_in, d_out = a.shape[1], a.shape[-1], g.shape[-1]
-        from_tokens = t * (d_out * d_out + d_in * d_in + d_out * d_in) < d_out * d_in * (d_out + d_in)
-        if not (self.rotated and from_tokens):
-            return self.precondition(name, per_example_grads_from(a, g))
-        inv = self._inv_scale(name, g)
-        qa, qs = self._t(name, "eigvec_a", a), self._t(name, "eigvec_s", g)
-        rot = per_example_grads_from(a @ qa, g @ qs)
-        return qs @ (rot * inv) @ qa.T
+        m = self.precondition_tokens_in_basis(name, a, g)
+        if not self.rotated:
+            return m
+        return self._t(name, "eigvec_s", g) @ m @ self._t(name, "eigvec_a", a).T
 
-    def self_quadratic(self, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """``vec(G_i)^T (F_m + d_m I)^-1 vec(G_i)`` per example from activations/output grads ``[B]``."""
+    def self_quadratic(
+        self, name: str, a: torch.Tensor, g: torch.Tensor, *, in_basis: bool = False
+    ) -> torch.Tensor:
+        """``vec(G_i)^T (F_m + d_m I)^-1 vec(G_i)`` per example from activations/output grads ``[B]``.
+
+        ``in_basis``: ``a`` and ``g`` are already :meth:`rotate_tokens` of the captured ones.
+        """
         inv = self._inv_scale(name, a)
-        if self.rotated:
-            a = a @ self._t(name, "eigvec_a", a)
-            g = g @ self._t(name, "eigvec_s", g)
+        if not in_basis:
+            a, g = self.rotate_tokens(name, a, g)
         if a.shape[1] == 1:
             g2, a2 = g[:, 0].square(), a[:, 0].square()
             if inv.dim() == 0:
@@ -312,6 +359,7 @@ def _run_pass(
     uniforms: torch.Tensor | None,
     order: torch.Tensor | None,
     progress: bool,
+    after_batch: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One forward/backward pass over ``batches`` accumulating sums; resumable via ``folder``.
 
@@ -321,7 +369,8 @@ def _run_pass(
     ``update(sums, name, a, g, tokens, rows)`` gets each module's activations ``a`` and output gradients
     ``g`` (``[B, T, d]``), the number of counted tokens and ``rows``: the positions of the real tokens in
     the flattened ``[B * T]`` axis (``None`` when every position counts), so that products over tokens
-    can skip the padding (half of the positions of a batch of short snippets).
+    can skip the padding (half of the positions of a batch of short snippets). ``after_batch(i)`` runs
+    after the updates of batch ``i``.
     """
     partial = folder / f"partial-{stage}.safetensors" if folder else None
     done_file = folder / f"stage-{stage}.safetensors" if folder else None
@@ -364,6 +413,8 @@ def _run_pass(
                     rows = real_rows
                 with torch.no_grad():
                     update(sums, name, a, g, tokens, rows)
+            if after_batch is not None:
+                after_batch(i)
             for k in list(sums):
                 if k.endswith("::n_examples"):
                     sums[k] += loss.shape[0]
@@ -396,6 +447,8 @@ def fit_factors(
     progress: bool = True,
     data_id: str | None = None,
     bucket: bool = True,
+    train_cache: str | Path | None = None,
+    train_cache_max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> Factors:
     """Fit (or load from the cache) the factored curvature of ``task``'s training loss.
 
@@ -411,6 +464,12 @@ def fit_factors(
         bucket: run the passes over the examples re-formed by length with less padding
             (:func:`~influent.task.length_buckets`, dict batches with a right-padded ``attention_mask``);
             the factors are the same up to rounding (sums over examples) and share the cache entry.
+        train_cache: folder of the training token cache (:mod:`influent.curvature.token_cache`). An
+            EK-FAC fit with the empirical Fisher computes, in its eigenvalue pass, exactly the rotated
+            token factors that scoring ``batches`` needs and writes them there, so that
+            ``pairwise_scores(..., train_batches=batches, train_cache=...)`` runs no pass over them.
+            Other fits write nothing (the first scoring does). None: no token cache.
+        train_cache_max_bytes: do not write a token cache estimated larger than this (None: no limit).
 
     Returns:
         :class:`Factors` over ``n = sum of batch sizes`` examples (averages, matching the mean loss).
@@ -438,9 +497,23 @@ def fit_factors(
     model.eval()
     rebatched = length_buckets(batches) if bucket and config.strategy != "identity" else None
     fit_batches, order = rebatched if rebatched is not None else (batches, None)
+    tokens = None
+    if train_cache is not None and config.strategy == "ekfac" and config.fisher == "empirical":
+        tokens = open_cache(
+            train_cache,
+            task=task,
+            factors_key=key,
+            modules=modules,
+            train_batches=batches,
+            pass_batches=fit_batches,
+            bucket=bucket,
+            max_bytes=train_cache_max_bytes,
+            train_fingerprint=data_fp if data_id is None else None,
+        )
     try:
         tensors, damping = _fit(
-            model, task, fit_batches, config, modules, shapes, folder, checkpoint_every, progress, n, order
+            model, task, fit_batches, config, modules, shapes, folder, checkpoint_every, progress, n, order,
+            tokens,
         )
     finally:
         model.train(was_training)
@@ -472,7 +545,7 @@ def fit_factors(
     return Factors(config, manifest, tensors)
 
 
-def _fit(model, task, batches, config, modules, shapes, folder, checkpoint_every, progress, n, order):
+def _fit(model, task, batches, config, modules, shapes, folder, checkpoint_every, progress, n, order, tokens):
     strategy = config.strategy
     frac = config.damping_fraction
     tensors: dict[str, torch.Tensor] = {}
@@ -612,13 +685,22 @@ def _fit(model, task, batches, config, modules, shapes, folder, checkpoint_every
             ar = _rotate_rows(a, qa, rows)
             rotated.update(a=a, qa=qa, ar=ar)
         gr = _rotate_rows(g, rot(name, "eigvec_s", g), rows)
+        if tokens is not None:
+            batch_tokens.append((name, ar, gr))
         if ar.shape[1] == 1:
             lam = (gr[:, 0] ** 2).T @ (ar[:, 0] ** 2)
         else:
             lam = per_example_grads_from(ar, gr, buffers).square_().sum(0)
         sums[f"{name}::lambda_sum"] += lam.to(device="cpu", dtype=torch.float64)
 
-    sums = _run_pass(stage="lambda", init=init_lam, update=update_lam, **common)
+    batch_tokens: list = []  # this batch's rotated (name, a, g), for the training token cache
+
+    def write_tokens(index: int) -> None:
+        if tokens is not None:
+            tokens.write(index, batch_tokens)
+        batch_tokens.clear()
+
+    sums = _run_pass(stage="lambda", init=init_lam, update=update_lam, after_batch=write_tokens, **common)
     for name in modules:
         lam = sums[f"{name}::lambda_sum"] / sums[f"{name}::n_examples"].clamp_min(1)
         _check_finite(lam, name)
