@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -213,11 +214,12 @@ def self_scores(
     return _score_training_examples(model, task, factors, modules, plan, score_batch, "self scores", progress)
 
 
-class _Plan:
+class _Plan(NamedTuple):
     """The batches the scoring passes run over, the order that restores the input's, and the token cache."""
 
-    def __init__(self, batches, order, cache: TrainTokenCache | None):
-        self.batches, self.order, self.cache = batches, order, cache
+    batches: list
+    order: torch.Tensor | None
+    cache: TrainTokenCache | None
 
 
 def _plan(task, factors, modules, train_batches, bucket, train_cache, max_bytes) -> _Plan:
