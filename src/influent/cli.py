@@ -134,6 +134,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise UserError(f"--top must be at least 1, got {args.top}")
     if args.text is not None and not args.text.strip():
         raise UserError("--text is empty")
+    cache_max_bytes = _gib_to_bytes(args.train_cache_max_gb) if args.model == "finetuned" else None
     setup = _finetuned_setup(args) if args.model == "finetuned" else _head_setup(args)
     names = setup.corpus.label_names
     label = None
@@ -153,7 +154,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         result = explain_finetuned(
             setup, [Query(text, None, label, gold)], top=args.top, strategy=args.strategy, modules=args.modules,
             fisher=args.fisher, damping=args.damping, query_rank=args.query_rank, seed=args.seed,
-            train_cache=args.train_cache, train_cache_max_bytes=_gib_to_bytes(args.train_cache_max_gb),
+            train_cache=args.train_cache, train_cache_max_bytes=cache_max_bytes,
             progress=not args.quiet,
         )[0]
     else:
