@@ -36,7 +36,7 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 from torch import nn
 
-from influent.influence import InfluenceEngine, SolverOptions
+from influent.influence import ExactInfluence, SolverOptions
 from influent.models.head import HeadTask, LogisticHead, fit_newton, train_head
 from influent.task import Batch, Task
 
@@ -117,7 +117,7 @@ def loo_comparison(
     order = ["exact"] + [s for s in solvers if s != "exact"]
     predicted, per_solver, s_tests = {}, {}, {}
     for name in order:
-        eng = InfluenceEngine(model, task, (x, y), solver=name, options=options)
+        eng = ExactInfluence(model, task, (x, y), solver=name, options=options)
         start = time.perf_counter()
         scores = eng.pairwise_scores(queries)  # [Q, n]
         sol = eng.last_solution

@@ -10,7 +10,7 @@ from scipy.stats import pearsonr, spearmanr
 from influent.curvature.exact import HessianOperator, exact_hessian, gauss_newton
 from influent.curvature.solvers import DirectSolver, NumericalError, conjugate_gradient, lissa
 from influent.gradients import ParameterSpace
-from influent.influence import InfluenceEngine, SolverOptions
+from influent.influence import ExactInfluence, SolverOptions
 from influent.models.head import HeadTask, LogisticHead, fit_newton, train_head
 
 
@@ -68,7 +68,7 @@ def test_cg_and_lissa_match_direct_solve_and_report_residuals():
     print(f"CG iterations {cg.iterations} residual {cg.residual:.2e}; LiSSA residual {li.residual:.2e} cos {cos_lissa:.5f}")
     assert cos_lissa >= 0.99
     # Stochastic LiSSA on minibatches still lands close.
-    engine = InfluenceEngine(
+    engine = ExactInfluence(
         model, task, (x, y), solver="lissa",
         options=SolverOptions(lissa_depth=400, lissa_repeats=2, lissa_batch_size=100, seed=3),
     )
@@ -87,7 +87,7 @@ def test_direct_solver_rejects_indefinite_matrix_and_damping_fixes_it():
 def test_self_scores_equal_pairwise_diagonal_and_params_influence_matches_definition():
     x, y = make_data(n=120)
     model, task, _ = train_head(x, y, 2, l2=1e-2)
-    eng = InfluenceEngine(model, task, (x, y))
+    eng = ExactInfluence(model, task, (x, y))
     pair = eng.pairwise_scores((x[:10], y[:10]))
     assert torch.allclose(eng.self_scores()[:10], pair.diagonal(), atol=1e-10)
     assert (eng.self_scores() >= 0).all()
@@ -99,7 +99,7 @@ def test_self_scores_equal_pairwise_diagonal_and_params_influence_matches_defini
 def test_pert_influence_matches_finite_difference_of_retrained_query_loss():
     x, y = make_data(n=80, d=4)
     model, task, _ = train_head(x, y, 2, l2=5e-2)
-    eng = InfluenceEngine(model, task, (x, y))
+    eng = ExactInfluence(model, task, (x, y))
     q = (x[:1] + 0.3, y[:1])
     t = 7
     ipert = eng.pert_influence(q, (x[t : t + 1], y[t : t + 1]))[0, 0]  # [d]
@@ -118,7 +118,7 @@ def test_pert_influence_matches_finite_difference_of_retrained_query_loss():
 def test_influence_predicts_leave_one_out_retraining():
     x, y = make_data(n=400, d=5)
     model, task, _ = train_head(x, y, 2, l2=1e-2)
-    eng = InfluenceEngine(model, task, (x, y))
+    eng = ExactInfluence(model, task, (x, y))
     queries = (x[:3] * 1.5, y[:3])
     scores = eng.loss_change(eng.pairwise_scores(queries))
     base = task.per_example_loss(model, queries).detach()
@@ -148,7 +148,7 @@ def test_scores_sign_convention_on_a_hand_computed_case():
     s = lambda z: 1 / (1 + np.exp(-z))
     g = np.array([(s(w * 1) - 1) * 1, (s(w * 2) - 0) * 2])
     h = (s(w) * (1 - s(w)) * 1 + s(2 * w) * (1 - s(2 * w)) * 4) / 2 + 1.0
-    eng = InfluenceEngine(model, task, (x, y))
+    eng = ExactInfluence(model, task, (x, y))
     # Query = the first training example: it must be its own proponent.
     scores = eng.pairwise_scores((x[:1], y[:1]))[0].numpy()
     assert scores == pytest.approx(g[0] * g / h, rel=1e-10)

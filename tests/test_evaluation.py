@@ -17,7 +17,7 @@ from influent.evaluation import (
     random_subsets,
 )
 from influent.gradients import ParameterSpace
-from influent.influence import InfluenceEngine
+from influent.influence import ExactInfluence
 from influent.models.head import HeadTask, train_head
 
 
@@ -34,7 +34,7 @@ def head_problem():
     x, y = make_data(n=300, d=5)
     model, task, _ = train_head(x, y, 2, l2=1e-2)
     queries = (x[:4] * 1.3 + 0.2, y[:4])
-    engine = InfluenceEngine(model, task, (x, y))
+    engine = ExactInfluence(model, task, (x, y))
     change = engine.loss_change(engine.pairwise_scores(queries)).numpy()  # [Q, n]
     return x, y, model, task, queries, change, engine
 
@@ -97,7 +97,7 @@ def test_influence_converges_to_pbrf_as_perturbation_shrinks():
     space.load(theta.detach())
     damping = 1e-2
     query = (x[:2] + 0.1, y[:2])
-    engine = InfluenceEngine(model, task, (x, y), curvature="gauss_newton", damping=damping)
+    engine = ExactInfluence(model, task, (x, y), curvature="gauss_newton", damping=damping)
     scores = engine.pairwise_scores(query)[:, 5].numpy()  # [Q]
     pbrf = PBRF(model, task, (x, y), damping=damping)
     base = space.loss_values(query, kind="measure").numpy()

@@ -46,15 +46,18 @@ from influent.curvature.linear_grads import (
 )
 from influent.curvature.token_cache import DEFAULT_MAX_BYTES, TrainTokenCache, open_cache
 from influent.errors import UserError
+from influent.influence import InfluenceMethod, Queries, as_batches
 from influent.task import Batch, Task, length_buckets
 
 __all__ = [
+    "FactoredInfluence",
     "FactorConfig",
     "Factors",
     "fit_factors",
     "loss_change",
     "pairwise_scores",
     "query_gradients",
+    "query_self_scores",
     "self_scores",
 ]
 
@@ -342,3 +345,92 @@ def explain(
         train_cache=tokens, train_cache_max_bytes=train_cache_max_bytes,
     )
     return scores, factors
+
+
+class FactoredInfluence(InfluenceMethod):
+    """:class:`~influent.influence.InfluenceMethod` with factored curvature over ``nn.Linear`` modules.
+
+    Args:
+        model, task: the trained model and how its losses / measurements are computed.
+        train_batches: the training data as a sequence of batches (streamed; order fixed).
+        config: strategy (identity / diagonal / K-FAC / EK-FAC), modules, Fisher type, damping, seed.
+        cache_dir: factor cache folder (None: no cache, no resume).
+        train_cache: keep the training token factors under ``cache_dir`` (see module docstring).
+        train_cache_max_bytes: do not write a token cache estimated larger than this.
+        query_rank: optional rank of the preconditioned query gradients (SVD truncation).
+        progress: show progress bars.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        train_batches: Sequence[Batch],
+        config: FactorConfig | None = None,
+        *,
+        cache_dir: str | Path | None = None,
+        train_cache: bool = False,
+        train_cache_max_bytes: int | None = DEFAULT_MAX_BYTES,
+        query_rank: int | None = None,
+        progress: bool = True,
+    ):
+        self.model, self.task = model, task
+        self.train_batches = list(train_batches)
+        self.config = config or FactorConfig()
+        self.cache_dir = cache_dir
+        self.tokens = cache_dir if train_cache else None
+        self.max_bytes = train_cache_max_bytes
+        self.query_rank = query_rank
+        self.progress = progress
+        self.factors: Factors | None = None
+        self._n = int(sum(task.batch_size(b) for b in self.train_batches))
+
+    @property
+    def n_train(self) -> int:
+        return self._n
+
+    def fit(self) -> FactoredInfluence:
+        if self.factors is None:
+            self.factors = fit_factors(
+                self.model, self.task, self.train_batches, self.config, cache_dir=self.cache_dir,
+                progress=self.progress, train_cache=self.tokens, train_cache_max_bytes=self.max_bytes,
+            )
+        return self
+
+    def pairwise_scores(self, queries: Queries) -> torch.Tensor:
+        self.fit()
+        return pairwise_scores(
+            self.model, self.task, self.factors, as_batches(queries), self.train_batches,
+            query_rank=self.query_rank, progress=self.progress, train_cache=self.tokens,
+            train_cache_max_bytes=self.max_bytes,
+        )
+
+    def self_scores(self) -> torch.Tensor:
+        self.fit()
+        return self_scores(
+            self.model, self.task, self.factors, self.train_batches, progress=self.progress,
+            train_cache=self.tokens, train_cache_max_bytes=self.max_bytes,
+        )
+
+    def query_self_scores(self, queries: Queries) -> torch.Tensor:
+        self.fit()
+        return query_self_scores(self.model, self.task, self.factors, as_batches(queries))
+
+    def describe(self) -> dict:
+        out = {"method": "factored", "strategy": self.config.strategy, "modules": self.config.modules,
+               "fisher": self.config.fisher, "damping": self.config.damping, "query_rank": self.query_rank}
+        if self.factors is not None:
+            out["damping_per_module"] = self.factors.damping
+        return out
+
+
+def query_self_scores(
+    model: nn.Module, task: Task, factors: Factors, query_batches: Sequence[Batch]
+) -> torch.Tensor:
+    """``g_q^T (F + damping)^-1 g_q`` of each query's measurement gradient, ``[Q]`` float64."""
+    grads = query_gradients(model, task, factors, query_batches)
+    total = None
+    for name, g in grads.items():
+        term = (g.double() * factors.precondition(name, g).double()).sum((1, 2))
+        total = term if total is None else total + term
+    return total

@@ -1,4 +1,10 @@
-"""The influence engine: pairwise scores, self-influence, ``I_up,params`` and ``I_pert,loss``.
+"""The influence protocol and its exact implementation: pairwise scores, self-influence, ``I_up,params``,
+``I_pert,loss``.
+
+:class:`InfluenceMethod` is the one interface every consumer (explain, audit rankers, validate, attacks)
+talks to. :class:`ExactInfluence` (this module) forms or applies the exact Hessian / Gauss-Newton matrix
+and solves directly, by CG or by LiSSA; :class:`~influent.factored_influence.FactoredInfluence` uses
+identity / diagonal / K-FAC / EK-FAC curvature over linear modules for models too large for that.
 
 Conventions (Koh & Liang 2017; see README):
 
@@ -17,6 +23,8 @@ matrix product with the cached training gradients.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +34,57 @@ from influent.curvature.exact import HessianOperator, exact_hessian, gauss_newto
 from influent.curvature.solvers import DirectSolver, Solution, conjugate_gradient, lissa
 from influent.gradients import ParameterSpace, unsqueeze_example
 from influent.task import Batch, Task, slice_batch
+
+Queries = Batch | Sequence[Batch]
+"""Query data: one batch, or a ``list`` of batches (a list at the top level always means several batches)."""
+
+
+def as_batches(queries: Queries) -> list[Batch]:
+    """``queries`` as a list of batches (a top-level ``list`` is a list of batches, anything else one batch)."""
+    return list(queries) if isinstance(queries, list) else [queries]
+
+
+class InfluenceMethod(ABC):
+    """What every influence implementation offers; consumers use nothing else.
+
+    Sign and units (DESIGN.md): ``score(z_train, z_query) = g_query^T (C + damping)^-1 g_train`` with ``C``
+    the method's curvature, ``g_train`` the gradient of the training loss and ``g_query`` that of the
+    query measurement (``task.query_measurement``). Positive = proponent (up-weighting ``z_train``
+    lowers the query measurement); ``loss_change = score / n_train`` is the predicted change of the
+    query measurement (nats for a loss) when ``z_train`` is removed and the model retrained.
+
+    The training data is given when the method is built; :meth:`fit` prepares the curvature (idempotent;
+    every scoring method calls it first).
+    """
+
+    @property
+    @abstractmethod
+    def n_train(self) -> int:
+        """Number of training examples ``n``."""
+
+    @abstractmethod
+    def fit(self) -> InfluenceMethod:
+        """Fit (or load) the curvature over the training data; returns ``self``. Idempotent."""
+
+    @abstractmethod
+    def pairwise_scores(self, queries: Queries) -> torch.Tensor:
+        """Scores ``[Q, n]`` (float64): ``g_q^T (C + damping)^-1 g_train``; positive = proponent."""
+
+    @abstractmethod
+    def self_scores(self) -> torch.Tensor:
+        """Self-influence ``g_i^T (C + damping)^-1 g_i`` of every training example, ``[n]`` float64 (>= 0)."""
+
+    @abstractmethod
+    def query_self_scores(self, queries: Queries) -> torch.Tensor:
+        """``g_q^T (C + damping)^-1 g_q`` of each query's measurement gradient, ``[Q]`` float64 (>= 0)."""
+
+    def loss_change(self, scores: torch.Tensor) -> torch.Tensor:
+        """Predicted change of the query measurement when the training example is removed: ``score / n``."""
+        return scores / float(self.n_train)
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """JSON-ready settings and diagnostics of the method (curvature, damping, solver residual, ...)."""
 
 CURVATURES = ("hessian", "gauss_newton")
 SOLVERS = ("exact", "cg", "lissa")
@@ -55,7 +114,7 @@ class SolverOptions:
 
 
 @dataclass
-class InfluenceEngine:
+class ExactInfluence(InfluenceMethod):
     """Influence of training examples on queries for a model small enough to differentiate twice.
 
     Args:
@@ -84,6 +143,8 @@ class InfluenceEngine:
         self.space = ParameterSpace(self.model, self.task)
         self.theta = self.space.flat()
         self.n = self.task.batch_size(self.train_batch)
+        if self.n == 0:
+            raise ValueError("no training examples")
         self._train_grads: torch.Tensor | None = None
         self._matrix: torch.Tensor | None = None
         self._direct: DirectSolver | None = None
@@ -152,15 +213,41 @@ class InfluenceEngine:
         """Gradients ``[Q, p]`` of each query's measurement."""
         return self.space.per_example_grads(query_batch, self.theta, "measure")
 
-    # --- outputs -------------------------------------------------------------------------------------------
-    def pairwise_scores(self, query_batch: Batch) -> torch.Tensor:
+    # --- the protocol --------------------------------------------------------------------------------------
+    @property
+    def n_train(self) -> int:
+        return self.n
+
+    def fit(self) -> ExactInfluence:
+        """Form the curvature (or, for CG / LiSSA on the Hessian, nothing: products are matrix-free)."""
+        if self.solver == "exact" or self.curvature != "hessian":
+            _ = self.curvature_matrix
+        return self
+
+    def pairwise_scores(self, queries: Queries) -> torch.Tensor:
         """Scores ``[Q, n]``: ``g_q^T (H + damping I)^-1 g_train`` (positive = proponent)."""
-        s_test = self.inverse_hvp(self.query_grads(query_batch).T).x  # [p, Q], one solve per query batch
+        G = self._query_grads(queries)
+        s_test = self.inverse_hvp(G.T).x  # [p, Q], one solve for all queries
         return (self.train_grads @ s_test).T
 
-    def loss_change(self, scores: torch.Tensor) -> torch.Tensor:
-        """Predicted change of the query measurement when the training example is removed: ``score / n``."""
-        return scores / self.n
+    def query_self_scores(self, queries: Queries) -> torch.Tensor:
+        """``g_q^T (H + damping I)^-1 g_q`` for each query, ``[Q]``."""
+        G = self._query_grads(queries)
+        return (G * self.inverse_hvp(G.T).x.T).sum(1)
+
+    def describe(self) -> dict:
+        sol = self.last_solution
+        return {
+            "method": "exact",
+            "curvature": self.curvature,
+            "solver": self.solver,
+            "damping": self.damping,
+            "residual": None if sol is None else sol.residual,
+            "iterations": None if sol is None else sol.iterations,
+        }
+
+    def _query_grads(self, queries: Queries) -> torch.Tensor:
+        return torch.cat([self.query_grads(b) for b in as_batches(queries)])
 
     def self_scores(self) -> torch.Tensor:
         """Self-influence ``g_i^T (H + damping I)^-1 g_i`` for every training example, ``[n]`` (>= 0)."""

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from influent.data import Corpus, Split, load_corpus, load_or_make_split, stratified_split
-from influent.influence import InfluenceEngine, SolverOptions
+from influent.influence import ExactInfluence, SolverOptions
 from influent.models.encoder import DEFAULT_ENCODER, EmbeddingCache, TextEncoder
 from influent.models.head import HeadTask, LogisticHead, accuracy, load_head, save_head, train_head
 from influent.store import default_cache_dir, fingerprint, read_json
@@ -62,9 +62,9 @@ class HeadSetup:
         ids = [text_id(t) for t in texts]
         return self.encoder.embed(texts, ids=ids, cache=self.embedding_cache, progress=False).double()
 
-    def engine(self, solver: str = "exact", damping: float = 0.0, options: SolverOptions | None = None) -> InfluenceEngine:
-        """An :class:`InfluenceEngine` over the training set with the head's exact Hessian."""
-        return InfluenceEngine(
+    def engine(self, solver: str = "exact", damping: float = 0.0, options: SolverOptions | None = None) -> ExactInfluence:
+        """An :class:`ExactInfluence` over the training set with the head's exact Hessian."""
+        return ExactInfluence(
             self.model, self.task, self.train_batch, solver=solver, damping=damping,
             options=options or SolverOptions(),
         )

@@ -30,7 +30,7 @@ import torch
 
 from influent.attacks.experiment import HeadExperiment
 from influent.attacks.refit import per_example_loss, predict
-from influent.influence import InfluenceEngine
+from influent.influence import ExactInfluence
 from influent.models.head import HeadTask, LogisticHead
 
 DEFAULT_BUDGETS = (0.005, 0.01, 0.03, 0.05)
@@ -61,7 +61,7 @@ def flip_gains(
     damping: float = 0.0,
 ) -> FlipGains:
     """Influence-predicted gain of every single flip for the objective ``mean_q loss(q)`` at the queries' labels."""
-    engine = InfluenceEngine(model, HeadTask(l2), (train_x, train_y), damping=damping)
+    engine = ExactInfluence(model, HeadTask(l2), (train_x, train_y), damping=damping)
     grad_obj = engine.query_grads((objective_x, objective_y)).mean(0)
     s = engine.inverse_hvp(grad_obj).x  # [p]
     base = engine.train_grads @ s  # s^T g_i(y)

@@ -17,7 +17,7 @@ import torch
 from influent.attacks.experiment import HeadExperiment
 from influent.attacks.label_flip import choose_targets
 from influent.attacks.refit import predict
-from influent.influence import InfluenceEngine
+from influent.influence import ExactInfluence
 from influent.models.head import HeadTask, LogisticHead
 
 
@@ -42,7 +42,7 @@ def perturb_target(
     clean = clean or exp.fit()
     tx, ty = exp.eval_x[target : target + 1], exp.eval_y[target : target + 1]
     task = HeadTask(exp.l2)
-    engine = InfluenceEngine(clean, task, (exp.train_x, exp.train_y), damping=damping)
+    engine = ExactInfluence(clean, task, (exp.train_x, exp.train_y), damping=damping)
     ip = engine.pert_influence((tx, ty), (exp.train_x, exp.train_y))[0]  # [n, d]
     poisons = torch.argsort(ip.norm(dim=1), descending=True)[:k]
     x0 = exp.train_x[poisons].clone()
@@ -51,7 +51,7 @@ def perturb_target(
     model = clean
     for step in range(steps):
         if step > 0:
-            engine = InfluenceEngine(model, task, (x, exp.train_y), damping=damping)
+            engine = ExactInfluence(model, task, (x, exp.train_y), damping=damping)
             ip = engine.pert_influence((tx, ty), (x[poisons], exp.train_y[poisons]))[0]
         else:
             ip = ip[poisons]

@@ -1,7 +1,7 @@
 """Rankers of suspicious training examples: influence-based ones and the baselines they must beat.
 
 Every ranker returns one suspicion score per training example, ``[n]`` float64, **higher = more
-suspicious**. Influence rankers use only the public :class:`~influent.influence.InfluenceEngine` API.
+suspicious**. Influence rankers use only the public :class:`~influent.influence.ExactInfluence` API.
 
 Sign of the query rankers: a query is an input with the label it *should* get (a misclassified
 validation review with its true label, or a trigger-containing input with its source-class label). The
@@ -26,7 +26,7 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 
 from influent.attacks.refit import fit_head, per_example_loss, probabilities
-from influent.influence import InfluenceEngine
+from influent.influence import ExactInfluence
 from influent.models.head import LogisticHead
 
 INFLUENCE_RANKERS = (
@@ -69,7 +69,7 @@ class HeadAuditData:
     folds: int = 5
     seed: int = 0
     tracin_checkpoints: int = 4
-    _engine: InfluenceEngine | None = field(default=None, repr=False)
+    _engine: ExactInfluence | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -87,11 +87,11 @@ class HeadAuditData:
         return self.query_x is not None and len(self.query_x) > 0
 
     @property
-    def engine(self) -> InfluenceEngine:
+    def engine(self) -> ExactInfluence:
         if self._engine is None:
             from influent.models.head import HeadTask
 
-            self._engine = InfluenceEngine(
+            self._engine = ExactInfluence(
                 self.model, HeadTask(self.l2), (self.train_x, self.train_y), damping=self.damping
             )
         return self._engine

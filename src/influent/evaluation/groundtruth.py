@@ -9,7 +9,7 @@
 * :meth:`~GroundTruth.remove_groups`: retrain on subsets (linear datamodeling score).
 
 Every result is an actual change ``f(z_q; theta_new) - f(z_q; theta_s)`` in the units of the query
-measurement (the query loss by default), directly comparable with ``InfluenceEngine.loss_change`` for
+measurement (the query loss by default), directly comparable with ``ExactInfluence.loss_change`` for
 removal. Each retrained result is cached (one atomic safetensors file) so a run can be interrupted and
 resumed; the cache folder is keyed by the model's parameters, the retraining settings and the queries.
 """

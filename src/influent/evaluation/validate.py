@@ -216,7 +216,7 @@ def validate_exact(
     Returns:
         The result dict written to ``validate.json``.
     """
-    from influent.influence import InfluenceEngine, SolverOptions
+    from influent.influence import ExactInfluence, SolverOptions
 
     t0 = time.perf_counter()
     trainer = trainer or NewtonTrainer(model, task)
@@ -226,7 +226,7 @@ def validate_exact(
     solver_info: dict[str, dict] = {}
     s_tests: dict[str, torch.Tensor] = {}
     for solver in solvers:
-        eng = InfluenceEngine(model, task, train_batch, solver=solver, damping=damping, options=options)
+        eng = ExactInfluence(model, task, train_batch, solver=solver, damping=damping, options=options)
         start = time.perf_counter()
         sc = eng.pairwise_scores(query_batch)
         sol = eng.last_solution
