@@ -2,12 +2,11 @@
 query self-scores = diagonal of pairwise on the same examples) and with a dense definition."""
 
 import torch
-from torch import nn
 
 from influent.curvature.ekfac import FactorConfig
 from influent.factored_influence import FactoredInfluence
 from influent.influence import ExactInfluence, InfluenceMethod
-from influent.models.head import HeadTask, LogisticHead, train_head
+from influent.models.head import train_head
 
 
 def _head(n=60, d=4, seed=0):

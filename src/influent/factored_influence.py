@@ -50,8 +50,8 @@ from influent.influence import InfluenceMethod, Queries, as_batches
 from influent.task import Batch, Task, length_buckets
 
 __all__ = [
-    "FactoredInfluence",
     "FactorConfig",
+    "FactoredInfluence",
     "Factors",
     "fit_factors",
     "loss_change",
