@@ -1,0 +1,220 @@
+"""``influent attack KIND``: poison the training data and measure the damage on clean held-out labels."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from influent.cli.common import add_data_options, flag, head_setup
+from influent.errors import UserError
+
+# The attacks that read each option, so a flag given to the wrong kind is an error, not silently ignored.
+_TRIGGERED = ("trigger", "concealed")
+_ATTACK_OPTIONS = {
+    "budgets": ("label-flip",), "rounds_per_budget": ("label-flip",), "objective": ("label-flip",),
+    "targets": ("label-flip", "perturb"), "ks": ("perturb",), "eps": ("perturb",), "steps": ("perturb",),
+    "sizes": _TRIGGERED, "trigger": _TRIGGERED, "source": _TRIGGERED, "target": _TRIGGERED, "n_eval": _TRIGGERED,
+    "damping": ("label-flip", "perturb", "trigger", "concealed"),
+    "train_size": ("concealed",), "epochs": ("concealed",), "n_adv": ("concealed",), "curvature": ("concealed",),
+    "candidates": ("concealed",), "last_k": ("concealed",),
+}
+
+
+def _check_attack_args(args: argparse.Namespace) -> dict:
+    """Validate the attack flags before any model work; return run_attack's keyword options (None = default)."""
+    from influent.attacks.run import KINDS
+
+    if args.kind not in KINDS:
+        raise UserError(f"unknown attack {args.kind!r}; choose from {', '.join(KINDS)}")
+    for name, kinds in _ATTACK_OPTIONS.items():
+        if getattr(args, name) is not None and args.kind not in kinds:
+            raise UserError(f"{flag(name)} applies to {' and '.join(kinds)}, not to {args.kind}")
+    if args.seeds is not None and (not args.seeds or min(args.seeds) < 0):
+        raise UserError(f"--seeds needs one or more non-negative integers, got {args.seeds}")
+    if args.damping is not None and args.damping < 0:
+        raise UserError(f"--damping must be non-negative, got {args.damping}")
+    if args.budgets is not None and (not args.budgets or not all(0.0 < b < 1.0 for b in args.budgets)):
+        raise UserError(f"--budgets needs one or more fractions strictly between 0 and 1, got {args.budgets}")
+    for name, low in (("targets", 1 if args.kind == "perturb" else 0), ("rounds_per_budget", 1), ("steps", 1),
+                      ("n_eval", 1), ("train_size", 2), ("epochs", 1), ("n_adv", 1), ("candidates", 1),
+                      ("last_k", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise UserError(f"{flag(name)} must be at least {low}, got {value}")
+    for name, what in (("ks", "poisoned-example counts"), ("sizes", "poison counts")):
+        values = getattr(args, name)
+        if values is not None and (not values or min(values) < 1):
+            raise UserError(f"{flag(name)} needs one or more {what} of at least 1, got {values}")
+    if args.eps is not None and args.eps <= 0:
+        raise UserError(f"--eps must be positive (relative L2 radius), got {args.eps}")
+    if args.trigger is not None and not args.trigger.strip():
+        raise UserError("--trigger is empty")
+    return {name: getattr(args, name) for name, kinds in _ATTACK_OPTIONS.items() if args.kind in kinds
+            and getattr(args, name) is not None}
+
+
+def _check_attack_data(args: argparse.Namespace, setup, options: dict) -> None:
+    """Checks that need the prepared data: held-out size, poison counts, trigger classes."""
+    n_train, n_heldout = len(setup.train_idx), len(setup.test_idx)
+    if n_heldout < 4:
+        raise UserError(f"the held-out split has {n_heldout} examples; an attack needs at least 4 "
+                        "(use more data or a larger --test-fraction)")
+    most = max(options.get("ks") or (1, 5))
+    if args.kind == "perturb" and most > n_train:
+        raise UserError(f"--ks asks for up to {most} poisons but there are {n_train} training examples")
+    if args.kind == "trigger":
+        names = list(setup.corpus.label_names)
+        for flag, value in (("--source", args.source), ("--target", args.target)):
+            known = int(value) < len(names) if value is not None and value.isdigit() else value in names
+            if value is not None and not known:
+                raise UserError(f"{flag} {value!r} is not a class; classes: {', '.join(names)} "
+                                f"(or indices 0..{len(names) - 1})")
+        from influent.attacks.experiment import from_setup
+        from influent.attacks.trigger import DEFAULT_SIZES, resolve_classes
+
+        try:
+            source, _ = resolve_classes(from_setup(setup), args.source, args.target)
+        except ValueError as err:
+            raise UserError(f"--source/--target: {err}") from None
+        available = int((setup.train_y == source).sum())
+        wanted = max(options.get("sizes") or DEFAULT_SIZES)
+        if wanted > available:
+            raise UserError(f"--sizes asks for {wanted} poisons but only {available} training examples are of "
+                            f"the source class {names[source]!r}")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "" if value is None else str(value)
+
+
+def attack_markdown(result: dict) -> str:
+    """Markdown table of ``result['summary']``: one row per group, each value as mean ± sd over its runs."""
+    summary = result["summary"]
+    keys, values = [], []
+    for row in summary:
+        for col in row:
+            if col.endswith("_mean"):
+                if col[:-5] not in values:
+                    values.append(col[:-5])
+            elif not col.endswith("_sd") and col != "runs" and col not in keys:
+                keys.append(col)
+    lines = [
+        f"# influent attack {result['kind']}",
+        "",
+        (f"Attack seeds {', '.join(map(str, result['seeds']))}; split seed {result.get('split_seed', '-')}. "
+         "Each value is mean ± sd over the runs of its row; accuracies are on clean held-out labels, "
+         "rates in [0, 1]."),
+        "",
+        "| " + " | ".join([*keys, "runs", *values]) + " |",
+        "|" + "---|" * (len(keys) + 1 + len(values)),
+    ]
+    for row in summary:
+        cells = [_cell(row.get(k)) for k in keys] + [str(row["runs"])]
+        for v in values:
+            m, sd = row.get(f"{v}_mean"), row.get(f"{v}_sd")
+            cells.append("" if m is None else f"{m:.4f} ± {sd:.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from influent.attacks.run import run_attack
+
+    options = _check_attack_args(args)
+    seeds = (0, 1, 2) if args.seeds is None else args.seeds
+    common = {"seeds": seeds, "out": args.out, "progress": not args.quiet}
+    if args.kind == "concealed":  # not an attack on the head: run_attack takes the data options itself
+        result = run_attack(args.kind, args.data, encoder=args.encoder, split_seed=args.seed,
+                            cache_dir=args.cache_dir, text_column=args.text_column,
+                            label_column=args.label_column, **common, **options)
+    else:
+        setup = head_setup(args)
+        _check_attack_data(args, setup, options)
+        result = run_attack(args.kind, setup=setup, **common, **options)
+    out = Path(args.out)
+    table = attack_markdown(result)
+    md = out / f"attack_{args.kind}.md"
+    tmp = out / f".{md.name}.tmp"  # atomic, like every other write
+    tmp.write_text(table)
+    tmp.replace(md)
+    print(table)
+    print(f"{len(result['rows'])} runs written to {out / f'attack_{args.kind}.json'}; table in {md}")
+    return 0
+
+
+
+def _add_label_flip_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("label-flip")
+    g.add_argument("--budgets", type=float, nargs="*", default=None,
+                   help="flip budgets as fractions of the training set, each in (0, 1) "
+                        "(default 0.005 0.01 0.03 0.05)")
+    g.add_argument("--targets", type=int, default=None,
+                   help="targeted reviews per seed (label-flip: default 5, 0 = untargeted only; "
+                        "perturb: default 5)")
+    g.add_argument("--rounds-per-budget", type=int, default=None,
+                   help="greedy rounds per budget step, retraining between rounds (default 1)")
+    g.add_argument("--objective", choices=["correct", "loss"], default=None,
+                   help="untargeted surrogate on the validation half: loss of the reviews the clean model gets "
+                        "right (correct, default) or of every review (loss)")
+
+
+def _add_perturb_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("perturb")
+    g.add_argument("--ks", type=int, nargs="*", default=None,
+                   help="numbers of perturbed training examples per target (default 1 5)")
+    g.add_argument("--eps", type=float, default=None,
+                   help="L2 radius of each perturbation relative to the example's feature norm (default 0.5)")
+    g.add_argument("--steps", type=int, default=None, help="projected ascent steps, retraining after each (default 3)")
+
+
+def _add_trigger_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("trigger (and concealed)")
+    g.add_argument("--sizes", type=int, nargs="*", default=None,
+                   help="numbers N of poisoned training examples (default 10 25 50 100)")
+    g.add_argument("--trigger", default=None, help="trigger phrase inserted into the poisons (default 'james bond')")
+    g.add_argument("--source", default=None,
+                   help="class (name or index) whose reviews are poisoned (default negative/rotten, else 0)")
+    g.add_argument("--target", default=None,
+                   help="class (name or index) the poisons are relabelled to (default positive/fresh, else 1)")
+    g.add_argument("--n-eval", type=int, default=None,
+                   help="triggered source-class held-out reviews scored per seed (default 300; concealed 200)")
+
+
+def _add_concealed_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("concealed (fine-tuned classifier; Wallace et al. 2021)")
+    g.add_argument("--train-size", type=int, default=None,
+                   help="stratified training slice the victim is fine-tuned on (default 1000)")
+    g.add_argument("--epochs", type=int, default=None, help="victim's AdamW epochs (default 3)")
+    g.add_argument("--last-k", type=int, default=None, help="fine-tuned encoder layers (default 1)")
+    g.add_argument("--n-adv", type=int, default=None,
+                   help="triggered validation reviews in the attacker's objective, and as many disjoint ones as "
+                        "the audit's queries (default 50)")
+    g.add_argument("--curvature", choices=["ekfac", "kfac", "diagonal", "identity"], default=None,
+                   help="attacker's curvature: ekfac = influence (default), identity = one-step unroll")
+    g.add_argument("--candidates", type=int, default=None,
+                   help="HotFlip candidates re-scored per position (default 40)")
+
+
+
+def add_attack_parser(sub) -> None:
+    p = sub.add_parser("attack", help="poison the head's training data and measure the damage on clean labels",
+                       description="Run a poisoning attack on the frozen-encoder head over several seeds. Writes "
+                                   "attack_KIND.json (every run + summary) and attack_KIND.md (summary table) "
+                                   "in --out and prints the table.")
+    p.add_argument("kind", metavar="KIND",
+                   help="label-flip | perturb | trigger (frozen-encoder head) | concealed (fine-tuned model)")
+    p.add_argument("--seeds", type=int, nargs="*", default=None, metavar="S",
+                   help="attack seeds, a list (default 0 1 2); each re-divides the held-out split into the "
+                        "attacker's validation half and the scoring half and re-draws targets and poisons")
+    p.add_argument("--split-seed", dest="seed", type=int, default=argparse.SUPPRESS,
+                   help="the train/held-out split seed (same as --seed; default 0)")
+    p.add_argument("--damping", type=float, default=None, help="added to the Hessian's diagonal (default 0)")
+    p.add_argument("--out", default="influent-out/attack", help="output folder (default influent-out/attack)")
+    _add_label_flip_options(p)
+    _add_perturb_options(p)
+    _add_trigger_options(p)
+    _add_concealed_options(p)
+    add_data_options(p)
+    p.set_defaults(func=cmd_attack)

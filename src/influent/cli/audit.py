@@ -1,0 +1,39 @@
+"""``influent audit``: every training example ranked by how suspicious it is (CSV + JSON)."""
+
+from __future__ import annotations
+
+import argparse
+
+from influent.cli.common import add_data_options
+from influent.errors import UserError
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from influent.defenses.audit import run_audit
+
+    if args.top is not None and args.top < 1:
+        raise UserError(f"--top must be at least 1, got {args.top}")
+    result = run_audit(
+        args.data, out=args.out, rankers=args.rankers, primary=args.primary, queries_from=args.queries_from,
+        trigger=args.trigger, query_file=args.queries, text_column=args.text_column,
+        label_column=args.label_column, encoder=args.encoder, l2=args.l2, damping=args.damping or 0.0,
+        seed=args.seed, folds=args.folds, top=args.top, cache_dir=args.cache_dir, progress=not args.quiet,
+    )
+    print(f"ranked {result['n']} training examples by {result['primary']} (most suspicious first); "
+          f"written to {result['csv']} and {result['json']}")
+    return 0
+
+
+def add_audit_parser(sub) -> None:
+    p = sub.add_parser("audit", help="rank every training example by how suspicious it is (CSV + JSON)")
+    p.add_argument("--out", default="influent-out/audit", help="output folder")
+    p.add_argument("--rankers", nargs="+", default=None, help="rankers to compute (default: all)")
+    p.add_argument("--primary", default=None, help="ranker that orders the list")
+    p.add_argument("--queries-from", choices=["validation", "misclassified", "none"], default="validation")
+    p.add_argument("--trigger", default=None, help="suspected trigger phrase (queries contain it)")
+    p.add_argument("--queries", default=None, help="a file of the user's own labelled queries")
+    p.add_argument("--damping", type=float, default=None)
+    p.add_argument("--folds", type=int, default=5, help="folds of the out-of-fold baselines")
+    p.add_argument("--top", type=int, default=None, help="write only the top N rows")
+    add_data_options(p)
+    p.set_defaults(func=cmd_audit)

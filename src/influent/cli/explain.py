@@ -1,0 +1,103 @@
+"""``influent train`` and ``influent explain``: fit a model, then the training examples behind a prediction."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from influent.cli.common import (
+    add_curvature_options,
+    add_data_options,
+    add_finetune_options,
+    finetuned_setup,
+    gib_to_bytes,
+    head_setup,
+)
+from influent.errors import UserError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.model == "finetuned":
+        ft = finetuned_setup(args, retrain=args.retrain)
+        m = ft.metrics
+        print(f"fine-tuned {ft.settings['encoder']} (last {ft.settings['last_k']} layers, "
+              f"{ft.settings['epochs']} epoch(s)) on {m['n_train']} examples in {m['seconds']:.0f} s; "
+              f"test accuracy {m['test_accuracy']:.4f} on {m['n_test']}; saved in {ft.folder}")
+        return 0
+    setup = head_setup(args, retrain=args.retrain)
+    info = setup.info
+    print(f"head trained on {info['n_train']} examples ({info['newton_iterations']} Newton steps, "
+          f"gradient norm {info['grad_norm']:.2e}); test accuracy {info['test_accuracy']:.4f} "
+          f"on {info['n_test']}; saved in {setup.folder}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from influent.explain import Query, explain_finetuned, explain_head, format_explanation
+
+    if (args.text is None) == (args.test_index is None):
+        raise UserError("give exactly one of --text or --test-index")
+    if args.top < 1:
+        raise UserError(f"--top must be at least 1, got {args.top}")
+    if args.text is not None and not args.text.strip():
+        raise UserError("--text is empty")
+    cache_max_bytes = gib_to_bytes(args.train_cache_max_gb) if args.model == "finetuned" else None
+    setup = finetuned_setup(args) if args.model == "finetuned" else head_setup(args)
+    names = setup.corpus.label_names
+    label = None
+    if args.label is not None:
+        if args.label not in names:
+            raise UserError(f"--label {args.label!r} is not a class; classes: {', '.join(names)}")
+        label = names.index(args.label)
+    if args.test_index is not None:
+        n_test = len(setup.test_idx)
+        if not 0 <= args.test_index < n_test:
+            raise UserError(f"--test-index {args.test_index} is out of range: the test split has {n_test} examples")
+        row = int(setup.test_idx[args.test_index])
+        text, gold = setup.corpus.texts[row], int(setup.corpus.labels[row])
+    else:
+        text, gold = args.text, None
+    if args.model == "finetuned":
+        result = explain_finetuned(
+            setup, [Query(text, None, label, gold)], top=args.top, strategy=args.strategy, modules=args.modules,
+            fisher=args.fisher, damping=args.damping, query_rank=args.query_rank, seed=args.seed,
+            train_cache=args.train_cache, train_cache_max_bytes=cache_max_bytes,
+            progress=not args.quiet,
+        )[0]
+    else:
+        features = setup.test_x[args.test_index] if args.test_index is not None else setup.embed([text])[0]
+        result = explain_head(setup, [Query(text, features, label, gold)], top=args.top, solver=args.solver,
+                              damping=args.damping or 0.0)[0]
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_explanation(result))
+    return 0
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train (or load) a model on a corpus and report held-out accuracy")
+    p.add_argument("--model", choices=["head", "finetuned"], default="head",
+                   help="head: frozen encoder + logistic regression; finetuned: transformer classifier")
+    p.add_argument("--retrain", action="store_true", help="ignore a saved model with the same settings")
+    add_data_options(p)
+    add_finetune_options(p)
+    p.set_defaults(func=cmd_train)
+
+
+def add_explain_parser(sub) -> None:
+    p = sub.add_parser("explain", help="the training examples that most helped and hurt a prediction")
+    p.add_argument("--text", help="a review to explain")
+    p.add_argument("--test-index", type=int, help="explain the I-th review of the held-out split")
+    p.add_argument("--label", help="explain the loss of this class (default: the predicted class)")
+    p.add_argument("--top", type=int, default=5, help="proponents and opponents shown (default 5)")
+    p.add_argument("--model", choices=["head", "finetuned"], default="head")
+    p.add_argument("--solver", choices=["exact", "cg", "lissa"], default="exact", help="head only")
+    p.add_argument("--damping", type=float, default=None,
+                   help="added to the curvature's diagonal (default: 0 for the head; 0.1 x the mean "
+                        "eigenvalue per module for the fine-tuned model)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_data_options(p)
+    add_finetune_options(p)
+    add_curvature_options(p)
+    p.set_defaults(func=cmd_explain)

@@ -1,0 +1,46 @@
+"""``influent validate``: influence against leave-one-out retraining, the PBRF and the LDS."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from influent.cli.common import add_data_options, head_setup
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from influent.evaluation.validate import run_validate
+
+    extra = {}
+    if args.model == "finetuned":
+        extra = {"text_column": args.text_column, "label_column": args.label_column, "encoder": args.encoder}
+    result = run_validate(
+        args.model, strategies=args.strategy, solvers=args.solver, examples=args.examples, subsets=args.subsets,
+        queries=args.queries, epochs=args.epochs, fine_tune_last=args.fine_tune_last,
+        train_size=args.train_size, damping=args.damping, out=args.out, seed=args.seed,
+        cache_dir=args.cache_dir, progress=not args.quiet,
+        setup=head_setup(args) if args.model == "head" else None, data=args.data, **extra,
+    )
+    out = Path(args.out)
+    print((out / "validate.md").read_text() if (out / "validate.md").exists() else json.dumps(result)[:2000])
+    print(f"\nTables: {out / 'validate.md'}, {out / 'validate.json'}; scatter plots: {out}/scatter-*.png")
+    return 0
+
+
+def add_validate_parser(sub) -> None:
+    p = sub.add_parser("validate", help="influence against leave-one-out (cold/warm), PBRF and the LDS")
+    p.add_argument("--model", choices=["head", "finetuned"], default="head")
+    p.add_argument("--strategy", nargs="+", default=["identity", "diagonal", "kfac", "ekfac"],
+                   help="curvature strategies compared (fine-tuned model)")
+    p.add_argument("--solver", nargs="+", default=["exact", "cg", "lissa"], help="solvers compared (head)")
+    p.add_argument("--examples", type=int, default=30, help="training examples removed (top/bottom/random)")
+    p.add_argument("--subsets", type=int, default=50, help="random half-size subsets for the LDS (0 skips)")
+    p.add_argument("--queries", type=int, default=5, help="held-out queries")
+    p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs of each retrain (fine-tuned)")
+    p.add_argument("--fine-tune-last", type=int, default=1, help="layers fine-tuned (fine-tuned model)")
+    p.add_argument("--train-size", type=int, default=None, help="seeded stratified training slice")
+    p.add_argument("--damping", type=float, default=None)
+    p.add_argument("--out", default="influent-out/validate", help="output folder")
+    add_data_options(p)
+    p.set_defaults(func=cmd_validate)
