@@ -38,6 +38,7 @@ from influent.attacks.concealed import (
     craft_poisons,
 )
 from influent.attacks.experiment import split_heldout
+from influent.attacks.summary import summarise
 from influent.attacks.trigger import DEFAULT_TRIGGER, insert_trigger, resolve_classes
 from influent.errors import UserError
 
@@ -303,7 +304,6 @@ def run_concealed(data: str | None = None, *, seeds=(0, 1, 2), out=None, progres
     Returns ``{'kind': 'concealed', 'seeds', 'options', 'rows', 'summary', 'audit', 'audit_summary',
     'removal', 'removal_summary', 'runs'}`` and writes ``out/attack_concealed.json`` when ``out`` is given.
     """
-    from influent.attacks.run import summarise
     from influent.store import write_json
 
     seeds = list(seeds)

@@ -10,8 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
+from influent.attacks.summary import summarise
 from influent.errors import UserError
 from influent.store import write_json
 
@@ -19,24 +18,6 @@ if TYPE_CHECKING:
     from influent.pipeline import HeadSetup
 
 KINDS = ("label-flip", "perturb", "trigger", "concealed")
-
-
-def summarise(rows: list[dict], keys: Iterable[str], values: Iterable[str]) -> list[dict]:
-    """Group ``rows`` by ``keys``; mean, sd (ddof=1; 0 for one row) and count of each value column."""
-    keys, values = list(keys), list(values)
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
-    out = []
-    for key, rs in groups.items():
-        row = dict(zip(keys, key))
-        row["runs"] = len(rs)
-        for v in values:
-            a = np.array([float(r[v]) for r in rs if r.get(v) is not None], dtype=np.float64)
-            row[f"{v}_mean"] = float(a.mean()) if len(a) else float("nan")
-            row[f"{v}_sd"] = float(a.std(ddof=1)) if len(a) > 1 else 0.0
-        out.append(row)
-    return out
 
 
 def attack_on_experiment(kind: str, exp, **options) -> list[dict]:
