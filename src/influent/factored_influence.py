@@ -416,6 +416,17 @@ class FactoredInfluence(InfluenceMethod):
         self.fit()
         return query_self_scores(self.model, self.task, self.factors, as_batches(queries))
 
+    def preconditioned_query_gradients(self, queries: Queries) -> dict[str, torch.Tensor]:
+        """Each query's preconditioned measurement gradient ``(F + damping)^-1 g_q`` (its s_test), per tracked
+        module: ``{name: [Q, d_out, d_in(+1)]}``, bias gradient in the last column.
+
+        The score of a training example is the sum over modules of the contraction of this with its loss
+        gradient (:meth:`pairwise_scores`); a consumer that needs a direction in parameter space (e.g. the
+        concealed-poison alignment) uses it instead of scores.
+        """
+        self.fit()
+        return preconditioned_query_gradients(self.model, self.task, self.factors, as_batches(queries))
+
     def describe(self) -> dict:
         out = {"method": "factored", "strategy": self.config.strategy, "modules": self.config.modules,
                "fisher": self.config.fisher, "damping": self.config.damping, "query_rank": self.query_rank}

@@ -259,6 +259,24 @@ class ExactInfluence(InfluenceMethod):
         G = self.space.per_example_grads(batch, self.theta, "loss")
         return -self.inverse_hvp(G.T).x.T
 
+    def mean_query_scores(self, queries: Queries, examples: Batch | None = None) -> torch.Tensor:
+        """Score of each example on the *mean* query measurement, ``[B]``: ``s^T g_z`` with
+        ``s = (H + damping I)^-1 mean_q g_q`` (one solve, the s_test of an averaged objective).
+
+        Args:
+            queries: the queries whose measurements are averaged (the objective).
+            examples: examples whose training-loss gradient ``g_z`` is taken at the fitted parameters, e.g.
+                training examples with other labels (the curvature stays that of the training data);
+                None: the training examples themselves (then this is the row mean of
+                :meth:`pairwise_scores`).
+
+        Positive = up-weighting ``z`` lowers the mean query measurement; ``loss_change`` of a difference of
+        two such scores is the predicted change of the objective when one example replaces the other.
+        """
+        s_test = self.inverse_hvp(self._query_grads(queries).mean(0)).x  # [p]
+        G = self.train_grads if examples is None else self.space.per_example_grads(examples, self.theta, "loss")
+        return G @ s_test
+
     def pert_influence(self, query_batch: Batch, train_subset: Batch) -> torch.Tensor:
         """``I_pert,loss`` ``[Q, T, *x_shape]`` of each query against each training example's input features.
 

@@ -60,17 +60,21 @@ def flip_gains(
     objective_y: torch.Tensor,
     damping: float = 0.0,
 ) -> FlipGains:
-    """Influence-predicted gain of every single flip for the objective ``mean_q loss(q)`` at the queries' labels."""
+    """Influence-predicted gain of every single flip for the objective ``mean_q loss(q)`` at the queries' labels.
+
+    The gain of flipping ``z_i`` to ``y'`` is ``-loss_change(score(z_i, y') - score(z_i, y))`` with ``score``
+    the example's score on the mean objective (:meth:`~influent.influence.ExactInfluence.mean_query_scores`):
+    removing ``(x_i, y)`` and adding ``(x_i, y')``.
+    """
     engine = ExactInfluence(model, HeadTask(l2), (train_x, train_y), damping=damping)
-    grad_obj = engine.query_grads((objective_x, objective_y)).mean(0)
-    s = engine.inverse_hvp(grad_obj).x  # [p]
-    base = engine.train_grads @ s  # s^T g_i(y)
+    objective = (objective_x, objective_y)
+    base = engine.mean_query_scores(objective)  # s^T g_i(y)
     best = np.full(len(train_y), -np.inf)
     best_label = train_y.numpy().copy()
     for offset in range(1, num_classes):
         alt = (train_y + offset) % num_classes
-        g_alt = engine.space.per_example_grads((train_x, alt), engine.theta)
-        gain = (-(g_alt @ s - base) / engine.n).numpy()
+        flipped = engine.mean_query_scores(objective, (train_x, alt))  # s^T g_i(y')
+        gain = (-engine.loss_change(flipped - base)).numpy()
         better = gain > best
         best[better] = gain[better]
         best_label[better] = alt.numpy()[better]
