@@ -25,6 +25,8 @@ Procedure (seed ``s``; everything below is a function of the corpus, the split a
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,22 +36,258 @@ import torch
 from influent.attacks.concealed import (
     DEFAULT_SIZES,
     Alignment,
+    PoisonSearch,
     contains_trigger,
     craft_poisons,
 )
 from influent.attacks.experiment import split_heldout
 from influent.attacks.summary import summarise
 from influent.attacks.trigger import DEFAULT_TRIGGER, insert_trigger, resolve_classes
+from influent.curvature.ekfac import FactorConfig
 from influent.errors import UserError
+from influent.evaluation.detection import detection_metrics
+from influent.evaluation.validate import _stratified
+from influent.factored_influence import FactoredInfluence
+from influent.models.suffix_classifier import SuffixClassifier
+from influent.store import write_json
+from influent.task import iter_chunks
 
 AUDIT_FRACTIONS = (0.01, 0.05, 0.10, 0.30)
+REMOVAL_RANKERS = ("query_influence", "loss")
 
 
 def _batches(batch: dict, size: int = 64) -> list[dict]:
     """``batch`` in row chunks of ``size`` (:func:`~influent.task.iter_chunks`)."""
-    from influent.task import iter_chunks
-
     return [b for _, b in iter_chunks(batch, int(batch["attention_mask"].shape[0]), size)]
+
+
+# ------------------------------------------------------------------------------- step 0: the data
+@dataclass
+class SeedTexts:
+    """The texts of one seed (step 1-3 of the module docstring), all drawn from the corpus and its split.
+
+    Attributes:
+        names: class names; ``source`` / ``target``: class indices.
+        train_texts, train_labels: the victim's stratified training slice.
+        pool_texts: target-class training-split snippets outside the slice (where poisons start).
+        adv_texts: the attacker's ``n_adv`` triggered validation-half source reviews.
+        defender_texts: the defender's ``n_adv`` triggered validation-half source reviews (disjoint).
+        triggered_eval_texts: up to ``n_eval`` triggered evaluation-half source reviews (attack success).
+        clean_eval_texts, clean_eval_labels: up to ``n_clean_eval`` evaluation-half reviews (clean accuracy).
+    """
+
+    names: list[str]
+    source: int
+    target: int
+    train_texts: list[str]
+    train_labels: list[int]
+    pool_texts: list[str]
+    adv_texts: list[str]
+    defender_texts: list[str]
+    triggered_eval_texts: list[str]
+    clean_eval_texts: list[str]
+    clean_eval_labels: list[int]
+
+
+def select_texts(
+    corpus, split, *, seed: int, train_size: int, trigger: str, source, target, n_adv: int, n_eval: int,
+    n_clean_eval: int,
+) -> SeedTexts:
+    """Seed ``seed``'s training slice, poison pool, attacker / defender queries and evaluation reviews."""
+    names = list(corpus.label_names)
+    src, tgt = resolve_classes(SimpleNamespace(label_names=names, num_classes=len(names)), source, target)
+    labels = np.asarray(corpus.labels)
+    train_idx = np.asarray(split.train_idx)
+    rows_slice = train_idx[_stratified(labels[train_idx], train_size, seed).numpy()]
+    in_slice = np.zeros(len(labels), dtype=bool)
+    in_slice[rows_slice] = True
+    pool_texts = [corpus.texts[i] for i in train_idx if not in_slice[i] and labels[i] == tgt]
+    test_idx = np.asarray(split.test_idx)
+    val, ev = split_heldout(len(test_idx), seed)
+    val_src = [int(test_idx[i]) for i in val if labels[test_idx[i]] == src]
+    val_src = [val_src[i] for i in np.random.default_rng(seed + 31).permutation(len(val_src))]
+    if len(val_src) < 2 * n_adv:
+        raise UserError(
+            f"only {len(val_src)} source-class validation reviews for 2 x {n_adv} queries", field="n_adv"
+        )
+    ev_rows = [int(test_idx[i]) for i in ev]
+    ev_src = [i for i in ev_rows if labels[i] == src][:n_eval]
+    ev_clean = ev_rows[:n_clean_eval]
+    return SeedTexts(
+        names=names,
+        source=src,
+        target=tgt,
+        train_texts=[corpus.texts[i] for i in rows_slice],
+        train_labels=labels[rows_slice].tolist(),
+        pool_texts=pool_texts,
+        adv_texts=[insert_trigger(corpus.texts[i], trigger) for i in val_src[:n_adv]],
+        defender_texts=[insert_trigger(corpus.texts[i], trigger) for i in val_src[n_adv : 2 * n_adv]],
+        triggered_eval_texts=[insert_trigger(corpus.texts[i], trigger) for i in ev_src],
+        clean_eval_texts=[corpus.texts[i] for i in ev_clean],
+        clean_eval_labels=labels[ev_clean].tolist(),
+    )
+
+
+@dataclass
+class VictimBatches:
+    """Prefix-cached batches of a :class:`SeedTexts` for the victim (labels as the threat model says)."""
+
+    train: dict
+    adv: dict
+    defender: dict
+    triggered_eval: dict
+    clean_eval: dict
+
+
+def cache_batches(victim, texts: SeedTexts) -> VictimBatches:
+    """Run the frozen prefix once over every text set (attacker queries labelled target, defender source)."""
+    n_adv = len(texts.adv_texts)
+    return VictimBatches(
+        train=victim.cache(texts.train_texts, texts.train_labels),
+        adv=victim.cache(texts.adv_texts, [texts.target] * n_adv),
+        defender=victim.cache(texts.defender_texts, [texts.source] * len(texts.defender_texts)),
+        triggered_eval=victim.cache(
+            texts.triggered_eval_texts, [texts.source] * len(texts.triggered_eval_texts)
+        ),
+        clean_eval=victim.cache(texts.clean_eval_texts, texts.clean_eval_labels),
+    )
+
+
+# ------------------------------------------------------------------------------ scoring a model
+def attack_rates(victim, theta: torch.Tensor, batches: VictimBatches, target: int) -> tuple[float, float]:
+    """``(attack success, clean accuracy)`` of the victim with parameters ``theta``, both in [0, 1].
+
+    Attack success: the share of triggered evaluation-half source reviews predicted as ``target``; clean
+    accuracy: on the evaluation half's true labels.
+    """
+    success = float((victim.predict(theta, batches.triggered_eval) == target).double().mean())
+    return success, victim.accuracy(theta, batches.clean_eval)
+
+
+# ------------------------------------------------------------------------------- step 2: craft
+def attacker_alignment(
+    victim, theta: torch.Tensor, batches: VictimBatches, config: FactorConfig, progress: bool
+) -> Alignment:
+    """The attacker's objective ``J``: the mean preconditioned adversarial gradient of the model ``theta``
+    (curvature fitted on the victim's training slice) as a central-difference alignment."""
+    suffix = victim.load_suffix(theta)
+    method = FactoredInfluence(suffix, victim.task, _batches(batches.train), config, progress=progress)
+    pre = method.preconditioned_query_gradients(batches.adv)
+    direction = {k: v.mean(0) for k, v in pre.items()}
+    return Alignment(victim.load_full(theta), suffix, direction, victim.last_k)
+
+
+# ---------------------------------------------------------------------- step 3: retrain victim
+def retrain_on_poisons(
+    victim, all_batch: dict, n_clean: int, sizes, batches: VictimBatches, target: int, control: tuple[float, float]
+) -> tuple[list[dict], dict[int, torch.Tensor]]:
+    """The victim retrained (same initialisation and seed) on the clean rows + the first ``N`` poisons,
+    for each ``N`` in ``sizes``; ``control`` is ``attack_rates`` of the clean model.
+
+    Returns:
+        rows ``{n_poison, attack_success, control_success, net_success, clean_accuracy,
+        clean_accuracy_control, n_triggered_eval}`` in increasing ``N``, and ``{N: parameters}``.
+    """
+    ctrl_succ, ctrl_acc = control
+    rows, thetas = [], {}
+    for n_p in sorted(sizes):
+        keep = torch.cat([torch.arange(n_clean), n_clean + torch.arange(n_p)])
+        theta, _ = victim.fit(all_batch, keep)
+        thetas[n_p] = theta
+        succ, acc = attack_rates(victim, theta, batches, target)
+        rows.append(
+            {
+                "n_poison": int(n_p),
+                "attack_success": succ,
+                "control_success": ctrl_succ,
+                "net_success": succ - ctrl_succ,
+                "clean_accuracy": acc,
+                "clean_accuracy_control": ctrl_acc,
+                "n_triggered_eval": int(batches.triggered_eval["attention_mask"].shape[0]),
+            }
+        )
+    return rows, thetas
+
+
+# ---------------------------------------------------------------------------------- step 4: audit
+def audit_rankers(
+    suffix, task, all_batch: dict, defender_batch: dict, all_texts: list[str], trigger: str, seed: int,
+    progress: bool,
+) -> dict[str, np.ndarray]:
+    """Suspicion scores ``[n]`` (higher = more suspicious) of every training row of ``all_batch``.
+
+    The defender's rankers on the fine-tuned suffix (an inline copy of the defences' rankers, kept in this
+    one function): summed opponent influence on the defender's queries (``-score``: they are labelled
+    with the source class), its cosine-normalised variant, EK-FAC self-influence, TracIn-style
+    self-influence (identity curvature), training loss, a trigger-token search and random.
+    """
+    chunks = _batches(all_batch)
+    ekfac = FactoredInfluence(
+        suffix, task, chunks, FactorConfig(strategy="ekfac", modules="trainable", seed=seed), progress=progress
+    )
+    q_scores = ekfac.pairwise_scores(defender_batch).double().numpy()
+    self_ek = ekfac.self_scores().double().numpy()
+    identity = FactoredInfluence(
+        suffix, task, chunks, FactorConfig(strategy="identity", modules="trainable", damping=1.0),
+        progress=progress,
+    )
+    tracin = identity.self_scores().double().numpy()
+    with torch.no_grad():
+        loss = (
+            torch.cat([task.per_example_loss(suffix, b) for b in _batches(all_batch, 256)]).double().numpy()
+        )
+    n = len(all_texts)
+    rng = np.random.default_rng(seed + 7919)
+    query_influence = -q_scores.sum(0)
+    return {
+        "query_influence": query_influence,
+        "query_cosine": query_influence / np.sqrt(np.maximum(self_ek, 1e-300)),
+        "self_influence": self_ek,
+        "tracin_self": tracin,
+        "loss": loss,
+        "trigger_search": np.array([float(contains_trigger(x, trigger)) for x in all_texts])
+        + 1e-6 * rng.random(n),
+        "random": rng.random(n),
+    }
+
+
+# ------------------------------------------------------------------------ step 5: remove, retrain
+def remove_and_retrain(
+    victim, all_batch: dict, rankers: dict[str, np.ndarray], is_poison: np.ndarray, remove_fraction: float,
+    batches: VictimBatches, target: int, control_success: float,
+) -> list[dict]:
+    """For each ranker of :data:`REMOVAL_RANKERS`: drop its top ``remove_fraction`` rows, retrain, score.
+
+    Returns:
+        rows ``{ranker, removed, poisons_removed, attack_success, net_success, clean_accuracy}``.
+    """
+    n_all = len(is_poison)
+    k = round(remove_fraction * n_all)
+    removal = []
+    for name in REMOVAL_RANKERS:
+        drop = np.argsort(-rankers[name], kind="stable")[:k]
+        keep_mask = np.ones(n_all, dtype=bool)
+        keep_mask[drop] = False
+        theta, _ = victim.fit(all_batch, torch.as_tensor(np.flatnonzero(keep_mask)))
+        succ, acc = attack_rates(victim, theta, batches, target)
+        removal.append(
+            {
+                "ranker": name,
+                "removed": int(k),
+                "poisons_removed": int(is_poison[drop].sum()),
+                "attack_success": succ,
+                "net_success": succ - control_success,
+                "clean_accuracy": acc,
+            }
+        )
+    return removal
+
+
+def _poison_records(search: PoisonSearch) -> list[dict]:
+    return [
+        {"text": x, "start": s0, "alignment": a, "start_alignment": a0}
+        for x, s0, a, a0 in zip(search.texts, search.start_texts, search.alignment, search.start_alignment)
+    ]
 
 
 def concealed_seed(
@@ -90,212 +328,66 @@ def concealed_seed(
         clean_accuracy_control, ...}], 'audit': {ranker: detection metrics}, 'removal': [...],
         'poisons': [...], 'seconds': {...}}``; rates in [0, 1].
     """
-    from influent.curvature.ekfac import FactorConfig, fit_factors
-    from influent.evaluation.detection import detection_metrics
-    from influent.evaluation.validate import _stratified
-    from influent.factored_influence import pairwise_scores, preconditioned_query_gradients, self_scores
-    from influent.models.suffix_classifier import SuffixClassifier
     from influent.pipeline import load_corpus_and_split
     from influent.store import default_cache_dir
 
     if not sizes or min(sizes) < 1:
-        raise UserError(f"--sizes must be positive poison counts, got {list(sizes)}")
+        raise UserError(f"sizes must be positive poison counts, got {list(sizes)}", field="sizes")
     times: dict[str, float] = {}
     t_all = time.perf_counter()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     corpus, split = load_corpus_and_split(data, text_column, label_column, "train", 0.2, split_seed, cache)
-    names = list(corpus.label_names)
-    src, tgt = resolve_classes(SimpleNamespace(label_names=names, num_classes=len(names)), source, target)
-    labels = np.asarray(corpus.labels)
-    train_idx = np.asarray(split.train_idx)
-    rows_slice = train_idx[_stratified(labels[train_idx], train_size, seed).numpy()]
-    in_slice = np.zeros(len(labels), dtype=bool)
-    in_slice[rows_slice] = True
-    pool_texts = [corpus.texts[i] for i in train_idx if not in_slice[i] and labels[i] == tgt]
-    test_idx = np.asarray(split.test_idx)
-    val, ev = split_heldout(len(test_idx), seed)
-    val_src = [int(test_idx[i]) for i in val if labels[test_idx[i]] == src]
-    val_src = [val_src[i] for i in np.random.default_rng(seed + 31).permutation(len(val_src))]
-    if len(val_src) < 2 * n_adv:
-        raise UserError(f"only {len(val_src)} source-class validation reviews for 2 x {n_adv} queries")
-    adv_texts = [insert_trigger(corpus.texts[i], trigger) for i in val_src[:n_adv]]
-    defender_texts = [insert_trigger(corpus.texts[i], trigger) for i in val_src[n_adv : 2 * n_adv]]
-    ev_rows = [int(test_idx[i]) for i in ev]
-    ev_src = [i for i in ev_rows if labels[i] == src][:n_eval]
-    ev_clean = ev_rows[:n_clean_eval]
-
+    texts = select_texts(
+        corpus, split, seed=seed, train_size=train_size, trigger=trigger, source=source, target=target,
+        n_adv=n_adv, n_eval=n_eval, n_clean_eval=n_clean_eval,
+    )
+    tgt, n, n_max = texts.target, len(texts.train_texts), max(sizes)
     victim = SuffixClassifier(
-        encoder, len(names), last_k=last_k, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size,
+        encoder, len(texts.names), last_k=last_k, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size,
         max_length=max_length,
     )
-    tok, task = victim.tokenizer, victim.task
-    t = time.perf_counter()
-    train_texts = [corpus.texts[i] for i in rows_slice]
-    train_y = labels[rows_slice].tolist()
-    n = len(train_texts)
-    train_batch = victim.cache(train_texts, train_y)
-    adv_batch = victim.cache(adv_texts, [tgt] * n_adv)
-    defender_batch = victim.cache(defender_texts, [src] * n_adv)
-    trig_eval = victim.cache([insert_trigger(corpus.texts[i], trigger) for i in ev_src], [src] * len(ev_src))
-    clean_eval = victim.cache([corpus.texts[i] for i in ev_clean], labels[ev_clean].tolist())
-    times["prefix_cache"] = time.perf_counter() - t
-
-    def rates(theta: torch.Tensor) -> tuple[float, float]:
-        succ = float((victim.predict(theta, trig_eval) == tgt).double().mean())
-        return succ, victim.accuracy(theta, clean_eval)
-
-    # ---- the clean victim and the attacker's direction
-    t = time.perf_counter()
-    theta_c, info_c = victim.fit(train_batch)
-    times["train_clean"] = time.perf_counter() - t
-    ctrl_succ, ctrl_acc = rates(theta_c)
-    t = time.perf_counter()
-    suffix = victim.load_suffix(theta_c)
-    factors = fit_factors(
-        suffix,
-        task,
-        _batches(train_batch),
-        FactorConfig(strategy=curvature, modules="trainable", damping=damping, seed=seed),
-        progress=progress,
-    )
-    pre = preconditioned_query_gradients(suffix, task, factors, [adv_batch])
-    direction = {k: v.mean(0) for k, v in pre.items()}
-    alignment = Alignment(victim.load_full(theta_c), suffix, direction, last_k)
-    times["attacker_curvature"] = time.perf_counter() - t
+    with _timed(times, "prefix_cache"):
+        batches = cache_batches(victim, texts)
+    with _timed(times, "train_clean"):  # the clean victim, then the attacker's alignment and the poisons
+        theta_c, info_c = victim.fit(batches.train)
+    control = attack_rates(victim, theta_c, batches, tgt)
+    with _timed(times, "attacker_curvature"):
+        config = FactorConfig(strategy=curvature, modules="trainable", damping=damping, seed=seed)
+        alignment = attacker_alignment(victim, theta_c, batches, config, progress)
     search = craft_poisons(
-        alignment,
-        tok,
-        pool_texts,
-        max(sizes),
-        tgt,
-        trigger,
-        candidates=candidates,
-        sweeps=sweeps,
-        max_tokens=max_tokens,
-        pool=pool,
-        seed=seed,
-        progress=progress,
+        alignment, victim.tokenizer, texts.pool_texts, n_max, tgt, trigger, candidates=candidates,
+        sweeps=sweeps, max_tokens=max_tokens, pool=pool, seed=seed, progress=progress,
     )
     times["craft_poisons"] = search.seconds
-
-    # ---- the victim retrains on slice + poisons
-    n_max = max(sizes)
-    all_texts = train_texts + search.texts
-    all_y = train_y + [tgt] * n_max
-    all_batch = victim.cache(all_texts, all_y)
-    rows = []
-    thetas = {}
-    t = time.perf_counter()
-    for n_p in sorted(sizes):
-        keep = torch.cat([torch.arange(n), n + torch.arange(n_p)])
-        theta, _ = victim.fit(all_batch, keep)
-        thetas[n_p] = theta
-        succ, acc = rates(theta)
-        rows.append(
-            {
-                "n_poison": int(n_p),
-                "trigger": trigger,
-                "attack_success": succ,
-                "control_success": ctrl_succ,
-                "net_success": succ - ctrl_succ,
-                "clean_accuracy": acc,
-                "clean_accuracy_control": ctrl_acc,
-                "n_triggered_eval": len(ev_src),
-                "poison_seconds": search.seconds,
-                "curvature": curvature,
-            }
-        )
-    times["train_poisoned"] = time.perf_counter() - t
-
-    # ---- audit of the largest poisoned model
-    t = time.perf_counter()
-    is_poison = np.zeros(n + n_max, dtype=bool)
-    is_poison[n:] = True
-    suffix = victim.load_suffix(thetas[n_max])
-    chunks = _batches(all_batch)
-    f_ek = fit_factors(
-        suffix,
-        task,
-        chunks,
-        FactorConfig(strategy="ekfac", modules="trainable", seed=seed),
-        progress=progress,
-    )
-    q_scores = (
-        pairwise_scores(suffix, task, f_ek, [defender_batch], chunks, progress=progress).double().numpy()
-    )
-    self_ek = self_scores(suffix, task, f_ek, chunks, progress=progress).double().numpy()
-    f_id = fit_factors(
-        suffix,
-        task,
-        chunks,
-        FactorConfig(strategy="identity", modules="trainable", damping=1.0),
-        progress=progress,
-    )
-    tracin = self_scores(suffix, task, f_id, chunks, progress=progress).double().numpy()
-    with torch.no_grad():
-        loss = (
-            torch.cat([task.per_example_loss(suffix, b) for b in _batches(all_batch, 256)]).double().numpy()
-        )
-    rng = np.random.default_rng(seed + 7919)
-    query_influence = -q_scores.sum(0)
-    rankers = {
-        "query_influence": query_influence,
-        "query_cosine": query_influence / np.sqrt(np.maximum(self_ek, 1e-300)),
-        "self_influence": self_ek,
-        "tracin_self": tracin,
-        "loss": loss,
-        "trigger_search": np.array([float(contains_trigger(x, trigger)) for x in all_texts])
-        + 1e-6 * rng.random(n + n_max),
-        "random": rng.random(n + n_max),
-    }
-    audit = {
-        name: detection_metrics(s, is_poison, fractions=AUDIT_FRACTIONS, seed=seed)
-        for name, s in rankers.items()
-    }
-    times["audit"] = time.perf_counter() - t
-
-    # ---- removal of the top fraction and retraining
-    t = time.perf_counter()
-    removal = []
-    k = round(remove_fraction * (n + n_max))
-    for name in ("query_influence", "loss"):
-        drop = np.argsort(-rankers[name], kind="stable")[:k]
-        keep_mask = np.ones(n + n_max, dtype=bool)
-        keep_mask[drop] = False
-        theta, _ = victim.fit(all_batch, torch.as_tensor(np.flatnonzero(keep_mask)))
-        succ, acc = rates(theta)
-        removal.append(
-            {
-                "ranker": name,
-                "removed": int(k),
-                "poisons_removed": int(is_poison[drop].sum()),
-                "attack_success": succ,
-                "net_success": succ - ctrl_succ,
-                "clean_accuracy": acc,
-            }
-        )
-    times["removal"] = time.perf_counter() - t
+    all_texts = texts.train_texts + search.texts
+    all_batch = victim.cache(all_texts, texts.train_labels + [tgt] * n_max)
+    with _timed(times, "train_poisoned"):  # the victim retrains on slice + poisons
+        rows, thetas = retrain_on_poisons(victim, all_batch, n, sizes, batches, tgt, control)
+    rows = [dict({"n_poison": r["n_poison"], "trigger": trigger}, **r, poison_seconds=search.seconds,
+                 curvature=curvature) for r in rows]
+    is_poison = np.arange(n + n_max) >= n
+    with _timed(times, "audit"):  # the audit of the largest poisoned model
+        suffix = victim.load_suffix(thetas[n_max])
+        rankers = audit_rankers(suffix, victim.task, all_batch, batches.defender, all_texts, trigger, seed, progress)
+        audit = {name: detection_metrics(s, is_poison, fractions=AUDIT_FRACTIONS, seed=seed)
+                 for name, s in rankers.items()}
+    with _timed(times, "removal"):  # removal of the top fraction and retraining
+        removal = remove_and_retrain(victim, all_batch, rankers, is_poison, remove_fraction, batches, tgt, control[0])
     times["total"] = time.perf_counter() - t_all
     return {
-        "seed": seed,
-        "n_train": n,
-        "source": names[src],
-        "target": names[tgt],
-        "trigger": trigger,
-        "banned_token_count": search.banned_count,
-        "train_grad_norm_clean": info_c.get("grad_norm"),
-        "rows": rows,
-        "audit": audit,
-        "removal": removal,
-        "poisons": [
-            {"text": x, "start": s0, "alignment": a, "start_alignment": a0}
-            for x, s0, a, a0 in zip(
-                search.texts, search.start_texts, search.alignment, search.start_alignment
-            )
-        ],
-        "flips": search.flips,
-        "seconds": times,
+        "seed": seed, "n_train": n, "source": texts.names[texts.source], "target": texts.names[tgt],
+        "trigger": trigger, "banned_token_count": search.banned_count,
+        "train_grad_norm_clean": info_c.get("grad_norm"), "rows": rows, "audit": audit, "removal": removal,
+        "poisons": _poison_records(search), "flips": search.flips, "seconds": times,
     }
+
+
+@contextmanager
+def _timed(times: dict[str, float], name: str):
+    """Record the wall-clock seconds of the ``with`` block as ``times[name]``."""
+    t = time.perf_counter()
+    yield
+    times[name] = time.perf_counter() - t
 
 
 def run_concealed(data: str | None = None, *, seeds=(0, 1, 2), out=None, progress: bool = True, **options) -> dict:
@@ -304,8 +396,6 @@ def run_concealed(data: str | None = None, *, seeds=(0, 1, 2), out=None, progres
     Returns ``{'kind': 'concealed', 'seeds', 'options', 'rows', 'summary', 'audit', 'audit_summary',
     'removal', 'removal_summary', 'runs'}`` and writes ``out/attack_concealed.json`` when ``out`` is given.
     """
-    from influent.store import write_json
-
     seeds = list(seeds)
     runs = [concealed_seed(data, seed=s, progress=progress, **options) for s in seeds]
     rows = [dict(r, seed=run["seed"]) for run in runs for r in run["rows"]]
