@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from influent.errors import UserError
+from influent.errors import NumericalError, UserError
 
 DEFAULT_SIZES = (10, 25, 50)
 
@@ -131,7 +131,7 @@ class Alignment:
         self.last_k = last_k
         s_norm = float(torch.sqrt(sum(d.double().pow(2).sum() for d in direction.values())))
         if not np.isfinite(s_norm) or s_norm == 0.0:
-            raise FloatingPointError("the adversarial direction is zero or non-finite")
+            raise NumericalError("the adversarial direction is zero or non-finite")
         modules = dict(suffix.named_modules())
         t_norm = float(
             torch.sqrt(
@@ -214,6 +214,92 @@ class PoisonSearch:
     history: list[dict] = field(default_factory=list)
 
 
+def starting_snippets(
+    alignment: Alignment,
+    tokenizer,
+    pool_texts: list[str],
+    n_poisons: int,
+    target: int,
+    trigger: str,
+    banned: set[int],
+    *,
+    max_tokens: int,
+    pool: int,
+    seed: int,
+) -> list[str]:
+    """The ``n_poisons`` snippets, of ``pool`` seeded draws from the usable ``pool_texts`` (3 to
+    ``max_tokens`` word pieces, no trigger, no banned id), with the largest ``J`` at label ``target``."""
+    rng = np.random.default_rng(seed)
+    ok = [
+        t
+        for t in pool_texts
+        if 3 <= len(tokenizer(t, add_special_tokens=False)["input_ids"]) <= max_tokens
+        and not contains_trigger(t, trigger)
+        and not set(tokenizer(t, add_special_tokens=False)["input_ids"]) & banned
+    ]
+    if len(ok) < n_poisons:
+        raise UserError(f"only {len(ok)} usable target-class snippets for {n_poisons} poisons", field="sizes")
+    start = [ok[i] for i in rng.permutation(len(ok))[: max(pool, n_poisons)]]
+    enc = tokenizer(start, padding=True, return_tensors="pt")
+    labels_all = torch.full((len(start),), target, dtype=torch.long)
+    j0 = alignment.of_ids(enc["input_ids"], enc["attention_mask"], labels_all)
+    best = torch.argsort(j0, descending=True)[:n_poisons]
+    return [start[i] for i in best.tolist()]
+
+
+@dataclass
+class _SearchState:
+    """The poisons being searched: token ids ``[P, T]`` (edited in place), mask, labels, lengths, ``J``."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor
+    lengths: torch.Tensor
+    current: torch.Tensor
+
+
+def hotflip_position(
+    alignment: Alignment, tokenizer, state: _SearchState, pos: int, vocab: torch.Tensor, candidates: int,
+    trigger: str,
+) -> int | None:
+    """One HotFlip step at position ``pos`` of every poison long enough to have a real token there.
+
+    Ranks the allowed tokens by the first-order change of ``J``, re-scores the top ``candidates`` by the
+    true ``J`` and keeps, per poison, the best one that raises ``J`` and whose decoded text holds no
+    trigger word. Returns the number of tokens flipped, or None when no poison reaches ``pos``.
+    """
+    ids, mask, labels, lengths, current = state.ids, state.mask, state.labels, state.lengths, state.current
+    rows = torch.nonzero(pos < lengths - 1).flatten()  # the position is a real, non-special token
+    if len(rows) == 0:
+        return None
+    emb_matrix = alignment.model.get_input_embeddings().weight.detach()
+    cand_emb = emb_matrix[vocab]
+    _, grad = alignment.with_embedding_grad(ids[rows], mask[rows], labels[rows])
+    g = grad[:, pos].to(cand_emb.dtype)  # [R, H]
+    first_order = g @ cand_emb.T - (g * emb_matrix[ids[rows, pos]]).sum(-1, keepdim=True)
+    top = vocab[first_order.topk(min(candidates, len(vocab)), dim=1).indices]  # [R, C]
+    r, c = top.shape
+    cand_ids = ids[rows].repeat_interleave(c, 0)
+    cand_ids[:, pos] = top.flatten()
+    cand_j = alignment.of_ids(cand_ids, mask[rows].repeat_interleave(c, 0), labels[rows].repeat_interleave(c, 0))
+    cand_j = cand_j.view(r, c)
+    order = torch.argsort(cand_j, dim=1, descending=True)
+    flips = 0
+    for k, row in enumerate(rows.tolist()):
+        for col in order[k].tolist():
+            if float(cand_j[k, col]) <= float(current[row]):
+                break
+            trial = ids[row].clone()
+            trial[pos] = top[k, col]
+            if contains_trigger(tokenizer.decode(trial[1 : int(lengths[row]) - 1]), trigger):
+                continue
+            ids[row] = trial
+            current[row] = cand_j[k, col]
+            flips += 1
+            break
+    return flips
+
+
 def craft_poisons(
     alignment: Alignment,
     tokenizer,
@@ -244,68 +330,30 @@ def craft_poisons(
     t0 = time.perf_counter()
     banned = banned_token_ids(tokenizer, trigger)
     vocab = candidate_vocabulary(tokenizer, banned)
-    emb_matrix = alignment.model.get_input_embeddings().weight.detach()
-    cand_emb = emb_matrix[vocab]
-    rng = np.random.default_rng(seed)
-    ok = [
-        t
-        for t in pool_texts
-        if 3 <= len(tokenizer(t, add_special_tokens=False)["input_ids"]) <= max_tokens
-        and not contains_trigger(t, trigger)
-        and not set(tokenizer(t, add_special_tokens=False)["input_ids"]) & banned
-    ]
-    if len(ok) < n_poisons:
-        raise UserError(f"only {len(ok)} usable target-class snippets for {n_poisons} poisons")
-    start = [ok[i] for i in rng.permutation(len(ok))[: max(pool, n_poisons)]]
-    enc = tokenizer(start, padding=True, return_tensors="pt")
-    labels_all = torch.full((len(start),), target, dtype=torch.long)
-    j0 = alignment.of_ids(enc["input_ids"], enc["attention_mask"], labels_all)
-    best = torch.argsort(j0, descending=True)[:n_poisons]
-    start_texts = [start[i] for i in best.tolist()]
+    start_texts = starting_snippets(
+        alignment, tokenizer, pool_texts, n_poisons, target, trigger, banned, max_tokens=max_tokens, pool=pool,
+        seed=seed,
+    )
     enc = tokenizer(start_texts, padding=True, return_tensors="pt")
-    ids, mask = enc["input_ids"].clone(), enc["attention_mask"]
     labels = torch.full((n_poisons,), target, dtype=torch.long)
-    lengths = mask.sum(1)
-    current = alignment.of_ids(ids, mask, labels)
-    start_j = current.clone()
+    ids, mask = enc["input_ids"].clone(), enc["attention_mask"]
+    state = _SearchState(ids, mask, labels, mask.sum(1), alignment.of_ids(ids, mask, labels))
+    start_j = state.current.clone()
     flips = 0
     history = []
-    steps = sweeps * (ids.shape[1] - 2)
-    bar = tqdm(total=steps, desc="concealed poisons (positions)", disable=not progress, leave=False)
+    bar = tqdm(total=sweeps * (ids.shape[1] - 2), desc="concealed poisons (positions)", disable=not progress,
+               leave=False)
     for sweep in range(sweeps):
         for pos in range(1, ids.shape[1] - 1):
-            rows = torch.nonzero(pos < lengths - 1).flatten()  # the position is a real, non-special token
             bar.update(1)
-            if len(rows) == 0:
+            flipped = hotflip_position(alignment, tokenizer, state, pos, vocab, candidates, trigger)
+            if flipped is None:
                 continue
-            _, grad = alignment.with_embedding_grad(ids[rows], mask[rows], labels[rows])
-            g = grad[:, pos].to(cand_emb.dtype)  # [R, H]
-            first_order = g @ cand_emb.T - (g * emb_matrix[ids[rows, pos]]).sum(-1, keepdim=True)
-            top = vocab[first_order.topk(min(candidates, len(vocab)), dim=1).indices]  # [R, C]
-            r, c = top.shape
-            cand_ids = ids[rows].repeat_interleave(c, 0)
-            cand_ids[:, pos] = top.flatten()
-            cand_j = alignment.of_ids(
-                cand_ids, mask[rows].repeat_interleave(c, 0), labels[rows].repeat_interleave(c, 0)
-            )
-            cand_j = cand_j.view(r, c)
-            order = torch.argsort(cand_j, dim=1, descending=True)
-            for k, row in enumerate(rows.tolist()):
-                for col in order[k].tolist():
-                    if float(cand_j[k, col]) <= float(current[row]):
-                        break
-                    trial = ids[row].clone()
-                    trial[pos] = top[k, col]
-                    if contains_trigger(tokenizer.decode(trial[1 : int(lengths[row]) - 1]), trigger):
-                        continue
-                    ids[row] = trial
-                    current[row] = cand_j[k, col]
-                    flips += 1
-                    break
-            history.append({"sweep": sweep, "position": pos, "mean_alignment": float(current.mean())})
-            bar.set_postfix(J=f"{float(current.mean()):.3g}")
+            flips += flipped
+            history.append({"sweep": sweep, "position": pos, "mean_alignment": float(state.current.mean())})
+            bar.set_postfix(J=f"{float(state.current.mean()):.3g}")
     bar.close()
-    texts = [tokenizer.decode(ids[i, 1 : int(lengths[i]) - 1]) for i in range(n_poisons)]
+    texts = [tokenizer.decode(ids[i, 1 : int(state.lengths[i]) - 1]) for i in range(n_poisons)]
     # the victim trains on the re-tokenised text: re-check the ban and re-score on exactly that
     assert_concealed(texts, tokenizer, trigger, banned)
     enc = tokenizer(texts, padding=True, return_tensors="pt")
