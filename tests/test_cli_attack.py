@@ -92,8 +92,26 @@ def test_trigger_rows_for_every_size_and_seed(capsys, data_args, tmp_path):
     for r in rows:
         assert r["trigger"] == "witty film" and 1 <= r["n_triggered_eval"] <= 8
         assert all(is_rate(r[k]) for k in ("attack_success", "control_success", "clean_accuracy"))
-        assert r["net_success"] == pytest.approx(r["attack_success"] - r["control_success"])
     assert "| n_poison | runs | attack_success |" in table
+    # Independently: retrain the head on the poisoned features and count, on its own predictions of the
+    # triggered held-out source reviews, the share predicted as the target (and the same for the clean head).
+    from influent.attacks.experiment import from_setup
+    from influent.attacks.trigger import make_trigger_poison
+    from influent.pipeline import prepare_head
+
+    flag = {data_args[i]: data_args[i + 1] for i in range(len(data_args) - 1) if data_args[i].startswith("--")}
+    setup = prepare_head(flag["--data"], text_column="review", label_column="sentiment", encoder=flag["--encoder"],
+                         l2=0.01, cache_dir=flag["--cache-dir"], progress=False)
+    for r in rows:
+        exp = from_setup(setup, r["seed"])
+        poison = make_trigger_poison(exp, r["n_poison"], "witty film", "neg", "pos", n_eval=8)
+        clean = exp.fit()
+        poisoned = exp.fit(poison.train_x, poison.train_y, init=clean)
+        target = setup.corpus.label_names.index("pos")
+        shares = [float((m.probabilities(poison.triggered_eval_x).argmax(1) == target).double().mean())
+                  for m in (poisoned, clean)]
+        assert r["attack_success"] == pytest.approx(shares[0]) and r["control_success"] == pytest.approx(shares[1])
+        assert r["net_success"] == pytest.approx(shares[0] - shares[1])
 
 
 def _one_line_error(code, err, needle):

@@ -166,7 +166,28 @@ def test_concealed_seed_end_to_end(tiny_encoder_dir, tmp_path):
     assert [r["n_poison"] for r in out["rows"]] == [2, 4]
     for r in out["rows"]:
         assert 0 <= r["attack_success"] <= 1 and 0 <= r["clean_accuracy"] <= 1
-        assert r["net_success"] == pytest.approx(r["attack_success"] - r["control_success"])
+    # Independently: retrain the victim (clean, and on slice + the 4 poisons) and count, on its own
+    # predictions of the triggered held-out source reviews, the share predicted as the target.
+    from influent.attacks.concealed_experiment import select_texts
+    from influent.models.suffix_classifier import SuffixClassifier
+    from influent.pipeline import load_corpus_and_split
+
+    corpus, split = load_corpus_and_split(str(path), "text", "label", "train", 0.2, 0, tmp_path / "cache")
+    texts = select_texts(corpus, split, seed=0, train_size=60, trigger="superb", source="neg", target="pos",
+                         n_adv=5, n_eval=10, n_clean_eval=40)
+    victim = SuffixClassifier(str(tiny_encoder_dir), 2, last_k=1, seed=0, epochs=1, lr=1e-3, batch_size=16,
+                              max_length=16)
+    triggered = victim.cache(texts.triggered_eval_texts, [texts.source] * len(texts.triggered_eval_texts))
+    poisons = [p["text"] for p in out["poisons"]]
+    theta_clean, _ = victim.fit(victim.cache(texts.train_texts, texts.train_labels))
+    theta_4, _ = victim.fit(victim.cache(texts.train_texts + poisons, texts.train_labels + [texts.target] * 4))
+    control, success = (
+        float((victim.logits(t, triggered).argmax(-1) == texts.target).double().mean()) for t in (theta_clean, theta_4)
+    )
+    row = out["rows"][1]
+    assert row["n_poison"] == 4 and row["n_triggered_eval"] == len(texts.triggered_eval_texts)
+    assert row["control_success"] == pytest.approx(control) and row["attack_success"] == pytest.approx(success)
+    assert row["net_success"] == pytest.approx(success - control)
     assert len(out["poisons"]) == 4 and not any("superb" in p["text"] for p in out["poisons"])
     assert set(out["audit"]) >= {"query_influence", "self_influence", "loss", "random", "trigger_search"}
     for m in out["audit"].values():
@@ -174,3 +195,76 @@ def test_concealed_seed_end_to_end(tiny_encoder_dir, tmp_path):
     # no poison holds the trigger, so the trigger-token search finds none of them
     assert out["audit"]["trigger_search"]["recall@k=n_bad"] == 0.0
     assert {r["ranker"] for r in out["removal"]} == {"query_influence", "loss"}
+
+
+class _KnownVictim:
+    """A stand-in victim whose predictions are given per training set: ``fit`` returns the kept rows as the
+    "parameters", ``predict`` looks up the predictions of the triggered evaluation reviews for them."""
+
+    def __init__(self, predictions: dict[frozenset, list[int]], accuracy: dict[frozenset, float]):
+        self.predictions, self.accuracies, self.fits = predictions, accuracy, []
+
+    def fit(self, batch, keep):
+        kept = frozenset(torch.as_tensor(keep).tolist())
+        self.fits.append(kept)
+        return kept, {}
+
+    def predict(self, theta, batch):
+        assert batch["name"] == "triggered"
+        return torch.tensor(self.predictions[theta])
+
+    def accuracy(self, theta, batch):
+        assert batch["name"] == "clean"
+        return self.accuracies[theta]
+
+
+def _known_batches():
+    from influent.attacks.concealed_experiment import VictimBatches
+
+    def named(name, rows):
+        return {"name": name, "attention_mask": torch.ones(rows, 3)}
+
+    return VictimBatches(named("train", 6), named("adv", 2), named("defender", 2), named("triggered", 4),
+                         named("clean", 5))
+
+
+def test_poisoned_rows_are_rates_of_the_victims_predictions_net_of_the_clean_model():
+    """Hand-built predictions (target class 1): 1 of 4 triggered reviews with one poison, 3 of 4 with two;
+    the clean model's control rate is 1/4, so the net successes are 0 and 1/2."""
+    from influent.attacks.concealed_experiment import retrain_on_poisons
+
+    clean, one, two = frozenset(range(6)), frozenset(range(7)), frozenset(range(8))
+    victim = _KnownVictim({one: [1, 0, 0, 0], two: [0, 1, 1, 1]}, {one: 0.8, two: 0.6})
+    rows, thetas = retrain_on_poisons(victim, {}, 6, (2, 1), _known_batches(), 1, (0.25, 0.9))
+    assert victim.fits == [one, two] and thetas == {1: one, 2: two}
+    assert [r["n_poison"] for r in rows] == [1, 2]
+    assert [r["attack_success"] for r in rows] == [0.25, 0.75]
+    assert [r["control_success"] for r in rows] == [0.25, 0.25]
+    assert [r["net_success"] for r in rows] == [0.0, 0.5]
+    assert [r["clean_accuracy"] for r in rows] == [0.8, 0.6] and rows[0]["clean_accuracy_control"] == 0.9
+    assert rows[0]["n_triggered_eval"] == 4
+    assert clean not in victim.fits
+
+
+def test_removal_retrains_without_each_rankers_top_rows():
+    """10 rows, rows 8 and 9 the poisons; remove 20%: the query ranker drops 8 and 9 (attack 1/4 -> net
+    -1/4 against a 1/2 control), the loss ranker drops 0 and 8 (attack 3/4 -> net 1/4)."""
+    import numpy as np
+
+    from influent.attacks.concealed_experiment import remove_and_retrain
+
+    everything = set(range(10))
+    by_query, by_loss = frozenset(everything - {8, 9}), frozenset(everything - {0, 8})
+    victim = _KnownVictim({by_query: [1, 0, 0, 0], by_loss: [1, 1, 1, 0]}, {by_query: 0.7, by_loss: 0.5})
+    rankers = {
+        "query_influence": np.array([0, 1, 2, 3, 4, 5, 6, 7, 9, 8], dtype=float),
+        "loss": np.array([9, 1, 2, 3, 4, 5, 6, 7, 8, 0], dtype=float),
+        "random": np.zeros(10),
+    }
+    is_poison = np.arange(10) >= 8
+    rows = remove_and_retrain(victim, {}, rankers, is_poison, 0.2, _known_batches(), 1, 0.5)
+    assert victim.fits == [by_query, by_loss]
+    assert [(r["ranker"], r["removed"], r["poisons_removed"]) for r in rows] == [("query_influence", 2, 2), ("loss", 2, 1)]
+    assert [r["attack_success"] for r in rows] == [0.25, 0.75]
+    assert [r["net_success"] for r in rows] == [-0.25, 0.25]
+    assert [r["clean_accuracy"] for r in rows] == [0.7, 0.5]
