@@ -26,21 +26,31 @@ def run_cli(capsys, argv):
     return code, out, err
 
 
-def test_explain_json_shape_signs_and_units(capsys, base_args):
-    code, out, err = run_cli(capsys, ["explain", "--text", "a great and witty film", "--top", "4", "--json", *base_args])
+def test_explain_json_matches_a_dense_solve(capsys, base_args, tiny_encoder_dir, reviews_csv, tmp_path):
+    from test_explain import dense_head_scores
+
+    text = "a great and witty film"
+    code, out, err = run_cli(capsys, ["explain", "--text", text, "--top", "4", "--json", *base_args])
     assert code == 0, err
     result = json.loads(out)
-    assert set(result["query"]) >= {"text", "prediction", "probability"}
-    assert 0.5 <= result["query"]["probability"] <= 1.0
+    setup = prepare_head(str(reviews_csv), text_column="review", label_column="sentiment",
+                         encoder=str(tiny_encoder_dir), cache_dir=tmp_path / "cache", l2=0.01, progress=False)
+    xq = setup.embed([text])[0]
+    probs = setup.model.probabilities(xq[None]).detach()[0]
+    pred = int(probs.argmax())
+    assert result["query"] == {"text": text, "prediction": ["neg", "pos"][pred], "probability": pytest.approx(
+        float(probs[pred]), rel=1e-12), "explained_label": ["neg", "pos"][pred], "true_label": None}
+    dense = dense_head_scores(setup, xq, pred)  # closed-form gradients and Hessian of the head
+    order = torch.argsort(dense, descending=True)
     n_train = 64  # 80 rows, 20% held out
-    assert result["proponents"] and result["opponents"]
-    for r in result["proponents"]:
-        assert set(r) >= {"id", "text", "label", "score", "loss_change"}
-        assert r["score"] > 0
-        assert r["loss_change"] == pytest.approx(r["score"] / n_train)
-    assert all(r["score"] < 0 for r in result["opponents"])
-    scores = [r["score"] for r in result["proponents"]]
-    assert scores == sorted(scores, reverse=True)
+    for kind, picked in (("proponents", order[:4]), ("opponents", order.flip(0)[:4])):
+        assert [r["id"] for r in result[kind]] == [setup.corpus.ids[setup.train_idx[int(i)]] for i in picked]
+        assert [r["score"] for r in result[kind]] == pytest.approx(dense[picked].tolist(), rel=1e-8)
+        assert [r["loss_change"] for r in result[kind]] == pytest.approx((dense[picked] / n_train).tolist(), rel=1e-8)
+        assert [r["label"] for r in result[kind]] == [
+            ["neg", "pos"][int(setup.train_y[int(i)])] for i in picked
+        ]
+    assert set(result["solver"]) == {"method", "residual", "iterations"}
 
 
 def test_explain_matches_engine_and_reuses_cache(capsys, base_args, tiny_encoder_dir, reviews_csv, tmp_path):
@@ -133,7 +143,23 @@ def test_console_script_exit_status(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "nope.csv" in proc.stderr
 
 
-def test_finetuned_train_then_explain_with_ekfac(capsys, base_args):
+def test_finetuned_train_then_explain_with_ekfac(capsys, base_args, monkeypatch):
+    import influent.explain
+
+    calls, calls_setups = [], []
+    one_function = influent.explain.explain
+
+    def spy(method, setup, *args, **kwargs):
+        calls.append(method)
+        calls_setups.append(setup)
+        return one_function(method, setup, *args, **kwargs)
+
+    monkeypatch.setattr(influent.explain, "explain", spy)
+    code, out, err = run_cli(capsys, ["explain", "--text", "good", "--top", "1", "--json", *base_args])
+    assert code == 0, err
+    assert [type(m).__name__ for m in calls] == ["ExactInfluence"]  # the head goes through explain() too
+    calls.clear()
+    calls_setups.clear()
     ft = ["--model", "finetuned", "--last-k", "1", "--epochs", "2", "--lr", "1e-3", "--batch-size", "8"]
     code, out, err = run_cli(capsys, ["train", *ft, *base_args])
     assert code == 0, err
@@ -142,10 +168,19 @@ def test_finetuned_train_then_explain_with_ekfac(capsys, base_args):
                                       *ft, *base_args])
     assert code == 0, err
     result = json.loads(out)
-    assert result["curvature"]["strategy"] == "ekfac"
-    assert all(r["score"] > 0 for r in result["proponents"])
-    assert all(r["score"] < 0 for r in result["opponents"])
-    assert result["proponents"][0]["loss_change"] == pytest.approx(result["proponents"][0]["score"] / 64)
+    assert result["curvature"] == {"strategy": "ekfac", "modules": "trainable", "fisher": "empirical",
+                                   "damping": None}
+    assert [type(m).__name__ for m in calls] == ["FactoredInfluence"]
+    # the same numbers as the protocol's method over the same checkpoint (plumbing: ids, labels, n)
+    setup = calls_setups[0]
+    method = setup.influence("ekfac", progress=False)
+    pred = ["neg", "pos"].index(result["query"]["explained_label"])
+    row = int(setup.test_idx[0])
+    scores = method.pairwise_scores(setup.text_batches([setup.corpus.texts[row]], [pred]))[0]
+    best = int(scores.argmax())
+    assert result["proponents"][0]["id"] == setup.corpus.ids[setup.train_idx[best]]
+    assert result["proponents"][0]["score"] == pytest.approx(float(scores[best]), rel=1e-6)
+    assert result["proponents"][0]["loss_change"] == pytest.approx(float(scores[best]) / 64, rel=1e-6)
     # Factors were cached beside the checkpoint: the second explain reuses them and agrees.
     code, out2, _ = run_cli(capsys, ["explain", "--test-index", "0", "--top", "3", "--json", "--strategy", "ekfac",
                                      *ft, *base_args])

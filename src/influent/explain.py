@@ -1,13 +1,22 @@
 """Explanations of predictions: the most influential training examples for a query.
 
-A consumer of the engine: it turns a ``[Q, n]`` score matrix into ranked, labelled, JSON-ready records.
+A consumer of the influence protocol, written once for every model kind: :func:`explain` takes an
+:class:`~influent.influence.InfluenceMethod` (which gives the scores and ``loss_change``) and the model's
+query side (:class:`ExplainedModel`: each query's probabilities and its query batch; implemented by
+:class:`~influent.pipeline.HeadSetup` and :class:`~influent.pipeline.FinetunedSetup`) and turns the
+``[Q, n]`` score matrix into ranked, labelled, JSON-ready records.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+from influent.data import Corpus
+from influent.influence import InfluenceMethod, Queries
 
 
 @dataclass
@@ -16,7 +25,8 @@ class Query:
 
     Attributes:
         text: the review.
-        features: its embedding ``[d]`` (float64), or None for models that take text directly.
+        features: its embedding ``[d]`` (float64), or None (models that take text directly, or a head
+            that embeds the text itself).
         label: the class index whose loss the scores refer to (default: the model's prediction).
         true_label: the gold label when known (a test example), else None.
     """
@@ -27,39 +37,128 @@ class Query:
     true_label: int | None = None
 
 
+class ExplainedModel(Protocol):
+    """The model side of an explanation: what the queries are predicted as and how they are batched.
+
+    Attributes:
+        corpus: label names, ids, texts and labels of every example; ``train_idx`` indexes the training
+            examples, in the order of the influence method's training data.
+    """
+
+    corpus: Corpus
+    train_idx: Sequence[int]
+
+    def probabilities(self, queries: list[Query]) -> torch.Tensor:
+        """Class probabilities ``[Q, K]`` (float64) of each query."""
+
+    def query_batches(self, queries: list[Query], labels: list[int]) -> Queries:
+        """The queries as the influence method's query data, each with the label whose loss is explained."""
+
+
+Ranking = Callable[[InfluenceMethod, torch.Tensor, Queries], torch.Tensor]
+"""``(method, scores [Q, n], queries) -> [Q, n]`` values that order the examples (same sign as the score)."""
+
+RANKINGS: dict[str, Ranking] = {"influence": lambda method, scores, queries: scores}
+"""How :func:`explain` orders training examples; ``influence`` = the raw score (one entry per ranking)."""
+
+SETTINGS_BLOCKS = {
+    "exact": ("solver", {"method": "solver", "residual": "residual", "iterations": "iterations"}),
+    "factored": ("curvature", {"strategy": "strategy", "modules": "modules", "fisher": "fisher", "damping": "damping"}),
+}
+"""Per method kind (``describe()['method']``): the JSON block name and its keys -> ``describe()`` keys."""
+
+
+def explain(
+    method: InfluenceMethod,
+    model: ExplainedModel,
+    queries: list[Query],
+    top: int = 5,
+    rank: str = "influence",
+) -> list[dict]:
+    """Explain each query's prediction by its top proponents and opponents among the training examples.
+
+    Args:
+        method: the influence method over the model's training set (fitted here if needed).
+        model: the query side (:class:`ExplainedModel`), e.g. a :class:`~influent.pipeline.HeadSetup`.
+        queries: texts; a query's ``label`` (default: the prediction) picks the loss explained.
+        top: proponents and opponents returned per query.
+        rank: the ordering of :data:`RANKINGS`.
+
+    Returns:
+        one dict per query: ``query`` (text, prediction, probability, explained_label, true_label),
+        ``proponents`` / ``opponents`` (id, text, label, score, loss_change = score / n) and the method's
+        settings block (``solver`` for exact methods, ``curvature`` for factored ones).
+    """
+    names = model.corpus.label_names
+    probs = model.probabilities(queries)
+    pred = probs.argmax(1)
+    explained = [q.label if q.label is not None else int(p) for q, p in zip(queries, pred)]
+    batches = model.query_batches(queries, explained)
+    scores = method.pairwise_scores(batches)
+    values = RANKINGS[rank](method, scores, batches)
+    changes = method.loss_change(scores)
+    train = [int(i) for i in model.train_idx]
+    examples = (
+        [model.corpus.ids[i] for i in train],
+        [model.corpus.texts[i] for i in train],
+        [int(model.corpus.labels[i]) for i in train],
+    )
+    block = settings_block(method.describe())
+    out = []
+    for k, q in enumerate(queries):
+        out.append({
+            "query": {
+                "text": q.text,
+                "prediction": names[int(pred[k])],
+                "probability": float(probs[k, pred[k]]),
+                "explained_label": names[explained[k]],
+                "true_label": names[q.true_label] if q.true_label is not None else None,
+            },
+            **rank_influential(values[k], scores[k], changes[k], *examples, names, top),
+            **block,
+        })
+    return out
+
+
+def settings_block(description: dict) -> dict:
+    """The method's settings as the explanation's JSON block (:data:`SETTINGS_BLOCKS`)."""
+    name, keys = SETTINGS_BLOCKS[description["method"]]
+    return {name: {out: description.get(key) for out, key in keys.items()}}
+
+
 def rank_influential(
+    values: torch.Tensor,
     scores: torch.Tensor,
-    n_train: int,
+    loss_change: torch.Tensor,
     ids: list[str],
     texts: list[str],
     labels: list[int],
     label_names: list[str],
     top: int,
 ) -> dict[str, list[dict]]:
-    """Top-``top`` proponents (largest positive score) and opponents (most negative) of one query.
+    """Top-``top`` proponents (largest positive ``values``) and opponents (most negative) of one query.
 
     Args:
-        scores: ``[n]`` scores of every training example for the query (positive = proponent).
-        n_train: training-set size, for ``loss_change = score / n``.
+        values: ``[n]`` the ranking's value of every training example (same sign as its score).
+        scores: ``[n]`` influence scores (positive = proponent); loss_change: ``[n]`` ``score / n``.
         ids, texts, labels: the training examples, aligned with ``scores``.
         label_names: names of the label indices.
         top: how many of each to return.
     """
-    top = min(top, len(scores))
-    order = torch.argsort(scores, descending=True)
+    top = min(top, len(values))
+    order = torch.argsort(values, descending=True)
 
     def record(i: int) -> dict:
-        s = float(scores[i])
         return {
             "id": ids[i],
             "text": texts[i],
             "label": label_names[labels[i]],
-            "score": s,
-            "loss_change": s / n_train,
+            "score": float(scores[i]),
+            "loss_change": float(loss_change[i]),
         }
 
-    proponents = [record(int(i)) for i in order[:top] if scores[i] > 0]
-    opponents = [record(int(i)) for i in order.flip(0)[:top] if scores[i] < 0]
+    proponents = [record(int(i)) for i in order[:top] if values[i] > 0]
+    opponents = [record(int(i)) for i in order.flip(0)[:top] if values[i] < 0]
     return {"proponents": proponents, "opponents": opponents}
 
 
@@ -85,107 +184,3 @@ def format_explanation(result: dict, width: int = 100) -> str:
 def _clip(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def explain_head(setup, queries: list[Query], top: int = 5, solver: str = "exact", damping: float = 0.0) -> list[dict]:
-    """Explain each query's prediction by the frozen-encoder head (one solve for all queries).
-
-    Args:
-        setup: a :class:`~influent.pipeline.HeadSetup`.
-        queries: texts with features; a query's ``label`` (default: the prediction) picks the loss explained.
-        top: proponents and opponents returned per query.
-        solver: ``exact``, ``cg`` or ``lissa``.
-        damping: added to the Hessian's diagonal.
-    """
-    names = setup.corpus.label_names
-    x = torch.stack([q.features for q in queries]).double()
-    probs = setup.model.probabilities(x).detach()
-    pred = probs.argmax(1)
-    explained = torch.tensor([q.label if q.label is not None else int(p) for q, p in zip(queries, pred)])
-    engine = setup.engine(solver=solver, damping=damping)
-    scores = engine.pairwise_scores((x, explained))
-    ids = [setup.corpus.ids[i] for i in setup.train_idx]
-    texts = [setup.corpus.texts[i] for i in setup.train_idx]
-    labels = setup.train_y.tolist()
-    out = []
-    for k, q in enumerate(queries):
-        ranked = rank_influential(scores[k], engine.n, ids, texts, labels, names, top)
-        out.append({
-            "query": {
-                "text": q.text,
-                "prediction": names[int(pred[k])],
-                "probability": float(probs[k, pred[k]]),
-                "explained_label": names[int(explained[k])],
-                "true_label": names[q.true_label] if q.true_label is not None else None,
-            },
-            **ranked,
-            "solver": {"method": solver, "residual": engine.last_solution.residual,
-                       "iterations": engine.last_solution.iterations},
-        })
-    return out
-
-
-def explain_finetuned(
-    setup,
-    queries: list[Query],
-    top: int = 5,
-    *,
-    strategy: str = "ekfac",
-    modules: str = "trainable",
-    fisher: str = "empirical",
-    damping: float | None = None,
-    query_rank: int | None = None,
-    seed: int = 0,
-    train_cache: bool = False,
-    train_cache_max_bytes: int | None = None,
-    progress: bool = True,
-) -> list[dict]:
-    """Explain predictions of the fine-tuned classifier with factored curvature (fitted once, cached).
-
-    Args:
-        setup: a :class:`~influent.pipeline.FinetunedSetup`.
-        queries: texts; a query's ``label`` (default: the prediction) picks the loss explained.
-        strategy: ``ekfac``, ``kfac``, ``diagonal`` or ``identity``.
-        modules: tracked ``nn.Linear`` modules: ``trainable``, ``all``, ``mlp`` or a name regex.
-        fisher: ``empirical`` or ``true`` (labels sampled from the model).
-        damping: absolute damping, or None for 0.1 x the mean eigenvalue per module.
-        query_rank: optional low-rank compression of preconditioned query gradients.
-        train_cache: keep the training token factors beside the model (:mod:`influent.curvature.token_cache`)
-            so later calls skip the training passes; ``train_cache_max_bytes`` caps its size (None: 16 GiB).
-    """
-    from influent.curvature.ekfac import FactorConfig
-    from influent.curvature.token_cache import DEFAULT_MAX_BYTES
-    from influent.factored_influence import explain as factored_explain
-    from influent.models.finetuned import FinetunedTask
-
-    task = FinetunedTask()
-    names = setup.corpus.label_names
-    texts = [q.text for q in queries]
-    with torch.no_grad():
-        logits = torch.cat([task.model_output(setup.model, b) for b in setup.text_batches(texts, [0] * len(texts))])
-    probs = logits.double().softmax(-1)
-    pred = probs.argmax(1)
-    explained = [q.label if q.label is not None else int(p) for q, p in zip(queries, pred)]
-    config = FactorConfig(strategy=strategy, modules=modules, fisher=fisher, damping=damping, seed=seed)
-    scores, _ = factored_explain(
-        setup.model, task, setup.batches(setup.train_idx), setup.text_batches(texts, explained), config,
-        cache_dir=setup.folder, query_rank=query_rank, progress=progress, train_cache=train_cache,
-        train_cache_max_bytes=train_cache_max_bytes or DEFAULT_MAX_BYTES,
-    )
-    ids = [setup.corpus.ids[i] for i in setup.train_idx]
-    train_texts = [setup.corpus.texts[i] for i in setup.train_idx]
-    labels = [int(setup.corpus.labels[i]) for i in setup.train_idx]
-    out = []
-    for k, q in enumerate(queries):
-        out.append({
-            "query": {
-                "text": q.text,
-                "prediction": names[int(pred[k])],
-                "probability": float(probs[k, pred[k]]),
-                "explained_label": names[explained[k]],
-                "true_label": names[q.true_label] if q.true_label is not None else None,
-            },
-            **rank_influential(scores[k], len(ids), ids, train_texts, labels, names, top),
-            "curvature": {"strategy": strategy, "modules": modules, "fisher": fisher, "damping": damping},
-        })
-    return out

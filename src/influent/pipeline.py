@@ -69,6 +69,29 @@ class HeadSetup:
             options=options or SolverOptions(),
         )
 
+    def influence(self, solver: str = "exact", damping: float = 0.0, options: SolverOptions | None = None) -> ExactInfluence:
+        """The head's :class:`~influent.influence.InfluenceMethod`: exact Hessian, solved by ``solver``."""
+        return self.engine(solver=solver, damping=damping, options=options)
+
+    # --- the query side of explain (queries: objects with ``.text`` and optional ``.features``) -------------
+    def held_out_features(self, index: int) -> torch.Tensor:
+        """Features of the ``index``-th held-out review (as stored, not re-embedded)."""
+        return self.test_x[index]
+
+    def query_features(self, queries) -> torch.Tensor:
+        """Float64 features ``[Q, d]`` of queries: their ``.features`` when given, else the embedded ``.text``."""
+        missing = [q.text for q in queries if q.features is None]
+        embedded = iter(self.embed(missing)) if missing else iter(())
+        return torch.stack([q.features if q.features is not None else next(embedded) for q in queries]).double()
+
+    def probabilities(self, queries) -> torch.Tensor:
+        """Class probabilities ``[Q, K]`` (float64) of the queries under the head."""
+        return self.model.probabilities(self.query_features(queries)).detach()
+
+    def query_batches(self, queries, labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries as one head batch ``(features, labels)``; ``labels`` pick the loss explained."""
+        return self.query_features(queries), torch.as_tensor(labels, dtype=torch.long)
+
 
 def load_corpus_and_split(
     data: str | None, text_column: str, label_column: str, hf_split: str, test_fraction: float, seed: int,
@@ -184,6 +207,64 @@ class FinetunedSetup:
 
         return make_batches(self.tokenizer, texts, labels, batch_size=batch_size,
                             max_length=self.settings["max_length"])
+
+    def influence(
+        self,
+        strategy: str = "ekfac",
+        modules: str = "trainable",
+        fisher: str = "empirical",
+        damping: float | None = None,
+        *,
+        query_rank: int | None = None,
+        seed: int = 0,
+        train_cache: bool = False,
+        train_cache_max_bytes: int | None = None,
+        progress: bool = True,
+    ):
+        """The classifier's :class:`~influent.influence.InfluenceMethod`: factored curvature over its training
+        set, fitted once and cached beside the checkpoint.
+
+        Args:
+            strategy: ``ekfac``, ``kfac``, ``diagonal`` or ``identity``.
+            modules: tracked ``nn.Linear`` modules: ``trainable``, ``all``, ``mlp`` or a name regex.
+            fisher: ``empirical`` or ``true`` (labels sampled from the model).
+            damping: absolute damping, or None for 0.1 x the mean eigenvalue per module.
+            query_rank: optional low-rank compression of preconditioned query gradients.
+            seed: seeds the factor fit (sampled labels, ...).
+            train_cache: keep the training token factors beside the model
+                (:mod:`influent.curvature.token_cache`) so later calls skip the training passes;
+                ``train_cache_max_bytes`` caps its size (None: 16 GiB).
+        """
+        from influent.curvature.ekfac import FactorConfig
+        from influent.curvature.token_cache import DEFAULT_MAX_BYTES
+        from influent.factored_influence import FactoredInfluence
+        from influent.models.finetuned import FinetunedTask
+
+        config = FactorConfig(strategy=strategy, modules=modules, fisher=fisher, damping=damping, seed=seed)
+        return FactoredInfluence(
+            self.model, FinetunedTask(), self.batches(self.train_idx), config, cache_dir=self.folder,
+            train_cache=train_cache, train_cache_max_bytes=train_cache_max_bytes or DEFAULT_MAX_BYTES,
+            query_rank=query_rank, progress=progress,
+        )
+
+    # --- the query side of explain (queries: objects with ``.text``) -----------------------------------------
+    def held_out_features(self, index: int) -> None:
+        """The classifier reads text: no stored features (the held-out review's text is used)."""
+        return
+
+    def probabilities(self, queries) -> torch.Tensor:
+        """Class probabilities ``[Q, K]`` (float64) of the queries' texts under the classifier."""
+        from influent.models.finetuned import FinetunedTask
+
+        task = FinetunedTask()
+        texts = [q.text for q in queries]
+        with torch.no_grad():
+            logits = torch.cat([task.model_output(self.model, b) for b in self.text_batches(texts, [0] * len(texts))])
+        return logits.double().softmax(-1)
+
+    def query_batches(self, queries, labels: list[int]) -> list[dict]:
+        """The queries' texts as tokenised batches; ``labels`` pick the loss explained."""
+        return self.text_batches([q.text for q in queries], list(labels))
 
 
 def prepare_finetuned(

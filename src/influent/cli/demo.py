@@ -10,7 +10,7 @@ from influent.cli.common import add_data_options, head_setup
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from influent.explain import Query, explain_head, format_explanation
+    from influent.explain import Query, explain, format_explanation
     from influent.store import write_json
 
     start = time.perf_counter()
@@ -23,7 +23,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     picks = [0, 1, 2]
     queries = [Query(setup.corpus.texts[setup.test_idx[i]], setup.test_x[i], None, int(setup.test_y[i]))
                for i in picks]
-    results = explain_head(setup, queries, top=args.top)
+    results = explain(setup.influence(), setup, queries, top=args.top)
     for i, r in zip(picks, results):
         print(f"\n=== test review {i} ===")
         print(format_explanation(r))

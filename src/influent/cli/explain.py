@@ -33,7 +33,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from influent.explain import Query, explain_finetuned, explain_head, format_explanation
+    from influent.explain import Query, explain, format_explanation
 
     if (args.text is None) == (args.test_index is None):
         raise UserError("give exactly one of --text or --test-index")
@@ -58,16 +58,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
     else:
         text, gold = args.text, None
     if args.model == "finetuned":
-        result = explain_finetuned(
-            setup, [Query(text, None, label, gold)], top=args.top, strategy=args.strategy, modules=args.modules,
-            fisher=args.fisher, damping=args.damping, query_rank=args.query_rank, seed=args.seed,
-            train_cache=args.train_cache, train_cache_max_bytes=cache_max_bytes,
-            progress=not args.quiet,
-        )[0]
+        method = setup.influence(args.strategy, args.modules, args.fisher, args.damping, query_rank=args.query_rank,
+                                 seed=args.seed, train_cache=args.train_cache, train_cache_max_bytes=cache_max_bytes,
+                                 progress=not args.quiet)
     else:
-        features = setup.test_x[args.test_index] if args.test_index is not None else setup.embed([text])[0]
-        result = explain_head(setup, [Query(text, features, label, gold)], top=args.top, solver=args.solver,
-                              damping=args.damping or 0.0)[0]
+        method = setup.influence(solver=args.solver, damping=args.damping or 0.0)
+    features = setup.held_out_features(args.test_index) if args.test_index is not None else None
+    result = explain(method, setup, [Query(text, features, label, gold)], top=args.top)[0]
     if args.json:
         print(json.dumps(result))
     else:
