@@ -427,6 +427,29 @@ class FactoredInfluence(InfluenceMethod):
         self.fit()
         return preconditioned_query_gradients(self.model, self.task, self.factors, as_batches(queries))
 
+    def train_losses(self) -> torch.Tensor:
+        """Per-example training loss ``[n]`` (nats; eval mode, no gradients), in training-batch order."""
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                losses = [self.task.per_example_loss(self.model, to_device(b, device)) for b in self.train_batches]
+        finally:
+            self.model.train(was_training)
+        return torch.cat(losses).double().cpu()
+
+    def train_gradients(self) -> torch.Tensor:
+        """Per-example training-loss gradients ``[n, p]`` over the tracked modules (weights, then bias, per
+        module in model order), in training-batch order. Materialises ``n x p``: small models only."""
+        modules = _modules(self.model, self.fit().factors)
+        rows = []
+        for _, captured in _training_passes(self.model, self.task, modules, self.train_batches, "gradients",
+                                            self.progress):
+            with torch.no_grad():
+                rows.append(torch.cat([per_example_grads_from(a, g).flatten(1) for _, a, g in captured], 1))
+        return torch.cat(rows).double().cpu()
+
     def describe(self) -> dict:
         out = {"method": "factored", "strategy": self.config.strategy, "modules": self.config.modules,
                "fisher": self.config.fisher, "damping": self.config.damping, "query_rank": self.query_rank}

@@ -78,6 +78,21 @@ class InfluenceMethod(ABC):
     def query_self_scores(self, queries: Queries) -> torch.Tensor:
         """``g_q^T (C + damping)^-1 g_q`` of each query's measurement gradient, ``[Q]`` float64 (>= 0)."""
 
+    @abstractmethod
+    def train_losses(self) -> torch.Tensor:
+        """Per-example training loss ``l(z_i)`` at the model's parameters, ``[n]`` float64 (nats, no L2 term).
+
+        Needs no curvature (does not fit). Used by the audit rankers (``loss``, ``loo_loss``).
+        """
+
+    @abstractmethod
+    def train_gradients(self) -> torch.Tensor:
+        """Per-example training-loss gradients over the tracked parameters, ``[n, p]`` float64.
+
+        Materialises ``n x p`` numbers: for small models (the head; the spectral-signature ranker). Large
+        models reach the same dot products through an identity-curvature method's scores instead.
+        """
+
     def loss_change(self, scores: torch.Tensor) -> torch.Tensor:
         """Predicted change of the query measurement when the training example is removed: ``score / n``."""
         return scores / float(self.n_train)
@@ -86,7 +101,8 @@ class InfluenceMethod(ABC):
     def describe(self) -> dict:
         """JSON-ready settings and diagnostics of the method (curvature, damping, solver residual, ...)."""
 
-CURVATURES = ("hessian", "gauss_newton")
+CURVATURES = ("hessian", "gauss_newton", "identity")
+"""``identity``: ``C = I`` (so ``score = g_q^T g_train / (1 + damping)``): plain gradient dot products (TracIn)."""
 SOLVERS = ("exact", "cg", "lissa")
 
 
@@ -163,8 +179,11 @@ class ExactInfluence(InfluenceMethod):
     def curvature_matrix(self) -> torch.Tensor:
         """The formed curvature ``[p, p]`` (including L2, excluding damping)."""
         if self._matrix is None:
-            build = exact_hessian if self.curvature == "hessian" else gauss_newton
-            self._matrix = build(self.space, self.train_batch, self.theta)
+            if self.curvature == "identity":
+                self._matrix = torch.eye(self.space.dim, dtype=self.theta.dtype)
+            else:
+                build = exact_hessian if self.curvature == "hessian" else gauss_newton
+                self._matrix = build(self.space, self.train_batch, self.theta)
         return self._matrix
 
     def _matvec(self):
@@ -253,6 +272,14 @@ class ExactInfluence(InfluenceMethod):
         """Self-influence ``g_i^T (H + damping I)^-1 g_i`` for every training example, ``[n]`` (>= 0)."""
         G = self.train_grads
         return (G * self.inverse_hvp(G.T).x.T).sum(1)
+
+    def train_losses(self) -> torch.Tensor:
+        """Per-example training loss ``[n]`` (nats) at the model's parameters."""
+        return self.space.loss_values(self.train_batch, self.theta).double()
+
+    def train_gradients(self) -> torch.Tensor:
+        """Per-example training-loss gradients ``[n, p]`` (the cached :attr:`train_grads`)."""
+        return self.train_grads.double()
 
     def params_influence(self, batch: Batch) -> torch.Tensor:
         """``I_up,params = -(H + damping I)^-1 g_z`` for each example of ``batch``, ``[B, p]``."""
