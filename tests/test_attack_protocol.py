@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from influent.attacks.refit import fit_head, per_example_loss
 from influent.curvature.ekfac import FactorConfig
 from influent.factored_influence import FactoredInfluence
 from influent.influence import ExactInfluence
 from influent.models.head import HeadTask
+from influent.models.refit import fit_head, per_example_loss
 
 
 def _data(n=80, d=4, k=3, seed=0):

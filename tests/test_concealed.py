@@ -58,8 +58,8 @@ def test_contains_trigger_and_assertion(trigger_tokenizer):
 def _victim(encoder_dir, last_k: int, seed: int = 0):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from influent.evaluation.frozen_prefix import CachedPrefixTask, split_frozen_prefix
     from influent.models.finetuned import freeze_all_but_last
+    from influent.models.frozen_prefix import CachedPrefixTask, split_frozen_prefix
 
     tok = AutoTokenizer.from_pretrained(encoder_dir)
     torch.manual_seed(seed)
@@ -73,8 +73,8 @@ def _victim(encoder_dir, last_k: int, seed: int = 0):
 
 
 def _cached(tok, model, texts, labels, last_k):
-    from influent.evaluation.frozen_prefix import cache_hidden_states
     from influent.models.finetuned import make_batches
+    from influent.models.frozen_prefix import cache_hidden_states
 
     (b,) = make_batches(tok, texts, labels, batch_size=len(texts), max_length=32)
     return cache_hidden_states(model, b, last_k)
@@ -105,7 +105,7 @@ def test_alignment_equals_factored_influence_score(tiny_encoder_dir, last_k):
     exact = pairwise_scores(suffix, task, factors, [adv], [cand], progress=False).mean(0)
     assert torch.allclose(j, exact, rtol=2e-3, atol=1e-6 * float(exact.abs().max())), (j, exact)
     # the embedding gradient is the derivative of the same J (checked along one random direction)
-    from influent.evaluation.frozen_prefix import prefix_hidden_states
+    from influent.models.frozen_prefix import prefix_hidden_states
 
     ids, mask = enc["input_ids"], enc["attention_mask"]
     j0, grad = align.with_embedding_grad(ids, mask, labels)

@@ -10,8 +10,6 @@ from torch import nn
 from influent.evaluation import (
     PBRF,
     GroundTruth,
-    MinibatchTrainer,
-    NewtonTrainer,
     correlations,
     lds,
     random_subsets,
@@ -19,6 +17,7 @@ from influent.evaluation import (
 from influent.gradients import ParameterSpace
 from influent.influence import ExactInfluence
 from influent.models.head import HeadTask, train_head
+from influent.models.training import MinibatchTrainer, NewtonTrainer
 
 
 def make_data(n=200, d=5, seed=0):

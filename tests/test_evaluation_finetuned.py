@@ -27,8 +27,8 @@ def tiny_classifier(tiny_encoder_dir):
 
 
 def _trainer(model, task, dropout):
-    from influent.evaluation.retrain import MinibatchTrainer
     from influent.gradients import ParameterSpace
+    from influent.models.training import MinibatchTrainer
 
     theta0 = ParameterSpace(model, task).flat()
     return MinibatchTrainer(
@@ -40,14 +40,14 @@ def _trainer(model, task, dropout):
 def test_retraining_on_cached_hidden_states_matches_the_full_model(tiny_classifier, dropout):
     import copy
 
-    from influent.evaluation.frozen_prefix import (
+    from influent.models.finetuned import FinetunedTask
+    from influent.models.frozen_prefix import (
         CachedPrefixTask,
         cache_hidden_states,
         disable_prefix_dropout,
         first_token_model,
         split_frozen_prefix,
     )
-    from influent.models.finetuned import FinetunedTask
 
     model, batch = tiny_classifier
     full = copy.deepcopy(model)

@@ -114,7 +114,7 @@ class Alignment:
     Args:
         model: the full classifier with the clean-trained suffix loaded (eval mode; embeddings and prefix
             layers frozen).
-        suffix: the trainable suffix of ``model`` (:func:`~influent.evaluation.frozen_prefix.split_frozen_prefix`)
+        suffix: the trainable suffix of ``model`` (:func:`~influent.models.frozen_prefix.split_frozen_prefix`)
             holding the same trained parameters.
         direction: ``{suffix linear module name: [d_out, d_in(+1)]}`` (bias gradient in the last column),
             e.g. the mean preconditioned adversarial gradient.
@@ -125,7 +125,7 @@ class Alignment:
     def __init__(
         self, model: nn.Module, suffix: nn.Module, direction: dict, last_k: int, rel_step: float = 1e-4
     ):
-        from influent.evaluation.frozen_prefix import first_token_model, supports_first_token
+        from influent.models.frozen_prefix import first_token_model, supports_first_token
 
         self.model = model
         self.last_k = last_k
@@ -177,7 +177,7 @@ class Alignment:
         self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, chunk: int = 256
     ) -> torch.Tensor:
         """``J`` per row of token ids ``[B, T]`` (no gradient), in chunks."""
-        from influent.evaluation.frozen_prefix import prefix_hidden_states
+        from influent.models.frozen_prefix import prefix_hidden_states
 
         out = []
         for s in range(0, ids.shape[0], chunk):
@@ -188,7 +188,7 @@ class Alignment:
 
     def with_embedding_grad(self, ids, mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
         """``(J [B], dJ/de [B, T, H])``: gradient w.r.t. the word embeddings of each position."""
-        from influent.evaluation.frozen_prefix import prefix_hidden_states
+        from influent.models.frozen_prefix import prefix_hidden_states
 
         emb = self.model.get_input_embeddings()
         e = emb(ids).detach().requires_grad_(True)

@@ -5,7 +5,7 @@ Procedure (seed ``s``; everything below is a function of the corpus, the split a
 1. The victim: the encoder + a classification head (``torch.manual_seed(s)``), last ``last_k`` layers,
    pooler and head fine-tuned by seeded AdamW replay (dropout on) on a stratified ``train_size`` slice of the
    training split. The frozen prefix runs once (cached hidden states), so every (re)training runs only the
-   suffix (:mod:`influent.evaluation.frozen_prefix`).
+   suffix (:mod:`influent.models.frozen_prefix`).
 2. The attacker: ``n_adv`` source-class reviews of the validation half of the held-out split with the
    trigger inserted, labelled target; EK-FAC (or identity) curvature of the clean model over its training
    slice; :func:`~influent.attacks.concealed.craft_poisons` from target-class snippets of the training

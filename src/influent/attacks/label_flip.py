@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from influent.attacks.experiment import HeadExperiment
-from influent.attacks.refit import per_example_loss, predict
 from influent.influence import ExactInfluence
 from influent.models.head import HeadTask, LogisticHead
+from influent.models.refit import per_example_loss, predict
 
 DEFAULT_BUDGETS = (0.005, 0.01, 0.03, 0.05)
 STRATEGIES = ("influence", "random", "max_loss")

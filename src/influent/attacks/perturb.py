@@ -16,9 +16,9 @@ import torch
 
 from influent.attacks.experiment import HeadExperiment
 from influent.attacks.label_flip import choose_targets
-from influent.attacks.refit import predict
 from influent.influence import ExactInfluence
 from influent.models.head import HeadTask, LogisticHead
+from influent.models.refit import predict
 
 
 def perturb_target(

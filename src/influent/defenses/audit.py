@@ -20,11 +20,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from influent.attacks.refit import predict
 from influent.attacks.trigger import insert_trigger
 from influent.defenses.rankers import QUERY_RANKERS, RANKERS, HeadAuditData, available_rankers, score_all
 from influent.errors import UserError
 from influent.evaluation.detection import ranking
+from influent.models.refit import predict
 from influent.store import write_json
 
 QUERY_MODES = ("validation", "misclassified", "none")

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from sklearn.model_selection import StratifiedKFold
 
-from influent.attacks.refit import fit_head, per_example_loss, probabilities
 from influent.influence import ExactInfluence
 from influent.models.head import LogisticHead
+from influent.models.refit import fit_head, per_example_loss, probabilities
 
 INFLUENCE_RANKERS = (
     "self_influence",

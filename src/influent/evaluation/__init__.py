@@ -5,15 +5,11 @@ from influent.evaluation.groundtruth import GroundTruth
 from influent.evaluation.lds import lds, predicted_group_change, random_subsets
 from influent.evaluation.metrics import correlations, relative_error
 from influent.evaluation.pbrf import PBRF
-from influent.evaluation.retrain import MinibatchTrainer, NewtonTrainer, Trainer
 
 __all__ = [
     "PBRF",
     "GroundTruth",
-    "MinibatchTrainer",
-    "NewtonTrainer",
     "RetrainCache",
-    "Trainer",
     "correlations",
     "lds",
     "predicted_group_change",

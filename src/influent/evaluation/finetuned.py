@@ -2,7 +2,7 @@
 
 The model: the encoder (default: packaged all-MiniLM-L6-v2) + a classification head, initialised with
 ``torch.manual_seed(seed)`` and fine-tuned in its last ``k`` encoder layers (+ pooler and head) by
-:class:`~influent.evaluation.retrain.MinibatchTrainer` (AdamW, dropout on, seeded) on a stratified slice of
+:class:`~influent.models.training.MinibatchTrainer` (AdamW, dropout on, seeded) on a stratified slice of
 the training split. Because the original training *is* that replay, cold-start leave-one-out reruns exactly
 the same procedure (same initial weights, optimiser, epochs, seed and shuffling, one example absent); warm
 start continues the same AdamW schedule from the trained weights; changes are taken against the same
@@ -12,7 +12,7 @@ SGD (``pbrf_epochs`` passes; p is in the millions). Scores come from
 
 By default (``frozen_prefix=True``) the frozen embeddings and layers run once: the hidden states entering
 the first trainable layer are cached and every training, scoring, retraining and PBRF step runs only the
-trainable suffix (:mod:`influent.evaluation.frozen_prefix`); dropout then acts in the trainable layers only.
+trainable suffix (:mod:`influent.models.frozen_prefix`); dropout then acts in the trainable layers only.
 """
 
 from __future__ import annotations
@@ -24,7 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from influent.evaluation.frozen_prefix import (
+from influent.evaluation.groundtruth import GroundTruth, tensor_digest
+from influent.evaluation.lds import lds, random_subsets
+from influent.evaluation.metrics import correlations, relative_error
+from influent.evaluation.validate import _plots, _stratified, _write, select_examples
+from influent.gradients import ParameterSpace, full_gradient
+from influent.models.frozen_prefix import (
     CachedPrefixTask,
     cache_hidden_states,
     first_token_model,
@@ -32,12 +37,7 @@ from influent.evaluation.frozen_prefix import (
     supports_first_token,
     supports_frozen_prefix,
 )
-from influent.evaluation.groundtruth import GroundTruth, tensor_digest
-from influent.evaluation.lds import lds, random_subsets
-from influent.evaluation.metrics import correlations, relative_error
-from influent.evaluation.retrain import MinibatchTrainer
-from influent.evaluation.validate import _plots, _stratified, _write, select_examples
-from influent.gradients import ParameterSpace, full_gradient
+from influent.models.training import MinibatchTrainer
 from influent.store import fingerprint, read_tensors, write_json, write_tensors
 from influent.task import iter_chunks, slice_batch
 
@@ -99,12 +99,12 @@ def validate_finetuned(
         text_column, label_column: columns of a local ``data`` file.
         frozen_prefix: compute the hidden states entering the first trainable layer once and run only the
             trainable suffix (last ``fine_tune_last`` layers, pooler, head) in training, scoring, retraining
-            and the PBRF (:mod:`influent.evaluation.frozen_prefix`; same results as the full model with
+            and the PBRF (:mod:`influent.models.frozen_prefix`; same results as the full model with
             the frozen layers' dropout off, several times cheaper). False: run the full model each step
             (dropout then also fires in the frozen layers).
         first_token: with ``frozen_prefix`` and ``fine_tune_last == 1`` on a BERT-like model, train, retrain
             and solve the PBRF with the last layer evaluated at the first token only (the pooler reads
-            nothing else; :func:`~influent.evaluation.frozen_prefix.first_token_model`); scores still use
+            nothing else; :func:`~influent.models.frozen_prefix.first_token_model`); scores still use
             the whole layer. Same function to float rounding; dropout masks are drawn for the used positions
             only.
         cache_dir: cache root (trained model, factors and retraining results live under it).

@@ -3,7 +3,7 @@
 :class:`GroundTruth` computes, for a trained model and a set of queries,
 
 * :meth:`~GroundTruth.leave_one_out`: remove one training example, retrain cold or warm (see
-  :mod:`influent.evaluation.retrain`), measure each query;
+  :mod:`influent.models.training`), measure each query;
 * :meth:`~GroundTruth.pbrf`: solve the proximal Bregman response function for the example
   (:mod:`influent.evaluation.pbrf`), measure each query;
 * :meth:`~GroundTruth.remove_groups`: retrain on subsets (linear datamodeling score).
@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from influent.evaluation.cache import RetrainCache
 from influent.evaluation.pbrf import PBRF
-from influent.evaluation.retrain import Trainer
 from influent.gradients import ParameterSpace
+from influent.models.training import Trainer
 from influent.store import fingerprint
 from influent.task import Batch, Task
 

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from influent.curvature.solvers import NumericalError
-from influent.evaluation.newton import functional_outputs, gauss_newton_sum, gradient, minimise
 from influent.gradients import ParameterSpace
+from influent.models.newton import functional_outputs, gauss_newton_sum, gradient, minimise
 from influent.task import Batch, Task, iter_chunks, slice_batch
 
 PBRF_METHODS = ("gauss_newton", "newton", "lbfgs", "sgd")

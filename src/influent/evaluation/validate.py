@@ -34,8 +34,8 @@ from torch import nn
 from influent.evaluation.groundtruth import GroundTruth
 from influent.evaluation.lds import lds, random_subsets
 from influent.evaluation.metrics import correlations, relative_error
-from influent.evaluation.retrain import NewtonTrainer, Trainer
 from influent.gradients import ParameterSpace, full_gradient
+from influent.models.training import NewtonTrainer, Trainer
 from influent.store import write_json
 from influent.task import Batch, Task
 

@@ -4,10 +4,10 @@ Experiments that retrain the same fine-tuned classifier many times (poison attac
 remove-and-retrain defences) build one :class:`SuffixClassifier`: the encoder + a classification head
 initialised with ``torch.manual_seed(seed)``, embeddings and all but the last ``last_k`` layers frozen. Texts
 are run through the frozen prefix once (:meth:`cache`); every training is a seeded AdamW replay (dropout on)
-of the trainable suffix only (:class:`~influent.evaluation.retrain.MinibatchTrainer`), from the same
+of the trainable suffix only (:class:`~influent.models.training.MinibatchTrainer`), from the same
 initial parameters ``theta0`` unless told otherwise, so two trainings differ only by their data. For
 ``last_k == 1`` on a BERT-like model, training runs the last layer at the first token only (same function;
-:func:`~influent.evaluation.frozen_prefix.first_token_model`).
+:func:`~influent.models.frozen_prefix.first_token_model`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,18 @@ from collections.abc import Sequence
 import torch
 
 from influent.errors import UserError
+from influent.gradients import ParameterSpace
+from influent.models.finetuned import default_encoder, freeze_all_but_last, make_batches
+from influent.models.frozen_prefix import (
+    CachedPrefixTask,
+    cache_hidden_states,
+    first_token_model,
+    split_frozen_prefix,
+    supports_first_token,
+    supports_frozen_prefix,
+)
+from influent.models.training import MinibatchTrainer
+from influent.task import iter_chunks
 
 
 class SuffixClassifier:
@@ -44,17 +56,6 @@ class SuffixClassifier:
         max_length: int = 48,
     ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from influent.evaluation.frozen_prefix import (
-            CachedPrefixTask,
-            first_token_model,
-            split_frozen_prefix,
-            supports_first_token,
-            supports_frozen_prefix,
-        )
-        from influent.evaluation.retrain import MinibatchTrainer
-        from influent.gradients import ParameterSpace
-        from influent.models.finetuned import default_encoder, freeze_all_but_last
 
         if last_k < 1:
             raise UserError(f"--last-k must be >= 1 for prefix-cached retraining, got {last_k}")
@@ -86,9 +87,6 @@ class SuffixClassifier:
 
     def cache(self, texts: Sequence[str], labels: Sequence[int]) -> dict:
         """Prefix hidden states of ``texts`` (one batch padded to its longest text), with ``labels``."""
-        from influent.evaluation.frozen_prefix import cache_hidden_states
-        from influent.models.finetuned import make_batches
-
         (b,) = make_batches(
             self.tokenizer, list(texts), list(labels), batch_size=max(len(texts), 1), max_length=self.max_length
         )
@@ -105,8 +103,6 @@ class SuffixClassifier:
     @torch.no_grad()
     def logits(self, theta: torch.Tensor, batch: dict, chunk: int = 256) -> torch.Tensor:
         """Logits ``[B, K]`` of the classifier with parameters ``theta`` (eval mode)."""
-        from influent.task import iter_chunks
-
         self._fit_space.load(theta)
         n = int(batch["attention_mask"].shape[0])
         return torch.cat([self.task.model_output(self.fit_model, b) for _, b in iter_chunks(batch, n, chunk)])
@@ -119,14 +115,10 @@ class SuffixClassifier:
 
     def load_suffix(self, theta: torch.Tensor) -> torch.nn.Module:
         """The (whole-layer) suffix model holding ``theta``: the model influence is computed on."""
-        from influent.gradients import ParameterSpace
-
         ParameterSpace(self.suffix, self.task).load(theta)
         return self.suffix
 
     def load_full(self, theta: torch.Tensor) -> torch.nn.Module:
         """The full classifier (embeddings + all layers) holding ``theta`` in its trainable part."""
-        from influent.gradients import ParameterSpace
-
         ParameterSpace(self.model, self.task).load(theta)
         return self.model

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from influent.curvature.exact import exact_hessian
-from influent.evaluation.newton import gauss_newton_sum, minimise
 from influent.gradients import ParameterSpace, full_gradient, full_objective
+from influent.models.newton import gauss_newton_sum, minimise
 from influent.task import Batch, Task, slice_batch
 
 
