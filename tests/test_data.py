@@ -15,6 +15,7 @@ from influent.data import (
     load_local,
     load_or_make_split,
     load_rotten_tomatoes,
+    stratified_sample,
     stratified_split,
     text_id,
 )
@@ -272,6 +273,41 @@ def test_stratified_split_is_deterministic_and_stratified():
     assert corpus.labels[test].sum() == 3 and len(test) == 10
     with pytest.raises(UserError, match="test fraction"):
         stratified_split(corpus, 1.5)
+
+
+def test_stratified_sample_keeps_class_proportions_and_is_seeded():
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
+    rng = np.random.default_rng(0)
+    labels = labels[rng.permutation(len(labels))]
+    idx = stratified_sample(labels, 20, seed=5)
+    assert idx.dtype == np.int64 and len(idx) == 20 and len(np.unique(idx)) == 20
+    assert np.array_equal(idx, np.sort(idx))
+    # 60/30/10 of 100 -> 12/6/2 of 20, counted by hand
+    assert np.bincount(labels[idx], minlength=3).tolist() == [12, 6, 2]
+    assert np.array_equal(idx, stratified_sample(labels, 20, seed=5))
+    assert not np.array_equal(idx, stratified_sample(labels, 20, seed=6))
+    # a rare class keeps one example; asking for everything returns everything
+    assert np.bincount(labels[stratified_sample(labels, 5, seed=1)], minlength=3)[2] == 1
+    assert np.array_equal(stratified_sample(labels, 500, seed=1), np.arange(100))
+    with pytest.raises(UserError) as err:
+        stratified_sample(labels, 0)
+    assert err.value.field == "train_size"
+
+
+def test_train_and_validate_draw_the_same_training_slice(tmp_path, tiny_encoder_dir, reviews_csv):
+    """``train --train-size`` (prepare_finetuned) and ``validate --train-size`` (head: a slice of the head's
+    training rows) pick the same corpus rows for the same seed."""
+    from influent.pipeline import prepare_finetuned, prepare_head
+
+    kw = {"text_column": "review", "label_column": "sentiment", "encoder": str(tiny_encoder_dir), "seed": 3,
+          "cache_dir": tmp_path, "progress": False}
+    ft = prepare_finetuned(str(reviews_csv), train_size=20, epochs=1, max_length=16, **kw)
+    head = prepare_head(str(reviews_csv), max_length=16, **kw)
+    validate_rows = head.train_idx[stratified_sample(head.train_y.numpy(), 20, 3)]
+    assert len(ft.train_idx) == 20
+    assert np.array_equal(ft.train_idx, validate_rows)
+    labels = ft.corpus.labels
+    assert abs(int(labels[ft.train_idx].sum()) - round(20 * labels[head.train_idx].mean())) <= 1
 
 
 def test_split_saved_and_reused(tmp_path):

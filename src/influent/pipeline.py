@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from influent.data import Corpus, Split, load_corpus, load_or_make_split, stratified_split
+from influent.data import Corpus, Split, load_corpus, load_or_make_split, stratified_sample
 from influent.influence import ExactInfluence, SolverOptions
 from influent.models.encoder import DEFAULT_ENCODER, EmbeddingCache, TextEncoder
 from influent.models.head import HeadTask, LogisticHead, accuracy, load_head, save_head, train_head
@@ -302,9 +302,7 @@ def prepare_finetuned(
     corpus, split = load_corpus_and_split(data, text_column, label_column, hf_split, test_fraction, seed, cache)
     train_idx = split.train_idx
     if train_size is not None and train_size < len(train_idx):
-        sub = corpus.subset(train_idx)
-        keep, _ = stratified_split(sub, test_fraction=1 - train_size / len(train_idx), seed=seed)
-        train_idx = train_idx[keep]
+        train_idx = train_idx[stratified_sample(corpus.labels[train_idx], train_size, seed)]
     encoder = encoder or default_encoder()
     settings = {"encoder": encoder, "last_k": last_k, "epochs": epochs, "lr": lr, "batch_size": batch_size,
                 "max_length": max_length, "seed": seed}

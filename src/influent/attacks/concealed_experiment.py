@@ -44,9 +44,9 @@ from influent.attacks.experiment import split_heldout
 from influent.attacks.summary import summarise
 from influent.attacks.trigger import DEFAULT_TRIGGER, insert_trigger, resolve_classes
 from influent.curvature.ekfac import FactorConfig
+from influent.data.split import stratified_sample
 from influent.errors import UserError
 from influent.evaluation.detection import detection_metrics
-from influent.evaluation.validate import _stratified
 from influent.factored_influence import FactoredInfluence
 from influent.models.suffix_classifier import SuffixClassifier
 from influent.store import write_json
@@ -98,7 +98,7 @@ def select_texts(
     src, tgt = resolve_classes(SimpleNamespace(label_names=names, num_classes=len(names)), source, target)
     labels = np.asarray(corpus.labels)
     train_idx = np.asarray(split.train_idx)
-    rows_slice = train_idx[_stratified(labels[train_idx], train_size, seed).numpy()]
+    rows_slice = train_idx[stratified_sample(labels[train_idx], train_size, seed)]
     in_slice = np.zeros(len(labels), dtype=bool)
     in_slice[rows_slice] = True
     pool_texts = [corpus.texts[i] for i in train_idx if not in_slice[i] and labels[i] == tgt]

@@ -1,4 +1,4 @@
-"""Seeded, stratified train/test splits that are saved to disk and reused.
+"""Seeded, stratified train/test splits that are saved to disk and reused, and the stratified training slice.
 
 A split is stored as the example ids of its two sides, so it survives a re-ordered corpus file and can
 be read by a person. Once written, the saved split wins over recomputation.
@@ -64,6 +64,40 @@ def stratified_split(
     train_idx = np.sort(np.concatenate(train)).astype(np.int64) if train else np.zeros(0, np.int64)
     test_idx = np.sort(np.concatenate(test)).astype(np.int64) if test else np.zeros(0, np.int64)
     return train_idx, test_idx
+
+
+def stratified_sample(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """``size`` distinct positions of ``labels`` with the label proportions of ``labels`` (seeded, sorted).
+
+    The one training-slice sampler (``train``, ``validate`` and the attacks draw ``train_size`` through it, so
+    the same seed gives the same slice). Class ``c`` with ``n_c`` of the ``n`` labels contributes
+    ``min(n_c, max(1, round(size * n_c / n)))`` positions drawn without replacement by a numpy ``Generator``
+    seeded with ``seed``; when rounding makes the total exceed ``size``, the sorted draw is cut to ``size``.
+    ``size >= n`` returns every position.
+
+    Args:
+        labels: ``[n]`` integer class labels.
+        size: how many positions to draw (>= 1).
+        seed: seeds the draw.
+
+    Returns:
+        Sorted ``int64`` positions into ``labels``, at most ``size`` of them.
+
+    Raises:
+        UserError: ``size`` below 1 (field ``train_size``).
+    """
+    if int(size) < 1:
+        raise UserError(f"the training slice needs at least 1 example, got {size}", field="train_size")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    classes, counts = np.unique(labels, return_counts=True)
+    for c, cnt in zip(classes, counts):
+        k = max(1, round(size * cnt / len(labels)))
+        chosen.append(rng.choice(np.flatnonzero(labels == c), min(k, cnt), replace=False))
+    if not chosen:
+        return np.zeros(0, np.int64)
+    return np.sort(np.concatenate(chosen))[:size].astype(np.int64)
 
 
 def split_path(corpus: Corpus, cache_dir: str | Path, test_fraction: float, seed: int) -> Path:

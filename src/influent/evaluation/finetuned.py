@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from influent.data.split import stratified_sample
 from influent.evaluation.groundtruth import GroundTruth, tensor_digest
 from influent.evaluation.lds import lds, random_subsets
 from influent.evaluation.metrics import correlations, relative_error
-from influent.evaluation.validate import _plots, _stratified, _write, select_examples
+from influent.evaluation.validate import _plots, _write, select_examples
 from influent.gradients import ParameterSpace, full_gradient
 from influent.models.frozen_prefix import (
     CachedPrefixTask,
@@ -125,7 +126,7 @@ def validate_finetuned(
     corpus = load_corpus(data, text_column=text_column, label_column=label_column)
     split = load_or_make_split(corpus, cache, seed=seed)
     labels = np.asarray(corpus.labels)
-    train_rows = np.asarray(split.train_idx)[_stratified(labels[split.train_idx], train_size, seed).numpy()]
+    train_rows = np.asarray(split.train_idx)[stratified_sample(labels[split.train_idx], train_size, seed)]
     rng = np.random.default_rng(seed)
     query_rows = np.sort(rng.choice(np.asarray(split.test_idx), queries, replace=False))
     texts = [corpus.texts[i] for i in train_rows]

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from influent.data.split import stratified_sample
 from influent.evaluation.groundtruth import GroundTruth
 from influent.evaluation.lds import lds, random_subsets
 from influent.evaluation.metrics import correlations, relative_error
@@ -430,7 +431,7 @@ def run_validate(
             setup = prepare_head(data, seed=seed, cache_dir=cache, progress=progress)
         train_x, train_y = setup.train_x, setup.train_y
         if train_size is not None and train_size < len(train_y):
-            keep = _stratified(train_y.numpy(), train_size, seed)
+            keep = torch.as_tensor(stratified_sample(train_y.numpy(), train_size, seed))
             train_x, train_y = train_x[keep], train_y[keep]
             from influent.models.head import train_head
 
@@ -479,17 +480,6 @@ def run_validate(
             **kwargs,
         )
     raise UserError(f"--model: expected head or finetuned, got {model!r}")
-
-
-def _stratified(labels: np.ndarray, size: int, seed: int) -> torch.Tensor:
-    """``size`` indices with the label proportions of ``labels`` (seeded, sorted)."""
-    rng = np.random.default_rng(seed)
-    chosen = []
-    classes, counts = np.unique(labels, return_counts=True)
-    for c, cnt in zip(classes, counts):
-        k = max(1, round(size * cnt / len(labels)))
-        chosen.append(rng.choice(np.flatnonzero(labels == c), min(k, cnt), replace=False))
-    return torch.as_tensor(np.sort(np.concatenate(chosen))[:size])
 
 
 __all__ = ["markdown_report", "run_validate", "select_examples", "validate_exact"]
