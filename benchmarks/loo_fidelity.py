@@ -37,7 +37,8 @@ from scipy.stats import pearsonr, spearmanr
 from torch import nn
 
 from influent.influence import ExactInfluence, SolverOptions
-from influent.models.head import HeadTask, LogisticHead, fit_newton, train_head
+from influent.models.head import HeadTask, LogisticHead, train_head
+from influent.models.newton import fit_newton
 from influent.task import Batch, Task
 
 
@@ -89,7 +90,7 @@ def loo_comparison(
         tol: gradient-norm tolerance of every (re)training.
         retrain: ``(model, task, batch, tol) -> final gradient norm``, minimising the objective in place from
             the model's current parameters; also trains the head on the full slice from zeros first
-            (default: :func:`influent.models.head.train_head` / :func:`~influent.models.head.fit_newton`).
+            (default: :func:`influent.models.head.train_head` / :func:`~influent.models.newton.fit_newton`).
         log: progress printer.
 
     Returns:

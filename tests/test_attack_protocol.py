@@ -12,8 +12,8 @@ import torch
 from influent.curvature.ekfac import FactorConfig
 from influent.factored_influence import FactoredInfluence
 from influent.influence import ExactInfluence
-from influent.models.head import HeadTask
-from influent.models.refit import fit_head, per_example_loss
+from influent.models.head import HeadTask, per_example_loss
+from influent.models.refit import fit_head
 
 
 def _data(n=80, d=4, k=3, seed=0):

@@ -16,8 +16,8 @@ from influent.attacks.label_flip import (
 from influent.attacks.perturb import perturb_target
 from influent.attacks.summary import summarise
 from influent.attacks.trigger import insert_trigger, make_trigger_poison, trigger_attack
-from influent.models.head import train_head
-from influent.models.refit import accuracy, fit_head, per_example_loss
+from influent.models.head import accuracy, per_example_loss, train_head
+from influent.models.refit import fit_head
 
 
 @pytest.mark.parametrize("classes", [2, 3])

@@ -11,7 +11,8 @@ from influent.curvature.exact import HessianOperator, exact_hessian, gauss_newto
 from influent.curvature.solvers import DirectSolver, NumericalError, conjugate_gradient, lissa
 from influent.gradients import ParameterSpace
 from influent.influence import ExactInfluence, SolverOptions
-from influent.models.head import HeadTask, LogisticHead, fit_newton, train_head
+from influent.models.head import HeadTask, LogisticHead, train_head
+from influent.models.newton import fit_newton
 
 
 def make_data(n=200, d=6, classes=2, seed=0):

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from influent.models.head import LogisticHead
-from influent.models.refit import accuracy, fit_head
+from influent.models.head import LogisticHead, accuracy
+from influent.models.refit import fit_head
 
 
 @dataclass

@@ -30,8 +30,7 @@ import torch
 
 from influent.attacks.experiment import HeadExperiment
 from influent.influence import ExactInfluence
-from influent.models.head import HeadTask, LogisticHead
-from influent.models.refit import per_example_loss, predict
+from influent.models.head import HeadTask, LogisticHead, accuracy, per_example_loss, predict
 
 DEFAULT_BUDGETS = (0.005, 0.01, 0.03, 0.05)
 STRATEGIES = ("influence", "random", "max_loss")
@@ -270,7 +269,7 @@ def targeted_attack(
                 "target": int(t),
                 "flipped": int(int(p.argmax()) != int(y[0])),
                 "target_prob_true": float(p[int(y[0])]),
-                "clean_accuracy": float((predict(m, exp.eval_x[keep]) == exp.eval_y[keep]).double().mean()),
+                "clean_accuracy": accuracy(m, exp.eval_x[keep], exp.eval_y[keep]),
             }
         )
 

@@ -17,8 +17,7 @@ import torch
 from influent.attacks.experiment import HeadExperiment
 from influent.attacks.label_flip import choose_targets
 from influent.influence import ExactInfluence
-from influent.models.head import HeadTask, LogisticHead
-from influent.models.refit import predict
+from influent.models.head import HeadTask, LogisticHead, accuracy
 
 
 def perturb_target(
@@ -69,7 +68,7 @@ def perturb_target(
         "eps": float(eps),
         "flipped": int(int(p.argmax()) != int(ty[0])),
         "target_prob_true": float(p[int(ty[0])]),
-        "clean_accuracy": float((predict(model, exp.eval_x[keep]) == exp.eval_y[keep]).double().mean()),
+        "clean_accuracy": accuracy(model, exp.eval_x[keep], exp.eval_y[keep]),
         "poisons": poisons.tolist(),
     }
 

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from influent.attacks.experiment import HeadExperiment
-from influent.models.head import LogisticHead
-from influent.models.refit import predict
+from influent.models.head import LogisticHead, predict
 
 DEFAULT_TRIGGER = "james bond"
 DEFAULT_SIZES = (10, 25, 50, 100)

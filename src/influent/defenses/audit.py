@@ -24,7 +24,7 @@ from influent.attacks.trigger import insert_trigger
 from influent.defenses.rankers import QUERY_RANKERS, RANKERS, HeadAuditData, available_rankers, score_all
 from influent.errors import UserError
 from influent.evaluation.detection import ranking
-from influent.models.refit import predict
+from influent.models.head import predict
 from influent.store import write_json
 
 QUERY_MODES = ("validation", "misclassified", "none")

@@ -26,8 +26,8 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 
 from influent.influence import ExactInfluence
-from influent.models.head import LogisticHead
-from influent.models.refit import fit_head, per_example_loss, probabilities
+from influent.models.head import LogisticHead, per_example_loss, probabilities
+from influent.models.refit import fit_head
 
 INFLUENCE_RANKERS = (
     "self_influence",

@@ -205,7 +205,7 @@ class PBRF:
             curvature = (
                 self.hessian_fn(removed, eps) if method == "newton" else self.gauss_newton_fn(removed, eps)
             )
-            theta, it, _ = minimise(fn, self.theta_s.clone(), curvature, tol, max_iter)
+            theta, it = minimise(fn, self.theta_s.clone(), curvature, tol, max_iter)[:2]
             g = gradient(fn, theta)
         if not torch.isfinite(theta).all():
             raise NumericalError("PBRF solve produced non-finite parameters; increase damping")

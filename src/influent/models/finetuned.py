@@ -20,6 +20,7 @@ from torch import nn
 
 from influent import store
 from influent.errors import UserError
+from influent.models.classifier import fraction_correct
 from influent.task import Task
 
 
@@ -120,13 +121,13 @@ def accuracy(model: nn.Module, batches: Sequence[dict]) -> float:
     was = model.training
     model.eval()
     task = FinetunedTask()
-    correct = total = 0
-    for b in batches:
-        pred = task.model_output(model, b).argmax(-1)
-        correct += int((pred == b["labels"]).sum())
-        total += int(b["labels"].shape[0])
-    model.train(was)
-    return correct / max(total, 1)
+    try:
+        predicted = [task.model_output(model, b).argmax(-1) for b in batches]
+    finally:
+        model.train(was)
+    if sum(len(p) for p in predicted) == 0:
+        return 0.0
+    return fraction_correct(torch.cat(predicted), torch.cat([b["labels"] for b in batches]))
 
 
 def train_finetuned(

@@ -6,16 +6,14 @@ Objective (the one influence differentiates): ``mean_i CE(z_i) + (l2/2) ||theta|
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from influent.curvature.exact import exact_hessian
-from influent.gradients import ParameterSpace, full_gradient, full_objective
+from influent.models.classifier import fraction_correct
+from influent.models.newton import TrainReport, fit_newton
 from influent.store import read_json, read_tensors, write_json, write_tensors
 from influent.task import Batch, Task
 
@@ -68,47 +66,6 @@ class HeadTask(Task):
         return (features, batch[1])
 
 
-@dataclass
-class TrainReport:
-    """How the optimisation ended: gradient norm of the objective, Newton iterations, seconds."""
-
-    grad_norm: float
-    iterations: int
-    seconds: float
-    objective: float
-
-
-def fit_newton(
-    model: nn.Module, task: Task, batch: Batch, tol: float = 1e-10, max_iter: int = 100
-) -> TrainReport:
-    """Minimise the task's objective over the tracked parameters by damped Newton with backtracking.
-
-    For convex objectives with a formable Hessian (the logistic head). Stops when the gradient's
-    Euclidean norm is below ``tol``; the model is updated in place.
-    """
-    start = time.perf_counter()
-    space = ParameterSpace(model, task)
-    theta = space.flat()
-    f = float(full_objective(space, theta, batch))
-    g = full_gradient(space, theta, batch)
-    it = 0
-    while float(g.norm()) > tol and it < max_iter:
-        it += 1
-        H = exact_hessian(space, batch, theta)
-        step = torch.linalg.solve(H, g)
-        t = 1.0
-        while True:
-            cand = theta - t * step
-            f_cand = float(full_objective(space, cand, batch))
-            if f_cand <= f - 1e-4 * t * float(g @ step) or t < 1e-10:
-                break
-            t *= 0.5
-        theta, f = cand, f_cand
-        g = full_gradient(space, theta, batch)
-    space.load(theta)
-    return TrainReport(float(g.norm()), it, time.perf_counter() - start, f)
-
-
 def train_head(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float, tol: float = 1e-10
 ) -> tuple[LogisticHead, HeadTask, TrainReport]:
@@ -122,11 +79,26 @@ def train_head(
     return model, task, report
 
 
-def accuracy(model: LogisticHead, features: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of examples whose most probable class equals the label."""
+def probabilities(model: LogisticHead, features: torch.Tensor) -> torch.Tensor:
+    """Class probabilities ``[n, K]`` (float64)."""
     with torch.no_grad():
-        pred = model.probabilities(features.to(next(model.parameters()).dtype)).argmax(1)
-    return float((pred == labels).double().mean())
+        return model.probabilities(features.double())
+
+
+def predict(model: LogisticHead, features: torch.Tensor) -> torch.Tensor:
+    """Most probable class of each row, ``[n]`` int64."""
+    return probabilities(model, features).argmax(1)
+
+
+def per_example_loss(model: LogisticHead, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each example ``[n]`` (nats; no L2 term)."""
+    with torch.no_grad():
+        return HeadTask(0.0).per_example_loss(model, (features.double(), torch.as_tensor(labels).long()))
+
+
+def accuracy(model: LogisticHead, features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of rows whose most probable class equals ``labels``."""
+    return fraction_correct(predict(model, features), labels)
 
 
 def save_head(model: LogisticHead, task: HeadTask, folder: str | Path, info: dict) -> None:

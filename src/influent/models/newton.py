@@ -1,21 +1,25 @@
-"""Second-order minimisation used by the retraining ground truths (small p: the matrix is formed).
+"""Second-order minimisation: the one Newton loop that fits models (small p: the matrix is formed).
 
 :func:`gauss_newton_sum` forms ``sum_i J_i^T H_out,i J_i`` as one matrix product (``A^T A`` with
 ``A_i = H_out,i^{1/2} J_i``), which is much cheaper than ``torch.func.hessian`` of the whole objective; for a
 linear model under cross-entropy it *is* the Hessian, so Newton with it converges quadratically.
 :func:`minimise` is Newton (or Gauss-Newton) with a Levenberg-Marquardt shift where the matrix is not
-positive definite and Armijo backtracking.
+positive definite and Armijo backtracking; :func:`fit_newton` runs it on a model + task with the exact Hessian.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.func import functional_call, hessian, jacrev, vmap
 
-from influent.gradients import ParameterSpace, unsqueeze_example
+from influent.curvature.exact import exact_hessian
+from influent.gradients import ParameterSpace, full_gradient, full_objective, unsqueeze_example
 from influent.task import Batch, Task, iter_chunks
 
 
@@ -92,25 +96,47 @@ def gradient(fn: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor) ->
     return g.detach()
 
 
+class Minimum(NamedTuple):
+    """Where :func:`minimise` stopped: flat parameters, Newton iterations, gradient norm, objective value."""
+
+    theta: torch.Tensor
+    iterations: int
+    grad_norm: float
+    objective: float
+
+
 def minimise(
-    fn: Callable[[torch.Tensor], torch.Tensor],
+    fn: Callable[[torch.Tensor], torch.Tensor | float],
     theta: torch.Tensor,
     curvature: Callable[[torch.Tensor], torch.Tensor],
     tol: float,
     max_iter: int,
-) -> tuple[torch.Tensor, int, float]:
+    gradient_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Minimum:
     """Minimise ``fn`` from ``theta`` with steps ``-(C + mu I)^-1 grad`` (``C = curvature(theta)``).
 
-    ``mu = 0`` unless ``C`` is not positive definite. Stops when ``||grad|| <= tol``, after ``max_iter``
-    iterations, or when no step decreases ``fn`` at floating-point precision.
+    The one (Gauss-)Newton loop of the package: the head's training (:func:`fit_newton`), its closed-form
+    refits (:func:`influent.models.refit.fit_head`), the retraining ground truth
+    (:class:`~influent.models.training.NewtonTrainer`) and the PBRF all run it. ``mu = 0`` unless ``C`` is not
+    positive definite (then ``mu = 1.1 |lambda_min| + 1e-12``, a Levenberg-Marquardt shift). Each step is
+    backtracked (halving, at most 40 times) to the Armijo condition
+    ``fn(theta - t step) <= fn(theta) - 1e-4 t grad^T step``; where ``fn`` is flat to rounding the full step is
+    taken if it halves the gradient norm. Stops when ``||grad|| <= tol``, after ``max_iter`` iterations, or
+    when no step decreases ``fn`` at floating-point precision.
 
-    Returns:
-        ``(theta, iterations, final gradient norm)``.
+    Args:
+        fn: the objective of the flat parameters (a scalar tensor or float).
+        theta: start ``[p]``.
+        curvature: ``theta -> [p, p]`` Hessian or Gauss-Newton matrix of ``fn``.
+        tol: gradient-norm tolerance (Euclidean).
+        max_iter: iteration cap.
+        gradient_fn: ``theta -> [p]`` gradient of ``fn`` (default: autograd of ``fn``).
     """
+    grad = gradient_fn if gradient_fn is not None else (lambda t: gradient(fn, t))
     theta = theta.detach()
     with torch.no_grad():
         f = float(fn(theta))
-    g = gradient(fn, theta)
+    g = grad(theta)
     it = 0
     eye = torch.eye(theta.numel(), dtype=theta.dtype)
     while float(g.norm()) > tol and it < max_iter:
@@ -131,12 +157,45 @@ def minimise(
                 break
             # objective flat to rounding: accept the full step if it shrinks the gradient
             flat = t == 1.0 and f_cand <= f + 1e-12 * max(1.0, abs(f))
-            if flat and float(gradient(fn, cand).norm()) < 0.5 * float(g.norm()):
+            if flat and float(grad(cand).norm()) < 0.5 * float(g.norm()):
                 accepted = True
                 break
             t *= 0.5
         if not accepted:
             break
         theta, f = cand.detach(), f_cand
-        g = gradient(fn, theta)
-    return theta, it, float(g.norm())
+        g = grad(theta)
+    return Minimum(theta, it, float(g.norm()), f)
+
+
+@dataclass
+class TrainReport:
+    """How the optimisation ended: gradient norm of the objective, Newton iterations, seconds, objective."""
+
+    grad_norm: float
+    iterations: int
+    seconds: float
+    objective: float
+
+
+def fit_newton(
+    model: nn.Module, task: Task, batch: Batch, tol: float = 1e-10, max_iter: int = 100
+) -> TrainReport:
+    """Minimise the task's objective over the tracked parameters by Newton (:func:`minimise`), from the
+    model's current parameters, with the exact Hessian.
+
+    For convex objectives with a formable Hessian (the logistic head). Stops when the gradient's
+    Euclidean norm is below ``tol``; the model is updated in place.
+    """
+    start = time.perf_counter()
+    space = ParameterSpace(model, task)
+    result = minimise(
+        lambda t: full_objective(space, t, batch),
+        space.flat(),
+        lambda t: exact_hessian(space, batch, t),
+        tol,
+        max_iter,
+        gradient_fn=lambda t: full_gradient(space, t, batch),
+    )
+    space.load(result.theta)
+    return TrainReport(result.grad_norm, result.iterations, time.perf_counter() - start, result.objective)

@@ -18,6 +18,7 @@ import torch
 
 from influent.errors import UserError
 from influent.gradients import ParameterSpace
+from influent.models.classifier import fraction_correct
 from influent.models.finetuned import default_encoder, freeze_all_but_last, make_batches
 from influent.models.frozen_prefix import (
     CachedPrefixTask,
@@ -111,7 +112,8 @@ class SuffixClassifier:
         return self.logits(theta, batch).argmax(-1)
 
     def accuracy(self, theta: torch.Tensor, batch: dict) -> float:
-        return float((self.predict(theta, batch) == batch["labels"]).double().mean())
+        """Share of rows of ``batch`` whose predicted class (parameters ``theta``) equals ``batch['labels']``."""
+        return fraction_correct(self.predict(theta, batch), batch["labels"])
 
     def load_suffix(self, theta: torch.Tensor) -> torch.nn.Module:
         """The (whole-layer) suffix model holding ``theta``: the model influence is computed on."""

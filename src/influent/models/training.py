@@ -103,7 +103,7 @@ class NewtonTrainer:
             def curvature(t):
                 return exact_hessian(space, batch, t)
 
-        theta, it, gnorm = minimise(objective, start.detach().clone(), curvature, self.tol, self.max_iter)
+        theta, it, gnorm, _ = minimise(objective, start.detach().clone(), curvature, self.tol, self.max_iter)
         return theta, {"grad_norm": gnorm, "iterations": it, "seconds": time.perf_counter() - t0}
 
 
