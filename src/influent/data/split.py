@@ -66,7 +66,7 @@ def stratified_split(
     return train_idx, test_idx
 
 
-def stratified_sample(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+def stratified_sample(labels: np.ndarray, size: int, seed: int | np.random.Generator = 0) -> np.ndarray:
     """``size`` distinct positions of ``labels`` with the label proportions of ``labels`` (seeded, sorted).
 
     The one training-slice sampler (``train``, ``validate`` and the attacks draw ``train_size`` through it, so
@@ -78,7 +78,8 @@ def stratified_sample(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarra
     Args:
         labels: ``[n]`` integer class labels.
         size: how many positions to draw (>= 1).
-        seed: seeds the draw.
+        seed: seeds the draw; a ``Generator`` is drawn from (and advanced) as is, for callers that take
+            more from the same stream.
 
     Returns:
         Sorted ``int64`` positions into ``labels``, at most ``size`` of them.
