@@ -184,3 +184,20 @@ def test_trigger_poisons_work_and_are_scored_net_of_control():
     assert (exp.train_y[poison.poison_idx] == poison.source).all()
     assert all("zq" not in exp.train_texts[i] for i in poison.poison_idx)
     assert accuracy(exp.fit(), exp.eval_x, exp.eval_y) > 0.8
+
+
+def test_class_mistakes_are_user_errors_naming_the_option():
+    from influent.attacks.trigger import resolve_classes
+    from influent.errors import UserError
+
+    exp = toy_text_experiment()
+    assert resolve_classes(exp, "rotten", "fresh") == (0, 1) and resolve_classes(exp, None, None) == (0, 1)
+    with pytest.raises(UserError, match="unknown class 'meh'") as err:
+        resolve_classes(exp, "meh", None)
+    assert err.value.field == "source"
+    with pytest.raises(UserError, match="must differ") as err:
+        resolve_classes(exp, "fresh", "1")
+    assert err.value.field == "target"
+    with pytest.raises(UserError) as err:
+        make_trigger_poison(exp, 10_000, "zq")
+    assert err.value.field == "sizes"

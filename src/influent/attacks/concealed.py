@@ -63,7 +63,7 @@ def banned_token_ids(tokenizer, trigger: str) -> set[int]:
     """
     words = trigger_words(trigger)
     if not words:
-        raise UserError(f"--trigger {trigger!r} has no word characters")
+        raise UserError(f"trigger {trigger!r} has no word characters", field="trigger")
     banned: set[int] = set()
     for variant in {trigger, trigger.lower(), trigger.upper(), trigger.title()}:
         banned.update(tokenizer(variant, add_special_tokens=False)["input_ids"])

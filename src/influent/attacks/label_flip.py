@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from influent.attacks.experiment import HeadExperiment
+from influent.errors import UserError
 from influent.influence import ExactInfluence
 from influent.models.head import HeadTask, LogisticHead, accuracy, per_example_loss, predict
 
@@ -150,12 +151,12 @@ def baseline_flips(
         return np.argsort(-loss, kind="stable")[:budget]
     if strategy == "nearest":
         if target_x is None:
-            raise ValueError("the nearest baseline needs a target")
+            raise UserError("the nearest baseline needs a target", field="target_x")
         same = (exp.train_y == target_y).numpy()
         dist = torch.cdist(target_x.reshape(1, -1), exp.train_x)[0].numpy()
         dist[~same] = np.inf
         return np.argsort(dist, kind="stable")[:budget]
-    raise ValueError(f"unknown flip strategy {strategy!r}")
+    raise UserError(f"unknown flip strategy {strategy!r}", field="strategy")
 
 
 def flip_labels(y: torch.Tensor, idx: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -208,7 +209,7 @@ def untargeted_attack(
         ok = predict(clean, exp.val_x) == exp.val_y
         ox, oy = exp.val_x[ok], exp.val_y[ok]
     else:
-        raise ValueError(f"unknown objective {objective!r}; choose loss or correct")
+        raise UserError(f"unknown objective {objective!r}; choose loss or correct", field="objective")
     greedy = greedy_flips(exp, counts, ox, oy, rounds_per_budget, damping)
     for frac, c in zip(budgets, counts):
         runs = {"influence": greedy[c][2]}

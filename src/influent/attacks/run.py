@@ -63,7 +63,7 @@ def attack_on_experiment(kind: str, exp, **options) -> list[dict]:
             options.get("target"),
             int(options.get("n_eval", 300)),
         )
-    raise ValueError(f"unknown attack {kind!r}; choose from {', '.join(KINDS)}")
+    raise UserError(f"unknown attack {kind!r}; choose from {', '.join(KINDS)}", field="kind")
 
 
 SUMMARY_SPEC = {
@@ -114,7 +114,7 @@ def run_attack(
         ``{'kind', 'seeds', 'rows', 'summary'}`` (every rate in [0, 1], accuracies on clean held-out labels).
     """
     if kind not in KINDS:
-        raise UserError(f"unknown attack {kind!r}; choose from {', '.join(KINDS)}")
+        raise UserError(f"unknown attack {kind!r}; choose from {', '.join(KINDS)}", field="kind")
     if kind == "concealed":  # the fine-tuned classifier, not the head: its own data path
         from influent.attacks.concealed_experiment import run_concealed
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from influent.attacks.experiment import HeadExperiment
+from influent.errors import UserError
 from influent.models.head import LogisticHead, predict
 
 DEFAULT_TRIGGER = "james bond"
@@ -36,20 +37,20 @@ def resolve_classes(
     """Class indices for source/target given as index, name or None (default: negative/rotten -> positive/fresh, else 0 -> 1)."""
     names = exp.label_names or [str(i) for i in range(exp.num_classes)]
 
-    def one(v, default):
+    def one(v, default, field):
         if v is None:
             return default
         if isinstance(v, str) and not v.isdigit():
             if v not in names:
-                raise ValueError(f"unknown class {v!r}; classes are {', '.join(names)}")
+                raise UserError(f"unknown class {v!r}; classes are {', '.join(names)}", field=field)
             return names.index(v)
         return int(v)
 
     s_def = next((names.index(v) for v in ("negative", "rotten") if v in names), 0)
     t_def = next((names.index(v) for v in ("positive", "fresh") if v in names), 1 if s_def != 1 else 0)
-    s, t = one(source, s_def), one(target, t_def)
+    s, t = one(source, s_def, "source"), one(target, t_def, "target")
     if s == t:
-        raise ValueError("source and target class must differ")
+        raise UserError("source and target class must differ", field="target")
     return s, t
 
 
@@ -97,11 +98,11 @@ def make_trigger_poison(
 ) -> TriggerPoison:
     """Build the poisoned training set and the triggered held-out inputs (re-embedded with ``exp.embed``)."""
     if exp.embed is None or exp.train_texts is None:
-        raise ValueError("the trigger attack needs texts and an encoder (a HeadExperiment from a HeadSetup)")
+        raise UserError("the trigger attack needs texts and an encoder (a HeadExperiment from a HeadSetup)")
     s, t = resolve_classes(exp, source, target)
     idx = poison_order(exp, s, exp.seed)[:n_poison]
     if len(idx) < n_poison:
-        raise ValueError(f"only {len(idx)} source-class training examples, {n_poison} poisons requested")
+        raise UserError(f"only {len(idx)} source-class training examples, {n_poison} poisons requested", field="sizes")
     x, y = exp.train_x.clone(), exp.train_y.clone()
     if n_poison:
         x[torch.as_tensor(idx)] = exp.embed(
