@@ -21,7 +21,7 @@ import numpy as np
 from influent.attacks.experiment import from_setup
 from influent.attacks.label_flip import targeted_attack, untargeted_attack
 from influent.attacks.perturb import perturb_attack
-from influent.attacks.run import summarise
+from influent.attacks.summary import summarise
 from influent.attacks.trigger import make_trigger_poison, trigger_attack
 from influent.defenses.evaluate import mislabel_experiment, trigger_defense
 from influent.pipeline import prepare_head
