@@ -232,10 +232,7 @@ def audit_rankers(
         progress=progress,
     )
     tracin = identity.self_scores().double().numpy()
-    with torch.no_grad():
-        loss = (
-            torch.cat([task.per_example_loss(suffix, b) for b in _batches(all_batch, 256)]).double().numpy()
-        )
+    loss = ekfac.train_losses().numpy()
     n = len(all_texts)
     rng = np.random.default_rng(seed + 7919)
     query_influence = -q_scores.sum(0)
