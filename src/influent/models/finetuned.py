@@ -130,6 +130,47 @@ def accuracy(model: nn.Module, batches: Sequence[dict]) -> float:
     return fraction_correct(torch.cat(predicted), torch.cat([b["labels"] for b in batches]))
 
 
+def _adamw_epochs(
+    model: nn.Module,
+    tokenizer,
+    train_texts: Sequence[str],
+    train_labels: Sequence[int],
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+    weight_decay: float,
+    progress: bool,
+) -> None:
+    """AdamW on the mean cross-entropy over the trainable parameters, ``epochs`` seeded shuffles (in place).
+
+    The model trains in ``train()`` mode (dropout on) and is left in ``eval()`` mode.
+    """
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    task = FinetunedTask()
+    n = len(train_texts)
+    bar = tqdm(total=epochs * math.ceil(n / batch_size), desc="fine-tune", disable=not progress, leave=False)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).tolist()
+        texts = [train_texts[i] for i in order]
+        labels = [int(train_labels[i]) for i in order]
+        for batch in make_batches(tokenizer, texts, labels, batch_size=batch_size, max_length=max_length):
+            loss = task.per_example_loss(model, batch).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+
+
 def train_finetuned(
     train_texts: Sequence[str],
     train_labels: Sequence[int],
@@ -177,32 +218,11 @@ def train_finetuned(
     except (OSError, ValueError) as exc:
         raise UserError(f"--encoder {encoder!r}: cannot load a tokenizer and model ({exc})") from None
     n_trainable = freeze_all_but_last(model, last_k)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
-    )
-    task = FinetunedTask()
     n = len(train_texts)
-    steps = epochs * math.ceil(n / batch_size)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=steps, desc="fine-tune", disable=not progress, leave=False)
-    model.train()
     t0 = time.perf_counter()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen).tolist()
-        texts = [train_texts[i] for i in order]
-        labels = [int(train_labels[i]) for i in order]
-        for batch in make_batches(tokenizer, texts, labels, batch_size=batch_size, max_length=max_length):
-            loss = task.per_example_loss(model, batch).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
+    _adamw_epochs(model, tokenizer, train_texts, train_labels, epochs=epochs, lr=lr, batch_size=batch_size,
+                  max_length=max_length, seed=seed, weight_decay=weight_decay, progress=progress)
     seconds = time.perf_counter() - t0
-    model.eval()
     test_batches = make_batches(tokenizer, test_texts, test_labels, batch_size=64, max_length=max_length)
     metrics = {
         "test_accuracy": accuracy(model, test_batches),
