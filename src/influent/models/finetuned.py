@@ -62,7 +62,7 @@ def make_batches(
 ) -> list[dict[str, torch.Tensor]]:
     """Tokenize in order into dict batches, each padded only to its own longest text (<= max_length)."""
     if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+        raise UserError(f"batch_size must be >= 1, got {batch_size}", field="batch_size")
     out = []
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(
@@ -90,7 +90,7 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
                 break
         if isinstance(obj, nn.ModuleList):
             return obj
-    raise UserError(f"cannot find the encoder layers of {type(model).__name__} to fine-tune the last k")
+    raise UserError(f"cannot find the encoder layers of {type(model).__name__} to fine-tune the last k", field="encoder")
 
 
 def freeze_all_but_last(model: nn.Module, last_k: int | None) -> int:
@@ -101,7 +101,7 @@ def freeze_all_but_last(model: nn.Module, last_k: int | None) -> int:
     if last_k is not None:
         layers = encoder_layers(model)
         if not 0 <= last_k <= len(layers):
-            raise UserError(f"--last-k must be between 0 and {len(layers)}, got {last_k}")
+            raise UserError(f"last_k must be between 0 and {len(layers)}, got {last_k}", field="last_k")
         base = getattr(model, "base_model", model)
         for p in base.parameters():
             p.requires_grad_(False)
@@ -216,7 +216,7 @@ def train_finetuned(
         tokenizer = AutoTokenizer.from_pretrained(encoder)
         model = AutoModelForSequenceClassification.from_pretrained(encoder, num_labels=num_labels)
     except (OSError, ValueError) as exc:
-        raise UserError(f"--encoder {encoder!r}: cannot load a tokenizer and model ({exc})") from None
+        raise UserError(f"encoder {encoder!r}: cannot load a tokenizer and model ({exc})", field="encoder") from None
     n_trainable = freeze_all_but_last(model, last_k)
     n = len(train_texts)
     t0 = time.perf_counter()

@@ -69,7 +69,7 @@ def split_frozen_prefix(model: nn.Module, last_k: int) -> nn.Module:
     """
     layers = encoder_layers(model)
     if not 1 <= last_k <= len(layers):
-        raise ValueError(f"last_k must be between 1 and {len(layers)}, got {last_k}")
+        raise UserError(f"last_k must be between 1 and {len(layers)}, got {last_k}", field="last_k")
     base = model.base_model
     # deep-copy without the (large, frozen) embeddings and prefix layers
     owner, attr = _layer_list_owner(model)

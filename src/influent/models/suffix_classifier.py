@@ -59,7 +59,7 @@ class SuffixClassifier:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if last_k < 1:
-            raise UserError(f"--last-k must be >= 1 for prefix-cached retraining, got {last_k}")
+            raise UserError(f"last_k must be >= 1 for prefix-cached retraining, got {last_k}", field="last_k")
         self.encoder = encoder or default_encoder()
         self.last_k, self.seed, self.max_length = last_k, seed, max_length
         try:
@@ -70,11 +70,13 @@ class SuffixClassifier:
                 self.encoder, num_labels=num_labels, attn_implementation="eager"
             )
         except (OSError, ValueError) as exc:
-            raise UserError(f"--encoder {self.encoder!r}: cannot load a tokenizer and model ({exc})") from None
+            raise UserError(
+                f"encoder {self.encoder!r}: cannot load a tokenizer and model ({exc})", field="encoder"
+            ) from None
         freeze_all_but_last(self.model, last_k)
         self.model.eval()
         if not supports_frozen_prefix(self.model):
-            raise UserError(f"{type(self.model).__name__}: prefix caching needs a BERT-like encoder")
+            raise UserError(f"{type(self.model).__name__}: prefix caching needs a BERT-like encoder", field="encoder")
         self.task = CachedPrefixTask()
         self.suffix = split_frozen_prefix(self.model, last_k)
         use_first = last_k == 1 and supports_first_token(self.suffix)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from influent.curvature.exact import exact_hessian
+from influent.errors import UserError
 from influent.gradients import ParameterSpace, full_gradient, full_objective
 from influent.models.newton import gauss_newton_sum, minimise
 from influent.task import Batch, Task, slice_batch
@@ -72,7 +73,7 @@ class NewtonTrainer:
 
     def __post_init__(self):
         if self.curvature not in ("gauss_newton", "hessian"):
-            raise ValueError(f"unknown curvature {self.curvature!r}; choose gauss_newton or hessian")
+            raise UserError(f"unknown curvature {self.curvature!r}; choose gauss_newton or hessian", field="curvature")
         self._space = ParameterSpace(copy.deepcopy(self.model), self.task)
         if self.init_theta is None:
             self.init_theta = torch.zeros_like(self._space.flat())
@@ -143,7 +144,7 @@ class MinibatchTrainer:
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "adamw", "sgd"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adam, adamw or sgd")
+            raise UserError(f"unknown optimizer {self.optimizer!r}; choose adam, adamw or sgd", field="optimizer")
         self._space = ParameterSpace(copy.deepcopy(self.model), self.task)
         self.settings = {
             "trainer": "minibatch",
