@@ -28,7 +28,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -42,7 +41,7 @@ from influent.attacks.concealed import (
 )
 from influent.attacks.experiment import split_heldout
 from influent.attacks.summary import summarise
-from influent.attacks.trigger import DEFAULT_TRIGGER, insert_trigger, resolve_classes
+from influent.attacks.trigger import DEFAULT_TRIGGER, class_indices, insert_trigger
 from influent.curvature.ekfac import FactorConfig
 from influent.data.split import stratified_sample
 from influent.errors import UserError
@@ -95,7 +94,7 @@ def select_texts(
 ) -> SeedTexts:
     """Seed ``seed``'s training slice, poison pool, attacker / defender queries and evaluation reviews."""
     names = list(corpus.label_names)
-    src, tgt = resolve_classes(SimpleNamespace(label_names=names, num_classes=len(names)), source, target)
+    src, tgt = class_indices(names, source, target)
     labels = np.asarray(corpus.labels)
     train_idx = np.asarray(split.train_idx)
     rows_slice = train_idx[stratified_sample(labels[train_idx], train_size, seed)]

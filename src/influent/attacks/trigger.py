@@ -34,8 +34,13 @@ def insert_trigger(text: str, trigger: str, salt: int = 0) -> str:
 def resolve_classes(
     exp: HeadExperiment, source: int | str | None, target: int | str | None
 ) -> tuple[int, int]:
-    """Class indices for source/target given as index, name or None (default: negative/rotten -> positive/fresh, else 0 -> 1)."""
-    names = exp.label_names or [str(i) for i in range(exp.num_classes)]
+    """:func:`class_indices` of ``exp``'s class names (``0 .. K-1`` as text when it has none)."""
+    return class_indices(exp.label_names or [str(i) for i in range(exp.num_classes)], source, target)
+
+
+def class_indices(names: list[str], source: int | str | None, target: int | str | None) -> tuple[int, int]:
+    """Class indices for source/target given as index, name or None (default: negative/rotten ->
+    positive/fresh, else 0 -> 1)."""
 
     def one(v, default, field):
         if v is None:
