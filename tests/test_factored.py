@@ -7,10 +7,11 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from influent.curvature.ekfac import FactorConfig, FactorNumericsError, fit_factors, robust_eigh
+from influent.curvature.eigh import robust_eigh
+from influent.curvature.keys import EIGVEC_A, EIGVEC_S, LAMBDA, tensor_key
 from influent.curvature.linear_grads import per_example_linear_grads, select_linear_modules
-from influent.errors import UserError
-from influent.factored_influence import loss_change, pairwise_scores, self_scores
+from influent.errors import NumericalError, UserError
+from influent.factored_influence import FactorConfig, fit_factors, loss_change, pairwise_scores, self_scores
 from influent.task import Task, iter_chunks
 
 torch.set_num_threads(1)
@@ -268,7 +269,7 @@ def test_low_rank_queries():
     assert spearmanr(full.flatten(), r1.flatten())[0] > 0.5
 
 
-def test_ground_truth_spearman_mlp():
+def test_ground_truth_spearman_mlp(record_property):
     """Factored scores against exact damped Fisher/GNH scores on a tiny MLP, same absolute damping for all.
 
     Printed for the record (docs/ekfac.md, "Ground truth"). On this 3-layer MLP (111 parameters, 192
@@ -276,8 +277,10 @@ def test_ground_truth_spearman_mlp():
     Fisher) every factored method is far from the exact answer (Spearman about 0.3), and the reason is
     structural: even the exact per-module blocks of the same matrix (``blockdiag``, the ceiling of any
     per-module method) reach only about 0.5, and within a module the Kronecker eigenbasis is off because
-    the curvature sits on a few examples near the decision boundaries. The issue's >= 0.9 is not asserted
-    here; see ``test_ground_truth_spearman_output_layer`` for where it holds.
+    the curvature sits on a few examples near the decision boundaries. The former target of EK-FAC >= 0.9
+    against the full matrix here is retired (it is beyond any per-layer method); the figures are reported
+    (printed and recorded as the test's ``spearman`` property), not asserted, apart from the ordering a
+    per-module method must show. ``test_ground_truth_spearman_output_layer`` asserts 0.9 where it holds.
     """
     model, batch = make_mlp(n=192)
     task = MLPTask()
@@ -299,12 +302,13 @@ def test_ground_truth_spearman_mlp():
             rho[strategy] = spearman(approx, exact)
         report[fisher] = rho
     print(f"\nSpearman vs exact damped Fisher/GNH (tiny MLP, all 3 layers, damping {damping:.2e}):", report)
+    record_property("spearman", report)
     rho = report["empirical"]
     assert rho["ekfac"] >= rho["kfac"] and rho["ekfac"] >= rho["diagonal"], report
     assert rho["ekfac"] > 0.2, report
-    # cross-module blocks dominate: exact per-module blocks beat every factored method, yet stay far from 0.9
+    # the exact per-module blocks are the ceiling of every per-module method (their own value is reported)
     for r in report.values():
-        assert max(r["ekfac"], r["kfac"], r["diagonal"]) < r["blockdiag"] < 0.7, report
+        assert max(r["ekfac"], r["kfac"], r["diagonal"]) < r["blockdiag"], report
 
 
 def test_ground_truth_spearman_output_layer():
@@ -403,7 +407,7 @@ def test_factored_curvature_equals_dense_definitions():
             if strategy == "kfac":
                 blocks.append(torch.kron(s_cov, a_cov))
                 continue
-            q = torch.kron(f.tensors[f"{name}::eigvec_s"].double(), f.tensors[f"{name}::eigvec_a"].double())
+            q = torch.kron(f.tensors[tensor_key(name, EIGVEC_S)].double(), f.tensors[tensor_key(name, EIGVEC_A)].double())
             torch.testing.assert_close(q @ q.T, torch.eye(q.shape[0], dtype=torch.float64))
             q_s, q_a = torch.linalg.eigh(s_cov)[1], torch.linalg.eigh(a_cov)[1]
             torch.testing.assert_close(  # the library's eigenbasis is that of A and S (up to signs)
@@ -413,7 +417,7 @@ def test_factored_curvature_equals_dense_definitions():
                 rtol=0,
             )
             lam = (q.T @ exact_block @ q).diagonal()
-            torch.testing.assert_close(f.tensors[f"{name}::lambda"].reshape(-1), lam, rtol=1e-9, atol=1e-14)
+            torch.testing.assert_close(f.tensors[tensor_key(name, LAMBDA)].reshape(-1), lam, rtol=1e-9, atol=1e-14)
             blocks.append(q @ torch.diag(lam) @ q.T)
         dense = torch.block_diag(*blocks) + damping * torch.eye(sum(sizes), dtype=torch.float64)
         expected = g_q @ torch.linalg.solve(dense, g_train.T)
@@ -484,7 +488,7 @@ def test_robust_eigh_fallbacks():
     torch.testing.assert_close(vecs @ torch.diag(vals) @ vecs.T, m @ m.T, atol=1e-10, rtol=1e-8)
     bad = torch.eye(3)
     bad[0, 1] = float("nan")
-    with pytest.raises(FactorNumericsError):
+    with pytest.raises(NumericalError):
         robust_eigh(bad)
 
 
@@ -585,14 +589,14 @@ def test_precondition_from_tokens_and_float32():
     """Query preconditioning from token factors = from formed gradients; float32 within 1e-4 of float64."""
     import copy
 
-    from influent.curvature.linear_grads import LinearCapture, per_example_grads_from, token_mask
+    from influent.curvature.linear_grads import LinearCapture, per_example_grads_from
 
     model, batch = make_bert(n=12)
     task = BertTask()
     f = fit_factors(model, task, chunks(batch, 12, 6), FactorConfig(strategy="ekfac"), progress=False)
     q = chunks(batch, 12, 4)[0]
     with torch.enable_grad(), LinearCapture(select_linear_modules(model, "all")) as cap:
-        cap.set_mask(token_mask(task, q))
+        cap.set_mask(task.token_mask(q))
         captured = cap.backward(task.per_example_loss(model, q))
     for name, a, g in captured:
         ref = f.precondition(name, per_example_grads_from(a, g))

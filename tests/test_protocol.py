@@ -3,8 +3,7 @@ query self-scores = diagonal of pairwise on the same examples) and with a dense 
 
 import torch
 
-from influent.curvature.ekfac import FactorConfig
-from influent.factored_influence import FactoredInfluence
+from influent.factored_influence import FactorConfig, FactoredInfluence
 from influent.influence import ExactInfluence, InfluenceMethod
 from influent.models.head import train_head
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 from test_factored import BertTask, chunks, make_bert, mixed_batches, trimmed
 
-from influent.curvature.ekfac import FactorConfig, fit_factors
-from influent.factored_influence import pairwise_scores, self_scores
+from influent.factored_influence import FactorConfig, fit_factors, pairwise_scores, self_scores
 
 torch.set_num_threads(1)
 

@@ -28,15 +28,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from influent.curvature.ekfac import (
-    FactorConfig,
-    Factors,
-    _progress,
-    fit_factors,
-    tensor_fingerprint,
-    to_device,
-    token_mask,
-)
+from influent.curvature.config import FactorConfig
+from influent.curvature.factors import Factors
+from influent.curvature.fingerprints import tensor_fingerprint
+from influent.curvature.fitting import fit_factors
 from influent.curvature.linear_grads import (
     GradBuffers,
     LinearCapture,
@@ -45,9 +40,10 @@ from influent.curvature.linear_grads import (
     select_linear_modules,
 )
 from influent.curvature.token_cache import DEFAULT_MAX_BYTES, TrainTokenCache, open_cache
-from influent.errors import UserError
+from influent.errors import NumericalError, UserError
 from influent.influence import InfluenceMethod, Queries, as_batches
-from influent.task import Batch, Task, length_buckets
+from influent.progress import progress_bar
+from influent.task import Batch, Task, batch_to, length_buckets
 
 __all__ = [
     "FactorConfig",
@@ -66,7 +62,7 @@ def _modules(model: nn.Module, factors: Factors) -> dict[str, nn.Linear]:
     all_linear = select_linear_modules(model, "all")
     missing = [n for n in factors.names if n not in all_linear]
     if missing:
-        raise UserError(f"factors were fitted on modules this model lacks: {missing[:3]}")
+        raise UserError(f"factors were fitted on modules this model lacks: {missing[:3]}", field="model")
     return {n: all_linear[n] for n in factors.names}
 
 
@@ -107,8 +103,8 @@ def _per_query(model, task, factors, query_batches, measurement: bool, reduce) -
     try:
         with torch.enable_grad(), LinearCapture(modules) as cap:
             for batch in query_batches:
-                batch = to_device(batch, device)
-                cap.set_mask(token_mask(task, batch))
+                batch = batch_to(batch, device)
+                cap.set_mask(task.token_mask(batch))
                 f = (
                     task.query_measurement(model, batch)
                     if measurement
@@ -161,7 +157,7 @@ def pairwise_scores(
         train_cache_max_bytes: do not write a cache estimated larger than this (None: no limit).
     """
     if query_rank is not None and query_rank < 1:
-        raise UserError(f"--query-rank must be >= 1, got {query_rank}")
+        raise UserError(f"query_rank must be >= 1, got {query_rank}", field="query_rank")
     modules = _modules(model, factors)
     device = next(iter(modules.values())).weight.device
     plan = _plan(task, factors, modules, train_batches, bucket, train_cache, train_cache_max_bytes)
@@ -279,7 +275,7 @@ def _training_passes(
     device = next(iter(modules.values())).weight.device
     was_training = model.training
     model.eval()
-    bar = _progress(len(train_batches), desc, progress)
+    bar = progress_bar(len(train_batches), desc, progress)
     try:
         with torch.enable_grad(), LinearCapture(modules) as cap:
             for index, batch in enumerate(train_batches):
@@ -288,8 +284,8 @@ def _training_passes(
                 if captured is not None:
                     captured = [(n, a.to(device), g.to(device)) for n, a, g in captured]
                 else:
-                    batch = to_device(batch, device)
-                    cap.set_mask(token_mask(task, batch))
+                    batch = batch_to(batch, device)
+                    cap.set_mask(task.token_mask(batch))
                     loss = task.per_example_loss(model, batch)
                     captured = cap.backward(loss)
                     if cache is not None:
@@ -311,7 +307,7 @@ def loss_change(scores: torch.Tensor, n_train: int) -> torch.Tensor:
 def _check_scores(scores: torch.Tensor) -> None:
     if not torch.isfinite(scores).all():
         bad = int((~torch.isfinite(scores)).sum())
-        raise FloatingPointError(
+        raise NumericalError(
             f"{bad} influence scores are non-finite (check damping and the model's loss)"
         )
 
@@ -350,15 +346,25 @@ def explain(
 class FactoredInfluence(InfluenceMethod):
     """:class:`~influent.influence.InfluenceMethod` with factored curvature over ``nn.Linear`` modules.
 
+    The factored engine: the curvature (identity / diagonal / K-FAC / EK-FAC, a registered strategy of
+    :mod:`influent.curvature.strategies`) is fitted once over the training batches (cached under
+    ``cache_dir``, resumable); queries are preconditioned once and contracted with the training examples'
+    per-example gradients, streamed batch by batch from their token factors (or read from the training
+    token cache). Consumers need only this class; the module's free functions are its internals.
+
     Args:
         model, task: the trained model and how its losses / measurements are computed.
         train_batches: the training data as a sequence of batches (streamed; order fixed).
-        config: strategy (identity / diagonal / K-FAC / EK-FAC), modules, Fisher type, damping, seed.
+        config: strategy, modules, Fisher type, damping, seed.
         cache_dir: factor cache folder (None: no cache, no resume).
         train_cache: keep the training token factors under ``cache_dir`` (see module docstring).
         train_cache_max_bytes: do not write a token cache estimated larger than this.
         query_rank: optional rank of the preconditioned query gradients (SVD truncation).
         progress: show progress bars.
+        bucket: run the passes over the training examples re-formed by length (same scores, less padding).
+
+    Raises:
+        UserError: (field ``query_rank``) for a rank below 1; (field ``config.<name>``) for a bad setting.
     """
 
     def __init__(
@@ -373,48 +379,61 @@ class FactoredInfluence(InfluenceMethod):
         train_cache_max_bytes: int | None = DEFAULT_MAX_BYTES,
         query_rank: int | None = None,
         progress: bool = True,
+        bucket: bool = True,
     ):
         self.model, self.task = model, task
         self.train_batches = list(train_batches)
         self.config = config or FactorConfig()
+        self.config.validate()
+        if query_rank is not None and query_rank < 1:
+            raise UserError(f"query_rank must be >= 1, got {query_rank}", field="query_rank")
         self.cache_dir = cache_dir
         self.tokens = cache_dir if train_cache else None
         self.max_bytes = train_cache_max_bytes
         self.query_rank = query_rank
         self.progress = progress
-        self.factors: Factors | None = None
+        self.bucket = bucket
+        self._factors: Factors | None = None
         self._n = int(sum(task.batch_size(b) for b in self.train_batches))
 
     @property
     def n_train(self) -> int:
         return self._n
 
+    @property
+    def factors(self) -> Factors:
+        """The fitted curvature (fitted on first use)."""
+        self.fit()
+        return self._factors
+
     def fit(self) -> FactoredInfluence:
-        if self.factors is None:
-            self.factors = fit_factors(
+        if self._factors is None:
+            self._factors = fit_factors(
                 self.model, self.task, self.train_batches, self.config, cache_dir=self.cache_dir,
-                progress=self.progress, train_cache=self.tokens, train_cache_max_bytes=self.max_bytes,
-            )
+                progress=self.progress, bucket=self.bucket, train_cache=self.tokens,
+                train_cache_max_bytes=self.max_bytes,
+            )  # fmt: skip
         return self
 
     def pairwise_scores(self, queries: Queries) -> torch.Tensor:
-        self.fit()
         return pairwise_scores(
             self.model, self.task, self.factors, as_batches(queries), self.train_batches,
-            query_rank=self.query_rank, progress=self.progress, train_cache=self.tokens,
+            query_rank=self.query_rank, progress=self.progress, bucket=self.bucket, train_cache=self.tokens,
             train_cache_max_bytes=self.max_bytes,
-        )
+        )  # fmt: skip
 
     def self_scores(self) -> torch.Tensor:
-        self.fit()
         return self_scores(
             self.model, self.task, self.factors, self.train_batches, progress=self.progress,
-            train_cache=self.tokens, train_cache_max_bytes=self.max_bytes,
-        )
+            bucket=self.bucket, train_cache=self.tokens, train_cache_max_bytes=self.max_bytes,
+        )  # fmt: skip
 
     def query_self_scores(self, queries: Queries) -> torch.Tensor:
-        self.fit()
         return query_self_scores(self.model, self.task, self.factors, as_batches(queries))
+
+    def query_gradients(self, queries: Queries) -> dict[str, torch.Tensor]:
+        """Gradients of each query's measurement per tracked module, ``{name: [Q, d_out, d_in(+1)]}``."""
+        return query_gradients(self.model, self.task, self.factors, as_batches(queries))
 
     def preconditioned_query_gradients(self, queries: Queries) -> dict[str, torch.Tensor]:
         """Each query's preconditioned measurement gradient ``(F + damping)^-1 g_q`` (its s_test), per tracked
@@ -434,7 +453,7 @@ class FactoredInfluence(InfluenceMethod):
         self.model.eval()
         try:
             with torch.no_grad():
-                losses = [self.task.per_example_loss(self.model, to_device(b, device)) for b in self.train_batches]
+                losses = [self.task.per_example_loss(self.model, batch_to(b, device)) for b in self.train_batches]
         finally:
             self.model.train(was_training)
         return torch.cat(losses).double().cpu()
@@ -451,10 +470,19 @@ class FactoredInfluence(InfluenceMethod):
         return torch.cat(rows).double().cpu()
 
     def describe(self) -> dict:
-        out = {"method": "factored", "strategy": self.config.strategy, "modules": self.config.modules,
-               "fisher": self.config.fisher, "damping": self.config.damping, "query_rank": self.query_rank}
-        if self.factors is not None:
-            out["damping_per_module"] = self.factors.damping
+        out = {
+            "method": "factored",
+            "strategy": self.config.strategy,
+            "modules": self.config.modules,
+            "fisher": self.config.fisher,
+            "damping": self.config.damping,
+            "damping_fraction": self.config.damping_fraction,
+            "query_rank": self.query_rank,
+            "n_train": self.n_train,
+        }
+        if self._factors is not None:
+            out["tracked_modules"] = len(self._factors.names)
+            out["damping_per_module"] = self._factors.damping
         return out
 
 

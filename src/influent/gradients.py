@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from influent.errors import UserError
 from influent.task import Batch, Task, iter_chunks
 
 
@@ -27,7 +28,7 @@ class ParameterSpace:
         self.task = task
         tracked = task.tracked_parameters(model)
         if not tracked:
-            raise ValueError("the task tracks no parameters")
+            raise UserError("the task tracks no parameters", field="task")
         self.names = list(tracked)
         self.shapes = [tracked[n].shape for n in self.names]
         self.sizes = [tracked[n].numel() for n in self.names]

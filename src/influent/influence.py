@@ -23,6 +23,7 @@ matrix product with the cached training gradients.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from torch.func import grad, vmap
 
 from influent.curvature.exact import HessianOperator, exact_hessian, gauss_newton
 from influent.curvature.solvers import DirectSolver, Solution, conjugate_gradient, lissa
+from influent.errors import UserError
 from influent.gradients import ParameterSpace, unsqueeze_example
 from influent.task import Batch, Task, slice_batch
 
@@ -153,14 +155,18 @@ class ExactInfluence(InfluenceMethod):
 
     def __post_init__(self):
         if self.curvature not in CURVATURES:
-            raise ValueError(f"unknown curvature {self.curvature!r}; choose from {', '.join(CURVATURES)}")
+            raise UserError(
+                f"unknown curvature {self.curvature!r}; choose from {', '.join(CURVATURES)}", field="curvature"
+            )
         if self.solver not in SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}; choose from {', '.join(SOLVERS)}")
+            raise UserError(f"unknown solver {self.solver!r}; choose from {', '.join(SOLVERS)}", field="solver")
+        if not (math.isfinite(self.damping) and self.damping >= 0):
+            raise UserError(f"damping must be a finite number >= 0, got {self.damping}", field="damping")
         self.space = ParameterSpace(self.model, self.task)
         self.theta = self.space.flat()
         self.n = self.task.batch_size(self.train_batch)
         if self.n == 0:
-            raise ValueError("no training examples")
+            raise UserError("no training examples", field="train_batch")
         self._train_grads: torch.Tensor | None = None
         self._matrix: torch.Tensor | None = None
         self._direct: DirectSolver | None = None

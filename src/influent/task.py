@@ -2,18 +2,21 @@
 
 The engine never looks inside a batch. A batch is any pytree (tensor, tuple, dict) of tensors whose
 leading dimension indexes examples; the engine only slices it along that dimension (``vmap`` for
-per-example gradients) and hands it back to the task. The one exception is :func:`length_buckets`
+per-example gradients) and hands it back to the task, through one pytree walker (:func:`map_batch`,
+:func:`batch_leaves`). The one exception is :func:`length_buckets`
 (used by the factored-influence passes): dict batches with a right-padded ``attention_mask`` are
 re-formed into batches of similar length with their padding trimmed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from influent.errors import UserError
 
 Batch = Any
 
@@ -64,28 +67,98 @@ class Task:
 
     def batch_size(self, batch: Batch) -> int:
         """Number of examples in ``batch`` (the leading dimension of its first tensor)."""
-        return int(_first_tensor(batch).shape[0])
+        first = next(batch_leaves(batch), None)
+        if first is None:
+            raise TypeError(f"batch must be a tensor, dict, list or tuple of tensors, got {type(batch).__name__}")
+        return int(first.shape[0])
+
+    def token_mask(self, batch: Batch) -> torch.Tensor | None:
+        """Which positions of ``batch`` are real tokens, ``[B, T]`` (1 = real, 0 = padding), or None.
+
+        Used by the factored curvature (:mod:`influent.curvature.linear_grads`): every tracked
+        ``nn.Linear`` whose input has ``T`` positions gets the mask's zeros multiplied out of its
+        activations and output gradients, so padding adds nothing to gradients or curvature. Default:
+        ``batch["attention_mask"]`` for a dict batch that has one, else None (every position counts).
+        """
+        if isinstance(batch, dict) and isinstance(batch.get("attention_mask"), torch.Tensor):
+            return batch["attention_mask"]
+        return None
+
+    def sampled_loss(self, model: nn.Module, batch: Batch, uniforms: torch.Tensor) -> torch.Tensor:
+        """Per-example loss ``[B]`` at labels sampled from the model (for the true Fisher / Gauss-Newton).
+
+        ``uniforms`` ``[B]`` in [0, 1) are the example's fixed random numbers (seeded per example, so the
+        sampled label does not depend on batching). Default: :meth:`model_output` as the logits of a
+        categorical distribution, ``y_i`` drawn by inverse CDF at ``uniforms[i]``, cross-entropy at
+        ``y_i`` (nats). Override for another likelihood (regression, sequence outputs).
+
+        Raises:
+            UserError: (field ``fisher``) when the task has neither this nor :meth:`model_output`.
+        """
+        try:
+            logits = self.model_output(model, batch)
+        except NotImplementedError:
+            raise UserError(
+                f"the true Fisher needs {type(self).__name__}.sampled_loss or model_output (logits); "
+                "use the empirical Fisher",
+                field="fisher",
+            ) from None
+        return categorical_sampled_loss(logits, uniforms)
 
 
-def _first_tensor(batch: Batch) -> torch.Tensor:
+def categorical_sampled_loss(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``logits`` ``[B, C]`` at labels drawn by inverse CDF at ``uniforms`` ``[B]``."""
+    with torch.no_grad():
+        cdf = torch.softmax(logits.detach().double(), dim=-1).cumsum(-1)
+        y = (
+            torch.searchsorted(cdf, uniforms.to(cdf).unsqueeze(-1))
+            .squeeze(-1)
+            .clamp_max(logits.shape[-1] - 1)
+        )
+    return torch.nn.functional.cross_entropy(logits, y, reduction="none")
+
+
+# ------------------------------------------------------------------------- the one batch-pytree walker
+def _not_a_batch(leaf: Any) -> Any:
+    raise TypeError(f"batch must be a tensor, dict, list or tuple of tensors, got {type(leaf).__name__}")
+
+
+def map_batch(fn: Callable[[torch.Tensor], Any], batch: Batch, other: Callable[[Any], Any] = _not_a_batch) -> Batch:
+    """``batch`` with ``fn`` applied to every tensor, the structure (dict / list / tuple) kept.
+
+    ``other(leaf)`` handles anything else found in the pytree: by default a ``TypeError``; pass
+    ``lambda leaf: leaf`` to keep such leaves as they are.
+    """
     if isinstance(batch, torch.Tensor):
-        return batch
+        return fn(batch)
     if isinstance(batch, dict):
-        return _first_tensor(next(iter(batch.values())))
+        return {k: map_batch(fn, v, other) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return _first_tensor(batch[0])
-    raise TypeError(f"batch must be a tensor, dict, list or tuple of tensors, got {type(batch).__name__}")
+        return type(batch)(map_batch(fn, v, other) for v in batch)
+    return other(batch)
+
+
+def batch_leaves(batch: Batch, sort_keys: bool = False) -> Iterator[torch.Tensor]:
+    """The tensors of ``batch`` in order (dict keys in insertion order, or sorted with ``sort_keys``);
+    anything that is not a tensor, dict, list or tuple is skipped."""
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, dict):
+        for k in sorted(batch) if sort_keys else batch:
+            yield from batch_leaves(batch[k], sort_keys)
+    elif isinstance(batch, (list, tuple)):
+        for v in batch:
+            yield from batch_leaves(v, sort_keys)
 
 
 def slice_batch(batch: Batch, index: slice | torch.Tensor) -> Batch:
     """Rows ``index`` of every tensor in ``batch`` (the only way the engine touches a batch)."""
-    if isinstance(batch, torch.Tensor):
-        return batch[index]
-    if isinstance(batch, dict):
-        return {k: slice_batch(v, index) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(slice_batch(v, index) for v in batch)
-    raise TypeError(f"batch must be a tensor, dict, list or tuple of tensors, got {type(batch).__name__}")
+    return map_batch(lambda t: t[index], batch)
+
+
+def batch_to(batch: Batch, device: torch.device | str) -> Batch:
+    """``batch`` with every tensor moved to ``device`` (other leaves kept as they are)."""
+    return map_batch(lambda t: t.to(device), batch, other=lambda leaf: leaf)
 
 
 def iter_chunks(batch: Batch, n: int, chunk: int) -> Iterable[tuple[int, Batch]]:

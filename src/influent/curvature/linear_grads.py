@@ -8,7 +8,7 @@ column to ``x`` so ``[dL/dW | dL/db] = sum_t g_t [x_t, 1]^T`` (shape ``[d_out, d
 ``a`` (``[B, T, d_in(+1)]``) and output gradients ``g`` (``[B, T, d_out]``) of every tracked module.
 Padded tokens (``Task.token_mask`` is 0) are multiplied out of ``a`` (the ones column included) and
 of ``g``, so they contribute nothing to gradients or curvature. Nothing here forms a parameter vector
-per example: consumers contract ``a`` and ``g`` directly (see ``curvature/ekfac.py``).
+per example: consumers contract ``a`` and ``g`` directly (see :mod:`influent.curvature.factors`).
 
 Output gradients are obtained with ``torch.autograd.grad`` with respect to the module outputs only,
 so weight gradients of the whole model are never computed (a backward pass costs about half of a
@@ -87,7 +87,7 @@ class LinearCapture:
     Usage::
 
         with LinearCapture(modules) as cap:
-            cap.set_mask(token_mask(task, batch))
+            cap.set_mask(task.token_mask(batch))
             loss = task.per_example_loss(model, batch)        # [B]
             for name, a, g in cap.backward(loss):            # a: [B,T,d_in(+1)], g: [B,T,d_out]
                 ...
@@ -187,20 +187,6 @@ class LinearCapture:
         return result
 
 
-def token_mask(task: Task, batch: Batch) -> torch.Tensor | None:
-    """``task.token_mask(batch)`` if the task defines it, else ``batch["attention_mask"]`` if present.
-
-    A mask ``[B, T]`` (1 = real token, 0 = padding) is applied to every tracked module whose input has
-    ``T`` positions; ``None`` means every position counts.
-    """
-    fn = getattr(task, "token_mask", None)
-    if callable(fn):
-        return fn(batch)
-    if isinstance(batch, dict) and isinstance(batch.get("attention_mask"), torch.Tensor):
-        return batch["attention_mask"]
-    return None
-
-
 def per_example_grads_from(
     a: torch.Tensor, g: torch.Tensor, buffers: GradBuffers | None = None
 ) -> torch.Tensor:
@@ -285,6 +271,6 @@ def per_example_linear_grads(
     if isinstance(modules, str):
         modules = select_linear_modules(model, modules)
     with torch.enable_grad(), LinearCapture(modules) as cap:
-        cap.set_mask(token_mask(task, batch))
+        cap.set_mask(task.token_mask(batch))
         loss = task.per_example_loss(model, batch)
         return {n: per_example_grads_from(a, g) for n, a, g in cap.backward(loss)}

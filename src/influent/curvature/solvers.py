@@ -2,7 +2,7 @@
 
 Every solver takes right-hand sides ``B`` of shape ``[p]`` or ``[p, k]`` (columns solved together), returns a
 :class:`Solution` with the relative residual ``||(H + damping I) X - B|| / ||B||`` (worst column) so a user
-sees how close it got, and raises :class:`NumericalError` on non-finite output.
+sees how close it got, and raises :class:`~influent.errors.NumericalError` on non-finite output.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from influent.errors import NumericalError
+
 MatVec = Callable[[torch.Tensor], torch.Tensor]
-
-
-class NumericalError(RuntimeError):
-    """A solve produced NaN/Inf or the curvature is not positive definite where it must be."""
 
 
 @dataclass
@@ -73,7 +71,7 @@ class DirectSolver:
             if not torch.isfinite(evals).all() or evals.min() <= 0:
                 raise NumericalError(
                     f"curvature + damping is not positive definite (smallest eigenvalue {float(evals.min()):.3g}); "
-                    "increase --damping or use Gauss-Newton curvature"
+                    "increase damping or use Gauss-Newton curvature"
                 )
             self._chol, self._eig = None, (evals.to(A.dtype), evecs.to(A.dtype))
 

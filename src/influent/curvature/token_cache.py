@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 
 from influent import store
-from influent.curvature.linear_grads import module_shapes, token_mask
+from influent.curvature import keys
+from influent.curvature.fingerprints import data_fingerprint
+from influent.curvature.linear_grads import module_shapes
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_BYTES = 16 * 2**30
@@ -71,7 +73,8 @@ class TrainTokenCache:
             return None
         out: Captured = []
         for name in self.names:
-            a, g = tensors.get(f"{act_of[name]}::a"), tensors.get(f"{name}::g")
+            a = tensors.get(keys.tensor_key(act_of[name], keys.TOKENS_A))
+            g = tensors.get(keys.tensor_key(name, keys.TOKENS_G))
             if a is None or g is None or a.shape[0] != size or g.shape[0] != size:
                 return None
             out.append((name, a, g))
@@ -86,10 +89,10 @@ class TrainTokenCache:
             if a is last_a:
                 act_of[name] = last_name
             else:
-                tensors[f"{name}::a"] = a
+                tensors[keys.tensor_key(name, keys.TOKENS_A)] = a
                 act_of[name] = last_name = name
                 last_a = a
-            tensors[f"{name}::g"] = g
+            tensors[keys.tensor_key(name, keys.TOKENS_G)] = g
         store.write_tensors(self.file(index), tensors, metadata={"activations_of": act_of})
 
 
@@ -101,12 +104,12 @@ def cache_key(factors_key: str, task, train_fingerprint: str, bucket: bool) -> s
 
 def estimated_bytes(task, batches: Sequence, modules: dict, itemsize: int) -> int:
     """Upper estimate of the cache's size for the passes' ``batches``: every position of every example
-    (padding included; :func:`~influent.curvature.linear_grads.token_mask`, one position per example
+    (padding included; :meth:`~influent.task.Task.token_mask`, one position per example
     without a mask) times ``sum(d_in(+1) + d_out)`` over ``modules``, ``itemsize`` bytes each."""
     per_token = sum(d_out + d_in for d_out, d_in in module_shapes(modules).values())
     positions = 0
     for batch in batches:
-        mask = token_mask(task, batch)
+        mask = task.token_mask(batch)
         positions += mask.numel() if mask is not None else task.batch_size(batch)
     return int(positions * per_token * itemsize)
 
@@ -128,7 +131,7 @@ def open_cache(
     ``pass_batches``: the batches the passes run over (``train_batches`` re-formed by length when
     ``bucket``); their :func:`estimated_bytes` over ``max_bytes`` (None: no limit) gives a warning and
     None, so the caller scores without the cache. ``train_fingerprint``: the
-    :func:`~influent.curvature.ekfac.data_fingerprint` of ``train_batches`` if already computed.
+    :func:`~influent.curvature.fingerprints.data_fingerprint` of ``train_batches`` if already computed.
     """
     if root is None:
         return None
@@ -142,7 +145,5 @@ def open_cache(
         )
         return None
     if train_fingerprint is None:
-        from influent.curvature.ekfac import data_fingerprint
-
         train_fingerprint = data_fingerprint(train_batches)
     return TrainTokenCache(root, cache_key(factors_key, task, train_fingerprint, bucket), list(modules))

@@ -24,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-from influent.curvature.solvers import NumericalError
+from influent.errors import NumericalError
 from influent.gradients import ParameterSpace
 from influent.models.newton import functional_outputs, gauss_newton_sum, gradient, minimise
 from influent.task import Batch, Task, iter_chunks, slice_batch

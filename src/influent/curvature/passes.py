@@ -1,0 +1,196 @@
+"""The fit's passes over the training data: one forward/backward per batch, sums accumulated per tracked
+module, resumable from checkpoints.
+
+A curvature strategy (:mod:`influent.curvature.strategies`) describes a pass by two functions,
+``init() -> sums`` and ``update(sums, name, a, g, tokens, rows)``; :meth:`FitContext.run_pass` runs it over
+the batches with the padding masked, and saves the sums every ``checkpoint_every`` batches
+(``partial-<stage>.safetensors``) and when done (``stage-<stage>.safetensors``) in the factor folder, so an
+interrupted fit resumes where it stopped. A checkpoint that cannot be read is recomputed with a one-line
+warning, never used.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from influent import store
+from influent.curvature import keys
+from influent.curvature.linear_grads import LinearCapture
+from influent.errors import CacheCorruptError
+from influent.progress import progress_bar
+from influent.task import Batch, Task, batch_to
+
+Sums = dict[str, torch.Tensor]
+
+
+def read_checkpoint(path: Path | None, what: str) -> Sums | None:
+    """The tensors of cache file ``path``, or None when it is absent or damaged (then with a one-line warning).
+
+    ``what`` names the file's role in the warning (``"factor checkpoint"``).
+    """
+    if path is None or not path.exists():
+        return None
+    try:
+        return store.read_tensors(path)
+    except (CacheCorruptError, Exception) as exc:  # noqa: BLE001 - any unreadable cache file is recomputed
+        warnings.warn(f"{what} {path} is damaged ({type(exc).__name__}); recomputing it", stacklevel=2)
+        path.unlink(missing_ok=True)
+        return None
+
+
+@dataclass
+class FitContext:
+    """Everything one fit's passes share.
+
+    Attributes:
+        model: the model (in eval mode during the fit).
+        task: per-example loss, token mask, sampled loss (true Fisher).
+        batches: the batches the passes run over (possibly re-formed by length).
+        modules: tracked ``nn.Linear`` modules by name.
+        shapes: ``{name: (d_out, d_in(+1))}``.
+        fisher: ``empirical`` (training labels) or ``true`` (labels sampled with ``uniforms``).
+        label: what the progress bar calls the fit (``"fit ekfac"``).
+        damping: absolute damping, or None for ``damping_fraction`` x the module's mean eigenvalue.
+        damping_fraction: heuristic damping fraction.
+        folder: factor cache folder for checkpoints (None: no resume).
+        checkpoint_every: save partial sums every this many batches.
+        uniforms: per example of ``batches``, the uniform number its sampled label is drawn at (true Fisher).
+        order: input position of each example of ``batches`` (None: as given); resumes only the same order.
+        progress: show progress bars.
+        tokens: training token cache written by a pass that computes the rotated tokens (or None).
+    """
+
+    model: nn.Module
+    task: Task
+    batches: Sequence[Batch]
+    modules: dict[str, nn.Linear]
+    shapes: dict[str, tuple[int, int]]
+    fisher: str
+    label: str
+    damping: float | None
+    damping_fraction: float
+    folder: Path | None = None
+    checkpoint_every: int = 32
+    uniforms: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+    progress: bool = True
+    tokens: Any = None
+
+    def damping_for(self, mean_eigenvalue: float) -> float:
+        """The module's damping: the absolute one, or ``damping_fraction * mean_eigenvalue``."""
+        return self.damping if self.damping is not None else self.damping_fraction * mean_eigenvalue
+
+    @property
+    def vector_dtype(self) -> torch.dtype:
+        """dtype eigenvectors are stored in: float64 for a float64 model, else float32."""
+        dtype = next(iter(self.modules.values())).weight.dtype
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def file(self, name: str) -> Path | None:
+        """``folder / name``, or None without a folder."""
+        return None if self.folder is None else self.folder / name
+
+    def run_pass(
+        self,
+        stage: str,
+        init: Callable[[], Sums],
+        update: Callable[..., None],
+        after_batch: Callable[[int], None] | None = None,
+    ) -> Sums:
+        """One forward/backward pass over :attr:`batches` accumulating sums; resumable via :attr:`folder`.
+
+        ``update(sums, name, a, g, tokens, rows)`` gets each module's activations ``a`` and output gradients
+        ``g`` (``[B, T, d]``), the number of counted tokens and ``rows``: the positions of the real tokens
+        in the flattened ``[B * T]`` axis (``None`` when every position counts), so that products over
+        tokens can skip the padding. ``after_batch(i)`` runs after the updates of batch ``i``. Every
+        ``n_examples`` entry of the sums counts the examples.
+        """
+        partial, done_file = (
+            self.file(f"partial-{stage}.safetensors"),
+            self.file(f"stage-{stage}.safetensors"),
+        )
+        done = read_checkpoint(done_file, "factor checkpoint")
+        if done is not None:
+            return done
+        offsets = np.cumsum([0] + [self.task.batch_size(b) for b in self.batches])
+        order = torch.arange(int(offsets[-1])) if self.order is None else self.order.cpu()
+        sums, start = self._resume(partial, init(), order)
+        bar = progress_bar(len(self.batches), f"{self.label} ({stage})", self.progress, initial=start)
+        with torch.enable_grad(), LinearCapture(self.modules) as cap:
+            for i in range(start, len(self.batches)):
+                n_examples = self._accumulate(cap, i, offsets, sums, update)
+                if after_batch is not None:
+                    after_batch(i)
+                for k in sums:
+                    if keys.is_key_of(k, keys.N_EXAMPLES):
+                        sums[k] += n_examples
+                if partial is not None and (i + 1) % self.checkpoint_every == 0 and i + 1 < len(self.batches):
+                    checkpoint = {**sums, keys.BATCHES_DONE: torch.tensor(i + 1), keys.ORDER: order}
+                    store.write_tensors(partial, checkpoint)
+                bar.update(1)
+        bar.close()
+        if done_file is not None:
+            store.write_tensors(done_file, sums)
+            partial.unlink(missing_ok=True)
+        return sums
+
+    def _resume(self, partial: Path | None, sums: Sums, order: torch.Tensor) -> tuple[Sums, int]:
+        """The sums and first batch to resume from: a matching partial checkpoint's, else ``(sums, 0)``."""
+        saved = read_checkpoint(partial, "partial factor checkpoint")
+        if saved is None or set(saved) != set(sums) | {keys.BATCHES_DONE, keys.ORDER}:
+            return sums, 0
+        if not torch.equal(saved.pop(keys.ORDER), order):
+            return sums, 0
+        start = int(saved.pop(keys.BATCHES_DONE).item())
+        if not 0 <= start <= len(self.batches):
+            return sums, 0
+        return saved, start
+
+    def _accumulate(self, cap: LinearCapture, i: int, offsets, sums: Sums, update) -> int:
+        """Forward/backward of batch ``i``, ``update`` per module; returns its number of examples."""
+        device = next(iter(self.modules.values())).weight.device
+        batch = batch_to(self.batches[i], device)
+        mask = self.task.token_mask(batch)
+        cap.set_mask(mask)
+        if self.fisher == "true":
+            loss = self.task.sampled_loss(
+                self.model, batch, self.uniforms[offsets[i] : offsets[i + 1]].to(device)
+            )
+        else:
+            loss = self.task.per_example_loss(self.model, batch)
+        n_tokens = mask.sum().to(torch.float64).cpu() if mask is not None else None  # only for masked inputs
+        real_rows = None
+        if mask is not None and bool((mask == 0).any()):
+            real_rows = mask.reshape(-1).nonzero().squeeze(1)
+        for name, a, g in cap.backward(loss):
+            if mask is None or mask.shape != a.shape[:2]:
+                tokens = torch.tensor(float(a.shape[0] * a.shape[1]), dtype=torch.float64)
+                rows = None
+            else:
+                tokens, rows = n_tokens, real_rows
+            with torch.no_grad():
+                update(sums, name, a, g, tokens, rows)
+        return int(loss.shape[0])
+
+
+def token_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``x`` ``[B, T, d]`` flattened to ``[B * T, d]``, keeping only ``rows`` (the real tokens) if given."""
+    flat = x.reshape(-1, x.shape[-1])
+    return flat if rows is None else flat.index_select(0, rows)
+
+
+def rotate_rows(x: torch.Tensor, basis: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``x @ basis`` computed on the real-token rows only (padded rows of ``x`` are zero and stay zero)."""
+    if rows is None:
+        return x @ basis
+    out = x.new_zeros(x.shape[0] * x.shape[1], basis.shape[1])
+    out.index_copy_(0, rows, token_rows(x, rows) @ basis)
+    return out.view(x.shape[0], x.shape[1], basis.shape[1])
