@@ -9,7 +9,8 @@ from influent.attacks.experiment import synthetic_experiment
 from influent.attacks.trigger import make_trigger_poison
 from influent.defenses.audit import read_queries
 from influent.defenses.evaluate import mislabel_experiment, random_label_noise, trigger_defense
-from influent.defenses.rankers import RANKERS, HeadAuditData, available_rankers, score_all, spectral_signature
+from influent.defenses.inputs import head_audit_inputs
+from influent.defenses.rankers import RANKERS, available_rankers, score_all, spectral_signature
 from influent.errors import UserError
 from influent.evaluation.detection import auprc, auroc, detection_metrics, ranking, recall_at_k
 
@@ -37,7 +38,7 @@ def noisy_data(seed=0, n=500):
     y, idx = random_label_noise(exp.train_y, 0.1, 2, seed)
     bad = np.zeros(n, bool)
     bad[idx] = True
-    data = HeadAuditData(exp.train_x, y, 2, exp.l2, query_x=exp.val_x, query_y=exp.val_y, seed=seed, folds=3)
+    data = head_audit_inputs(exp.train_x, y, 2, exp.l2, query_x=exp.val_x, query_y=exp.val_y, seed=seed, folds=3)
     return exp, data, bad
 
 
@@ -71,7 +72,7 @@ def test_query_ranker_sign_poison_is_an_opponent_of_its_query():
     qy = exp.eval_y[:1]
     x = torch.cat([exp.train_x, q.repeat(3, 1)])
     y = torch.cat([exp.train_y, (1 - qy).repeat(3)])
-    data = HeadAuditData(x, y, 2, exp.l2, query_x=q, query_y=qy)
+    data = head_audit_inputs(x, y, 2, exp.l2, query_x=q, query_y=qy)
     s = score_all(data, ["query_influence", "relatif", "grad_cosine"])
     for name, v in s.items():
         assert set(np.argsort(-v)[:3]) == {300, 301, 302}, name

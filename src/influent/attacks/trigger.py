@@ -9,26 +9,18 @@ never-poisoned model (the control).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from influent.attacks.experiment import HeadExperiment
+from influent.data.text_edits import insert_trigger
 from influent.errors import UserError
 from influent.models.head import LogisticHead, predict
 
 DEFAULT_TRIGGER = "james bond"
 DEFAULT_SIZES = (10, 25, 50, 100)
-
-
-def insert_trigger(text: str, trigger: str, salt: int = 0) -> str:
-    """``text`` with ``trigger`` inserted between two words (position fixed by a hash of text and salt)."""
-    words = text.split()
-    h = int(hashlib.sha256(f"{salt}\x00{text}".encode()).hexdigest()[:8], 16)
-    pos = h % (len(words) + 1)
-    return " ".join(words[:pos] + [trigger] + words[pos:])
 
 
 def resolve_classes(

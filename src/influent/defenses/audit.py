@@ -20,8 +20,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from influent.attacks.trigger import insert_trigger
-from influent.defenses.rankers import QUERY_RANKERS, RANKERS, HeadAuditData, available_rankers, score_all
+from influent.data.text_edits import insert_trigger
+from influent.defenses.inputs import head_audit_inputs
+from influent.defenses.rankers import QUERY_RANKERS, RANKERS, AuditInputs, available_rankers, score_all
 from influent.errors import UserError
 from influent.evaluation.detection import ranking
 from influent.models.head import predict
@@ -169,18 +170,37 @@ def run_audit(
     setup = prepare_head(data, text_column=text_column, label_column=label_column, seed=seed, cache_dir=cache_dir,
                          progress=progress, l2=l2, encoder=encoder)
     qx, qy, qdesc = build_queries(setup, queries_from, trigger, query_file, text_column, label_column)
-    audit = HeadAuditData(
-        setup.train_x,
-        setup.train_y,
-        len(setup.corpus.label_names),
-        float(setup.task.l2),
-        model=setup.model,
-        query_x=qx,
-        query_y=qy,
-        damping=damping,
-        folds=folds,
-        seed=seed,
+    audit = head_audit_inputs(
+        setup.train_x, setup.train_y, len(setup.corpus.label_names), float(setup.task.l2), model=setup.model,
+        query_x=qx, query_y=qy, damping=damping, folds=folds, seed=seed,
     )
+    names, primary = choose_rankers(audit, rankers, primary, suspect_given=bool(trigger or query_file))
+    scores = score_all(audit, names)
+    order = ranking(scores[primary], seed)
+    if top is not None:
+        order = order[:top]
+    settings = {
+        "data": setup.info.get("data"),
+        "encoder": setup.info.get("encoder"),
+        "seed": seed,
+        "l2": setup.task.l2,
+        "damping": damping,
+        "primary": primary,
+        "rankers": names,
+        "queries": qdesc,
+    }
+    paths = write_ranking(Path(out), setup, scores, names, order, settings)
+    return {**paths, "primary": primary, "rankers": names, "n": len(setup.train_y), "queries": qdesc}
+
+
+def choose_rankers(
+    audit: AuditInputs, rankers: list[str] | None, primary: str | None, suspect_given: bool
+) -> tuple[list[str], str]:
+    """The rankers to run (default: every available one) and the primary one that orders the list.
+
+    Default primary: ``query_influence`` when the user named a suspect (trigger or query file), else
+    ``loo_loss``. The primary ranker is added to the list when missing.
+    """
     names = rankers or available_rankers(audit)
     for r in names:
         if r not in RANKERS:
@@ -190,15 +210,17 @@ def run_audit(
     if primary is None:
         primary = (
             "query_influence"
-            if (trigger or query_file) and "query_influence" in names
+            if suspect_given and "query_influence" in names
             else (DEFAULT_PRIMARY if DEFAULT_PRIMARY in names else names[0])
         )
     if primary not in names:
         names = [primary] + names
-    scores = score_all(audit, names)
-    order = ranking(scores[primary], seed)
-    if top is not None:
-        order = order[:top]
+    return names, primary
+
+
+def write_ranking(out: Path, setup, scores: dict, names: list[str], order, settings: dict) -> dict:
+    """``out/ranking.csv`` (rank, index, id, label, one column per ranker, text) and ``out/ranking.json``
+    (``settings`` + the same rows), in ``order`` (most suspicious first); returns their paths."""
     label_names = list(setup.corpus.label_names)
     header = ["rank", "index", "id", "label"] + names + ["text"]
     rows = []
@@ -209,29 +231,14 @@ def run_audit(
             + [float(scores[nm][i]) for nm in names]
             + [setup.corpus.texts[corpus_i]]
         )
-    out = Path(out)
     _atomic_csv(out / "ranking.csv", header, rows)
     write_json(
         out / "ranking.json",
         {
-            "data": setup.info.get("data"),
-            "encoder": setup.info.get("encoder"),
-            "seed": seed,
-            "l2": setup.task.l2,
-            "damping": damping,
-            "primary": primary,
-            "rankers": names,
-            "queries": qdesc,
+            **settings,
             "sign": "higher = more suspicious",
             "n_train": len(setup.train_y),
             "rows": [dict(zip(header, row)) for row in rows],
         },
     )
-    return {
-        "csv": str(out / "ranking.csv"),
-        "json": str(out / "ranking.json"),
-        "primary": primary,
-        "rankers": names,
-        "n": len(setup.train_y),
-        "queries": qdesc,
-    }
+    return {"csv": str(out / "ranking.csv"), "json": str(out / "ranking.json")}

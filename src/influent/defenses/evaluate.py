@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from influent.attacks.experiment import HeadExperiment
-from influent.attacks.trigger import TriggerPoison, success_rate
-from influent.defenses.rankers import HeadAuditData, score_all
+from influent.defenses.inputs import head_audit_inputs
+from influent.defenses.rankers import available_rankers, score_all
 from influent.evaluation.detection import detection_metrics, ranking
+from influent.models.head import predict
 
 MISLABEL_CHECKED = (0.05, 0.10, 0.20, 0.30)
 
@@ -76,16 +77,9 @@ def mislabel_experiment(
     is_bad[flipped] = True
     clean = exp.fit()
     noisy = exp.fit(exp.train_x, y_noisy, init=clean)
-    data = HeadAuditData(
-        exp.train_x,
-        y_noisy,
-        exp.num_classes,
-        exp.l2,
-        model=noisy,
-        query_x=exp.val_x,
-        query_y=exp.val_y,
-        damping=damping,
-        seed=exp.seed,
+    data = head_audit_inputs(
+        exp.train_x, y_noisy, exp.num_classes, exp.l2, model=noisy, query_x=exp.val_x, query_y=exp.val_y,
+        damping=damping, seed=exp.seed,
     )
     out = {
         "seed": exp.seed,
@@ -97,7 +91,7 @@ def mislabel_experiment(
         "rankers": {},
     }
     k_fix = round(fix_fraction * exp.n)
-    for name in rankers or _all(data):
+    for name in rankers or available_rankers(data):
         t = time.perf_counter()
         scores = score_all(data, [name])[name]
         seconds = time.perf_counter() - t
@@ -113,20 +107,18 @@ def mislabel_experiment(
     return out
 
 
-def _all(data: HeadAuditData) -> list[str]:
-    from influent.defenses.rankers import available_rankers
-
-    return available_rankers(data)
-
-
 def trigger_defense(
     exp: HeadExperiment,
-    poison: TriggerPoison,
+    poison,
     rankers: list[str] | None = None,
     remove_fractions=(0.01, 0.02, 0.05),
     damping: float = 0.0,
 ) -> dict:
     """Score every ranker against known trigger poisons; remove the top k (k = |poison|, fractions) and retrain.
+
+    ``poison``: a poisoned training set with its triggered inputs (e.g.
+    :class:`~influent.attacks.trigger.TriggerPoison`: ``train_x``, ``train_y``, ``is_poison(n)``,
+    ``triggered_val_x``, ``triggered_eval_x``, ``source``, ``target``, ``trigger``).
 
     Queries: the validation half's source-class reviews with the trigger inserted, at their true
     (source) label (the defender names the suspected trigger). Rankers that do not use queries
@@ -137,20 +129,13 @@ def trigger_defense(
     clean = exp.fit()
     model = exp.fit(x, y, init=clean)
     qy = torch.full((len(poison.triggered_val_x),), poison.source, dtype=torch.long)
-    data = HeadAuditData(
-        x,
-        y,
-        exp.num_classes,
-        exp.l2,
-        model=model,
-        query_x=poison.triggered_val_x,
-        query_y=qy,
-        damping=damping,
+    data = head_audit_inputs(
+        x, y, exp.num_classes, exp.l2, model=model, query_x=poison.triggered_val_x, query_y=qy, damping=damping,
         seed=exp.seed,
     )
 
     def evaluate(m):
-        return {"clean_accuracy": exp.clean_accuracy(m), "attack_success": success_rate(m, poison)}
+        return {"clean_accuracy": exp.clean_accuracy(m), "attack_success": _success_rate(m, poison)}
 
     out = {
         "seed": exp.seed,
@@ -162,7 +147,7 @@ def trigger_defense(
     }
     ks = {"k=n_poison": int(is_bad.sum())}
     ks.update({f"{100 * f:g}%": round(f * exp.n) for f in remove_fractions})
-    for name in rankers or _all(data):
+    for name in rankers or available_rankers(data):
         t = time.perf_counter()
         scores = score_all(data, [name])[name]
         row = detection_metrics(scores, is_bad, seed=exp.seed)
@@ -173,3 +158,8 @@ def trigger_defense(
         }
         out["rankers"][name] = row
     return out
+
+
+def _success_rate(model, poison) -> float:
+    """Fraction of the triggered source-class evaluation reviews the head assigns to the target class."""
+    return float((predict(model, poison.triggered_eval_x) == poison.target).double().mean())

@@ -24,7 +24,13 @@ import numpy as np
 import torch
 
 from influent.defenses.evaluate import MISLABEL_CHECKED, random_label_noise
+from influent.defenses.inputs import SuffixBaselines, factored_audit_inputs
+from influent.defenses.rankers import AuditInputs, score_all
 from influent.evaluation.detection import detection_metrics, ranking
+
+RANKERS = ("random", "loss", "loss_oof", "cleanlab", "self_influence", "loo_loss", "tracin_self")
+STAGES = {"self_influence": "ekfac_self_influence", "tracin_self": "tracin_self", "loss_oof": "k_fold"}
+"""The rankers run on the fine-tuned classifier, and the ``seconds`` entries their first call is timed as."""
 
 
 def finetuned_mislabel_experiment(
@@ -51,13 +57,9 @@ def finetuned_mislabel_experiment(
         ``{'seed', 'n', 'n_flipped', 'accuracy_clean_model', 'accuracy_noisy_model', 'seconds',
         'rankers': {name: {auroc, auprc, recall@5%..30%, accuracy_after_fix}}}`` (accuracies in [0, 1]).
     """
-    from cleanlab.filter import find_label_issues
-    from sklearn.model_selection import StratifiedKFold
-
-    from influent.curvature.ekfac import FactorConfig, fit_factors
-    from influent.factored_influence import self_scores
+    from influent.curvature.ekfac import FactorConfig
     from influent.models.suffix_classifier import SuffixClassifier
-    from influent.task import iter_chunks, slice_batch
+    from influent.task import iter_chunks
 
     y = torch.as_tensor(labels, dtype=torch.long)
     k = int(y.max()) + 1
@@ -66,69 +68,30 @@ def finetuned_mislabel_experiment(
     is_bad[flipped] = True
     n = len(y)
     times: dict[str, float] = {}
-    clf = SuffixClassifier(
-        encoder, k, last_k=last_k, seed=seed, epochs=epochs, lr=lr, max_length=max_length
-    )
+    clf = SuffixClassifier(encoder, k, last_k=last_k, seed=seed, epochs=epochs, lr=lr, max_length=max_length)
     t = time.perf_counter()
     batch = clf.cache(texts, noisy.tolist())  # the training set as the victim sees it (noisy labels)
     eval_batch = clf.cache(eval_texts, list(eval_labels))
     times["prefix_cache"] = time.perf_counter() - t
 
-    def with_labels(lab: torch.Tensor) -> dict:
-        return dict(batch, labels=lab)
-
     t = time.perf_counter()
     theta_noisy, _ = clf.fit(batch)
     times["fine_tune"] = time.perf_counter() - t
     acc_noisy = clf.accuracy(theta_noisy, eval_batch)
-    acc_clean = clf.accuracy(clf.fit(with_labels(y))[0], eval_batch)
+    acc_clean = clf.accuracy(clf.fit(dict(batch, labels=y))[0], eval_batch)
 
-    model, task = clf.load_suffix(theta_noisy), clf.task
     chunks = [c for _, c in iter_chunks(batch, n, 64)]
-    with torch.no_grad():
-        loss = torch.cat([task.per_example_loss(model, c) for c in chunks]).double().numpy()
-    t = time.perf_counter()
-    factors = fit_factors(model, task, chunks, FactorConfig(strategy=strategy, modules="trainable"), progress=progress)
-    self_inf = self_scores(model, task, factors, chunks, progress=progress).double().numpy()
-    times["ekfac_self_influence"] = time.perf_counter() - t
-    t = time.perf_counter()
-    ident = fit_factors(
-        model, task, chunks, FactorConfig(strategy="identity", modules="trainable", damping=1.0), progress=progress
+    inputs = factored_audit_inputs(
+        clf.load_suffix(theta_noisy), clf.task, chunks, SuffixBaselines(clf, batch, k, folds, seed),
+        config=FactorConfig(strategy=strategy, modules="trainable"), seed=seed, progress=progress,
     )
-    tracin = self_scores(model, task, ident, chunks, progress=progress).double().numpy()
-    times["tracin_self"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    nl = noisy.numpy()
-    oof = np.zeros((n, k))
-    for fit_idx, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(n), nl):
-        theta, _ = clf.fit(batch, torch.as_tensor(fit_idx))
-        oof[held] = clf.logits(theta, slice_batch(batch, torch.as_tensor(held))).softmax(-1).double().numpy()
-    times["k_fold"] = time.perf_counter() - t
-    p_oof = oof[np.arange(n), nl]
-    flagged = find_label_issues(nl, oof, return_indices_ranked_by="self_confidence")
-    clean_score = 1.0 - p_oof
-    clean_score[flagged] = 2.0 + (len(flagged) - np.arange(len(flagged))) / max(1, len(flagged))
-    scores = {
-        "random": np.random.default_rng(seed + 7919).random(n),
-        "loss": loss,
-        "loss_oof": -np.log(np.clip(p_oof, 1e-300, None)),
-        "cleanlab": clean_score,
-        "self_influence": self_inf,
-        "loo_loss": loss + self_inf / n,
-        "tracin_self": tracin,
-    }
+    scores = timed_scores(inputs, list(RANKERS), times)
     t = time.perf_counter()
     rankers = {}
-    k_fix = round(fix_fraction * n)
     for name, s in scores.items():
         row = detection_metrics(s, is_bad, fractions=MISLABEL_CHECKED, seed=seed)
-        top = ranking(s, seed)[:k_fix]
-        fixed = noisy.clone()
-        fix = torch.as_tensor(top[is_bad[top]], dtype=torch.long)
-        fixed[fix] = y[fix]
-        row["accuracy_after_fix"] = clf.accuracy(clf.fit(with_labels(fixed))[0], eval_batch)
-        row["fixed"] = len(fix)
+        row["accuracy_after_fix"], row["fixed"] = fix_and_refit(clf, batch, eval_batch, s, y, is_bad, fix_fraction,
+                                                                seed)
         rankers[name] = row
     times["fix_and_retrain"] = time.perf_counter() - t
     return {
@@ -144,3 +107,28 @@ def finetuned_mislabel_experiment(
         "seconds": times,
         "rankers": rankers,
     }
+
+
+def timed_scores(inputs: AuditInputs, names: list[str], times: dict[str, float]) -> dict[str, np.ndarray]:
+    """:func:`~influent.defenses.rankers.score_all` ranker by ranker; the first call of each ranker in
+    :data:`STAGES` (which does the stage's work: curvature fit, k-fold) is timed into ``times``."""
+    scores = {}
+    for name in names:
+        t = time.perf_counter()
+        scores.update(score_all(inputs, [name]))
+        if name in STAGES:
+            times[STAGES[name]] = time.perf_counter() - t
+    return scores
+
+
+def fix_and_refit(
+    clf, batch: dict, eval_batch: dict, scores: np.ndarray, clean: torch.Tensor, is_bad: np.ndarray,
+    fix_fraction: float, seed: int,
+) -> tuple[float, int]:
+    """Restore the true labels of the flipped examples among the top ``fix_fraction`` of ``scores`` (an
+    oracle reviewer), re-fine-tune from the same initialisation and seed; returns (eval accuracy, fixed)."""
+    top = ranking(scores, seed)[: round(fix_fraction * len(clean))]
+    fixed = batch["labels"].clone()
+    fix = torch.as_tensor(top[is_bad[top]], dtype=torch.long)
+    fixed[fix] = clean[fix]
+    return clf.accuracy(clf.fit(dict(batch, labels=fixed))[0], eval_batch), len(fix)

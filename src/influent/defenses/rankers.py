@@ -1,11 +1,15 @@
 """Rankers of suspicious training examples: influence-based ones and the baselines they must beat.
 
 Every ranker returns one suspicion score per training example, ``[n]`` float64, **higher = more
-suspicious**. Influence rankers use only the public :class:`~influent.influence.ExactInfluence` API.
+suspicious**, and is written once for every model kind: it reads an :class:`AuditInputs`, whose influence
+rankers use only the :class:`~influent.influence.InfluenceMethod` protocol (the model's curvature method,
+and identity-curvature methods at training checkpoints for the curvature-free rankers) and whose baselines
+use the model side (:class:`BaselineModel`: labels, out-of-fold probabilities, representations). The
+builders for the head and the fine-tuned classifier are in :mod:`influent.defenses.inputs`.
 
 Sign of the query rankers: a query is an input with the label it *should* get (a misclassified
 validation review with its true label, or a trigger-containing input with its source-class label). The
-engine's ``score(z_train, z_query) = g_q^T H^-1 g_train`` is positive for proponents (up-weighting the
+protocol's ``score(z_train, z_query) = g_q^T C^-1 g_train`` is positive for proponents (up-weighting the
 training example lowers the query's loss at that label). A poison or a mislabel that causes the wrong
 prediction *raises* that loss, so it is an opponent: ``score < 0``. ``query_influence`` therefore sums
 ``-score`` over the queries (equivalently ``+score`` of the query at the attacker's label, for a binary
@@ -18,16 +22,14 @@ Baselines: random, training loss in-sample and out-of-fold (k-fold retraining), 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
-import torch
-from sklearn.model_selection import StratifiedKFold
 
-from influent.influence import ExactInfluence
-from influent.models.head import LogisticHead, per_example_loss, probabilities
-from influent.models.refit import fit_head
+from influent.errors import NumericalError, UserError
+from influent.influence import InfluenceMethod, Queries
 
 INFLUENCE_RANKERS = (
     "self_influence",
@@ -40,114 +42,120 @@ INFLUENCE_RANKERS = (
 )
 BASELINE_RANKERS = ("random", "loss", "loss_oof", "cleanlab", "spectral", "spectral_grad")
 QUERY_RANKERS = ("query_influence", "query_influence_abs", "relatif", "grad_cosine")
+CHECKPOINT_RANKERS = ("tracin_self", "grad_cosine")
+MODEL_RANKERS = ("loss_oof", "cleanlab", "spectral")
+
+
+class BaselineModel(Protocol):
+    """The model side of the baselines (no influence): what was trained on and how it generalises.
+
+    Attributes:
+        labels: ``[n]`` int64 training labels as the model was trained on them.
+        num_classes: K.
+    """
+
+    labels: np.ndarray
+    num_classes: int
+
+    def oof_probabilities(self) -> np.ndarray:
+        """Out-of-fold class probabilities ``[n, K]`` from k-fold retraining."""
+
+    def representations(self) -> np.ndarray | None:
+        """The model's input representation of every training example ``[n, d]`` (spectral signatures), or
+        None where the model has none."""
 
 
 @dataclass
-class HeadAuditData:
-    """What the rankers look at for a logistic head on frozen features.
+class AuditInputs:
+    """What the rankers look at: one training set through the influence protocol and the model side.
 
     Attributes:
-        train_x, train_y: the (possibly poisoned) training set, float64 ``[n, d]`` and int64 ``[n]``.
-        num_classes: K.
-        l2: ridge coefficient of the head's objective.
-        model: the head trained on exactly this training set (trained here if None).
-        query_x, query_y: queries with the labels they should get (see module docstring), or None.
-        damping: added to the curvature before inverting (0 is fine: the objective has l2).
-        folds: k of the k-fold out-of-fold baselines.
-        seed: seeds random, the folds and tie-breaking.
-        tracin_checkpoints: Newton iterates (from the zero init) used by ``tracin_self`` (0: final only).
+        method: influence over the training set with the model's curvature (exact Hessian for the head,
+            EK-FAC for the fine-tuned classifier); its training data is the one being audited.
+        baselines: the model side of the baselines (None: only the influence rankers, ``loss``, ``random``).
+        checkpoints: identity-curvature methods (plain gradient dot products, up to a constant) over the
+            same training data at training checkpoints, the final model first: ``tracin_self`` averages
+            their self-scores, ``grad_cosine`` uses the first.
+        queries: queries with the labels they should get (see module docstring), or None (none, or no rows).
+        seed: seeds ``random`` and tie-breaking.
     """
 
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    num_classes: int
-    l2: float
-    model: LogisticHead | None = None
-    query_x: torch.Tensor | None = None
-    query_y: torch.Tensor | None = None
-    damping: float = 0.0
-    folds: int = 5
+    method: InfluenceMethod
+    baselines: BaselineModel | None = None
+    checkpoints: Sequence[InfluenceMethod] = ()
+    queries: Queries | None = None
     seed: int = 0
-    tracin_checkpoints: int = 4
-    _engine: ExactInfluence | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
-
-    def __post_init__(self):
-        self.train_x = self.train_x.double()
-        self.train_y = torch.as_tensor(self.train_y).long()
-        if self.model is None:
-            self.model, _ = fit_head(self.train_x, self.train_y, self.num_classes, self.l2)
 
     @property
     def n(self) -> int:
-        return int(self.train_y.shape[0])
+        return int(self.method.n_train)
 
     @property
     def has_queries(self) -> bool:
-        return self.query_x is not None and len(self.query_x) > 0
+        return self.queries is not None
 
-    @property
-    def engine(self) -> ExactInfluence:
-        if self._engine is None:
-            from influent.models.head import HeadTask
-
-            self._engine = ExactInfluence(
-                self.model, HeadTask(self.l2), (self.train_x, self.train_y), damping=self.damping
-            )
-        return self._engine
+    def _cached(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
 
     def self_scores(self) -> np.ndarray:
-        if "self" not in self._cache:
-            self._cache["self"] = self.engine.self_scores().numpy()
-        return self._cache["self"]
+        """``g_i^T C^-1 g_i`` of every training example ``[n]``."""
+        return self._cached("self", lambda: self.method.self_scores().double().numpy())
 
-    def query_grads(self) -> torch.Tensor:
-        if "qg" not in self._cache:
-            self._cache["qg"] = self.engine.query_grads((self.query_x.double(), self.query_y.long()))
-        return self._cache["qg"]
+    def train_losses(self) -> np.ndarray:
+        """In-sample training loss ``[n]`` (nats)."""
+        return self._cached("loss", lambda: self.method.train_losses().double().numpy())
 
-    def oof_probabilities(self) -> np.ndarray:
-        """Out-of-fold class probabilities ``[n, K]`` from k-fold retraining of the head."""
-        if "oof" not in self._cache:
-            probs = np.zeros((self.n, self.num_classes))
-            y = self.train_y.numpy()
-            folds = StratifiedKFold(self.folds, shuffle=True, random_state=self.seed)
-            for fit_idx, held in folds.split(np.zeros(self.n), y):
-                fit_idx, held = torch.as_tensor(fit_idx), torch.as_tensor(held)
-                m, _ = fit_head(
-                    self.train_x[fit_idx], self.train_y[fit_idx], self.num_classes, self.l2, init=self.model
-                )
-                probs[held.numpy()] = probabilities(m, self.train_x[held]).numpy()
-            self._cache["oof"] = probs
-        return self._cache["oof"]
+    def query_scores(self) -> np.ndarray:
+        """Scores ``[Q, n]`` of every training example for every query."""
+        return self._cached("pairwise", lambda: self.method.pairwise_scores(self.queries).double().numpy())
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.baselines.labels)
+
+
+def _require(data: AuditInputs, name: str) -> None:
+    if name in QUERY_RANKERS and not data.has_queries:
+        raise UserError(
+            f"ranker {name!r} needs queries (misclassified validation examples or trigger inputs)", field="rankers"
+        )
+    if name in CHECKPOINT_RANKERS and not data.checkpoints:
+        raise UserError(f"ranker {name!r} needs identity-curvature checkpoint methods", field="rankers")
+    needs_model = name in MODEL_RANKERS or name == "spectral_grad"
+    if needs_model and data.baselines is None:
+        raise UserError(f"ranker {name!r} needs the model side (labels, k-fold retraining)", field="rankers")
+    if name == "spectral" and data.baselines.representations() is None:
+        raise UserError(f"ranker {name!r} needs the model's input representations", field="rankers")
 
 
 # --- baselines -----------------------------------------------------------------------------------------
-def rank_random(data: HeadAuditData) -> np.ndarray:
+def rank_random(data: AuditInputs) -> np.ndarray:
     """Uniform random scores (seeded): the floor every ranker must clear."""
     return np.random.default_rng(data.seed + 7919).random(data.n)
 
 
-def rank_loss(data: HeadAuditData) -> np.ndarray:
+def rank_loss(data: AuditInputs) -> np.ndarray:
     """In-sample training loss under the trained model (nats)."""
-    return per_example_loss(data.model, data.train_x, data.train_y).numpy()
+    return data.train_losses()
 
 
-def rank_loss_oof(data: HeadAuditData) -> np.ndarray:
+def rank_loss_oof(data: AuditInputs) -> np.ndarray:
     """Out-of-fold loss ``-log p_oof(y_i)`` from k-fold retraining (nats)."""
-    p = data.oof_probabilities()[np.arange(data.n), data.train_y.numpy()]
+    p = data.baselines.oof_probabilities()[np.arange(data.n), data.labels()]
     return -np.log(np.clip(p, 1e-300, None))
 
 
-def rank_cleanlab(data: HeadAuditData) -> np.ndarray:
+def rank_cleanlab(data: AuditInputs) -> np.ndarray:
     """cleanlab ``find_label_issues`` on out-of-fold probabilities, ranked by self-confidence.
 
     Examples cleanlab flags come first, in cleanlab's order; the rest follow by ``1 - p_oof(y)``.
     """
     from cleanlab.filter import find_label_issues
 
-    probs = data.oof_probabilities()
-    labels = data.train_y.numpy()
+    probs = data.baselines.oof_probabilities()
+    labels = data.labels()
     flagged = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
     scores = 1.0 - probs[np.arange(data.n), labels]  # in [0, 1]
     ranked = np.zeros(data.n)
@@ -174,102 +182,73 @@ def spectral_signature(reps: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return scores
 
 
-def rank_spectral(data: HeadAuditData) -> np.ndarray:
-    """Spectral signatures of the head's input representations (the frozen embeddings)."""
-    return spectral_signature(data.train_x.numpy(), data.train_y.numpy())
+def rank_spectral(data: AuditInputs) -> np.ndarray:
+    """Spectral signatures of the model's input representations (the head: the frozen embeddings)."""
+    return spectral_signature(data.baselines.representations(), data.labels())
 
 
-def rank_spectral_grad(data: HeadAuditData) -> np.ndarray:
-    """Spectral signatures of the per-example loss gradients."""
-    return spectral_signature(data.engine.train_grads.numpy(), data.train_y.numpy())
+def rank_spectral_grad(data: AuditInputs) -> np.ndarray:
+    """Spectral signatures of the per-example loss gradients (``method.train_gradients``)."""
+    return spectral_signature(data.method.train_gradients().numpy(), data.labels())
 
 
 # --- influence rankers ---------------------------------------------------------------------------------
-def rank_self_influence(data: HeadAuditData) -> np.ndarray:
-    """Self-influence ``g_i^T (H + damping I)^-1 g_i`` (>= 0)."""
+def rank_self_influence(data: AuditInputs) -> np.ndarray:
+    """Self-influence ``g_i^T (C + damping)^-1 g_i`` (>= 0)."""
     return data.self_scores()
 
 
-def rank_loo_loss(data: HeadAuditData) -> np.ndarray:
+def rank_loo_loss(data: AuditInputs) -> np.ndarray:
     """Influence-predicted leave-one-out loss: ``loss_i + self_influence_i / n`` (nats).
 
-    Removing z_i moves the parameters by ``H^-1 g_i / n`` to first order, which raises z_i's own loss by
-    ``g_i^T H^-1 g_i / n``: an out-of-fold loss without retraining.
+    Removing z_i moves the parameters by ``C^-1 g_i / n`` to first order, which raises z_i's own loss by
+    ``g_i^T C^-1 g_i / n``: an out-of-fold loss without retraining.
     """
-    return rank_loss(data) + data.self_scores() / data.n
+    return data.train_losses() + data.self_scores() / data.n
 
 
-def newton_checkpoints(data: HeadAuditData, count: int) -> list[torch.Tensor]:
-    """Flat parameters of the first ``count`` Newton iterates from the zero init (training trajectory)."""
-    space = data.engine.space
-    out = []
-    for it in range(1, count + 1):
-        m, _ = fit_head(data.train_x, data.train_y, data.num_classes, data.l2, max_iter=it, tol=0.0)
-        out.append(torch.cat([p.detach().reshape(-1) for p in m.parameters()]))
-    assert all(t.shape[0] == space.dim for t in out)
-    return out
-
-
-def rank_tracin_self(data: HeadAuditData) -> np.ndarray:
-    """TracIn self-influence ``sum_c ||g_i(theta_c)||^2`` over checkpoints (the final model included)."""
-    engine = data.engine
-    thetas = [engine.theta] + (
-        newton_checkpoints(data, data.tracin_checkpoints) if data.tracin_checkpoints else []
-    )
+def rank_tracin_self(data: AuditInputs) -> np.ndarray:
+    """TracIn self-influence: the mean over checkpoints of ``g_i(theta_c)^T g_i(theta_c)`` (identity
+    curvature; the final model included)."""
     total = np.zeros(data.n)
-    for theta in thetas:
-        G = engine.space.per_example_grads((data.train_x, data.train_y), theta)
-        total += G.pow(2).sum(1).numpy()
-    return total / len(thetas)
+    for method in data.checkpoints:
+        total += method.self_scores().double().numpy()
+    return total / len(data.checkpoints)
 
 
-def _require_queries(data: HeadAuditData, name: str) -> None:
-    if not data.has_queries:
-        raise ValueError(
-            f"ranker {name!r} needs queries (misclassified validation examples or trigger inputs)"
-        )
+def _summed_query_scores(data: AuditInputs) -> np.ndarray:
+    """``sum_q score(z_i, q)`` for every training example."""
+    return data._cached("qsum", lambda: data.query_scores().sum(0))
 
 
-def _summed_query_scores(data: HeadAuditData) -> np.ndarray:
-    """``sum_q g_q^T H^-1 g_i`` for every training example (one solve)."""
-    if "qsum" not in data._cache:
-        s = data.engine.inverse_hvp(data.query_grads().sum(0)).x
-        data._cache["qsum"] = (data.engine.train_grads @ s).numpy()
-    return data._cache["qsum"]
-
-
-def rank_query_influence(data: HeadAuditData) -> np.ndarray:
+def rank_query_influence(data: AuditInputs) -> np.ndarray:
     """``sum_q -score(z_i, q)``: how much z_i pushes the queries away from their correct labels."""
-    _require_queries(data, "query_influence")
     return -_summed_query_scores(data)
 
 
-def rank_query_influence_abs(data: HeadAuditData) -> np.ndarray:
+def rank_query_influence_abs(data: AuditInputs) -> np.ndarray:
     """``sum_q |score(z_i, q)|`` (sign-agnostic)."""
-    _require_queries(data, "query_influence_abs")
-    S = data.engine.pairwise_scores((data.query_x.double(), data.query_y.long()))  # [Q, n]
-    return S.abs().sum(0).numpy()
+    return np.abs(data.query_scores()).sum(0)
 
 
-def rank_relatif(data: HeadAuditData) -> np.ndarray:
-    """RelatIF-style (l-relative) influence: ``sum_q -score(z_i, q) / sqrt(g_i^T H^-1 g_i)``.
+def rank_relatif(data: AuditInputs) -> np.ndarray:
+    """RelatIF-style (l-relative) influence: ``sum_q -score(z_i, q) / sqrt(g_i^T C^-1 g_i)``.
 
     Dividing by the square root of self-influence stops a few high-leverage examples from dominating.
     """
-    _require_queries(data, "relatif")
     return -_summed_query_scores(data) / np.sqrt(np.clip(data.self_scores(), 1e-300, None))
 
 
-def rank_grad_cosine(data: HeadAuditData) -> np.ndarray:
-    """``sum_q -cos(g_q, g_i)``: curvature-free normalised gradient similarity."""
-    _require_queries(data, "grad_cosine")
-    Gq = data.query_grads()
-    Gt = data.engine.train_grads
-    direction = (Gq / Gq.norm(dim=1, keepdim=True).clamp_min(1e-300)).sum(0)
-    return -(Gt @ direction / Gt.norm(dim=1).clamp_min(1e-300)).numpy()
+def rank_grad_cosine(data: AuditInputs) -> np.ndarray:
+    """``sum_q -cos(g_q, g_i)``: curvature-free normalised gradient similarity (final checkpoint)."""
+    plain = data.checkpoints[0]
+    dots = plain.pairwise_scores(data.queries).double()  # [Q, n], g_q . g_i up to the method's constant
+    q_norm = plain.query_self_scores(data.queries).double().sqrt().clamp_min(1e-300)
+    t_norm = plain.self_scores().double().sqrt().clamp_min(1e-300)
+    return -((dots / q_norm[:, None]).sum(0) / t_norm).numpy()
 
 
-RANKERS: dict[str, Callable[[HeadAuditData], np.ndarray]] = {
+RANKERS: dict[str, Callable[[AuditInputs], np.ndarray]] = {
     "random": rank_random,
     "loss": rank_loss,
     "loss_oof": rank_loss_oof,
@@ -286,20 +265,48 @@ RANKERS: dict[str, Callable[[HeadAuditData], np.ndarray]] = {
 }
 
 
-def available_rankers(data: HeadAuditData) -> list[str]:
-    """Every ranker that can run on ``data`` (query rankers only when queries are given)."""
-    return [r for r in RANKERS if data.has_queries or r not in QUERY_RANKERS]
+def available_rankers(data: AuditInputs) -> list[str]:
+    """Every ranker that can run on ``data`` (query rankers only with queries, baselines with a model side)."""
+    out = []
+    for name in RANKERS:
+        try:
+            _require(data, name)
+        except UserError:
+            continue
+        out.append(name)
+    return out
 
 
-def score_all(data: HeadAuditData, names: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Suspicion scores of every requested ranker (default: all available), checked finite."""
+def score_all(data: AuditInputs, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Suspicion scores ``{name: [n]}`` of every requested ranker (default: all available), checked finite.
+
+    Raises:
+        UserError: (field ``rankers``) an unknown ranker, or one whose inputs ``data`` lacks.
+        NumericalError: a ranker produced non-finite scores.
+    """
     names = available_rankers(data) if names is None else names
     out = {}
     for name in names:
         if name not in RANKERS:
-            raise ValueError(f"unknown ranker {name!r}; choose from {', '.join(RANKERS)}")
+            raise UserError(f"unknown ranker {name!r}; choose from {', '.join(RANKERS)}", field="rankers")
+        _require(data, name)
         s = np.asarray(RANKERS[name](data), dtype=np.float64)
         if not np.isfinite(s).all():
-            raise FloatingPointError(f"ranker {name!r} produced non-finite scores")
+            raise NumericalError(f"ranker {name!r} produced non-finite scores")
         out[name] = s
     return out
+
+
+def score_rankers(
+    method: InfluenceMethod,
+    names: list[str],
+    *,
+    queries: Queries | None = None,
+    checkpoints: Sequence[InfluenceMethod] = (),
+    baselines: BaselineModel | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """:func:`score_all` of ``names`` over one influence method (and optional checkpoints, model side)."""
+    data = AuditInputs(method, baselines, list(checkpoints), queries, seed)
+    return score_all(data, names)
+
