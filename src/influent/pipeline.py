@@ -16,6 +16,7 @@ from influent.data import Corpus, Split, load_corpus, load_or_make_split, strati
 from influent.influence import ExactInfluence, SolverOptions
 from influent.models.encoder import DEFAULT_ENCODER, EmbeddingCache, TextEncoder
 from influent.models.head import HeadTask, LogisticHead, accuracy, load_head, save_head, train_head
+from influent.models.head_data import HeadData, split_heldout
 from influent.store import default_cache_dir, fingerprint, read_json
 
 DEFAULT_L2 = 1e-3
@@ -67,6 +68,30 @@ class HeadSetup:
         return ExactInfluence(
             self.model, self.task, self.train_batch, solver=solver, damping=damping,
             options=options or SolverOptions(),
+        )
+
+    def head_data(self, seed: int = 0, val_fraction: float = 0.5) -> HeadData:
+        """The head's record (:class:`~influent.models.head_data.HeadData`): the training set and the held-out
+        split divided (seeded) into a validation and an evaluation half, with texts, ids and the encoder."""
+        val, ev = split_heldout(len(self.test_idx), seed, val_fraction)
+        texts, ids = self.corpus.texts, self.corpus.ids
+        te_texts = [texts[i] for i in self.test_idx]
+        return HeadData(
+            train_x=self.train_x.double(),
+            train_y=self.train_y.long(),
+            val_x=self.test_x[val].double(),
+            val_y=self.test_y[val].long(),
+            eval_x=self.test_x[ev].double(),
+            eval_y=self.test_y[ev].long(),
+            num_classes=len(self.corpus.label_names),
+            l2=float(self.task.l2),
+            seed=seed,
+            train_texts=[texts[i] for i in self.train_idx],
+            val_texts=[te_texts[i] for i in val],
+            eval_texts=[te_texts[i] for i in ev],
+            embed=self.embed,
+            label_names=list(self.corpus.label_names),
+            train_ids=[ids[i] for i in self.train_idx],
         )
 
     def influence(self, solver: str = "exact", damping: float = 0.0, options: SolverOptions | None = None) -> ExactInfluence:

@@ -16,17 +16,17 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from influent.attacks.experiment import HeadExperiment
 from influent.defenses.inputs import head_audit_inputs
 from influent.defenses.rankers import available_rankers, score_all
 from influent.evaluation.detection import detection_metrics, ranking
 from influent.models.head import predict
+from influent.models.head_data import HeadData
 
 MISLABEL_CHECKED = (0.05, 0.10, 0.20, 0.30)
 
 
 def remove_and_retrain(
-    exp: HeadExperiment,
+    exp: HeadData,
     x: torch.Tensor,
     y: torch.Tensor,
     order: np.ndarray,
@@ -55,7 +55,7 @@ def random_label_noise(
 
 
 def mislabel_experiment(
-    exp: HeadExperiment,
+    exp: HeadData,
     rate: float = 0.10,
     rankers: list[str] | None = None,
     checked=MISLABEL_CHECKED,
@@ -108,7 +108,7 @@ def mislabel_experiment(
 
 
 def trigger_defense(
-    exp: HeadExperiment,
+    exp: HeadData,
     poison,
     rankers: list[str] | None = None,
     remove_fractions=(0.01, 0.02, 0.05),

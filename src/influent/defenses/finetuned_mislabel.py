@@ -3,11 +3,11 @@
 A seeded slice of the head's training split gets 10% of its labels flipped; the classifier (last
 ``last_k`` encoder layers + pooler + head, seeded AdamW replay on cached prefix hidden states:
 :class:`~influent.models.suffix_classifier.SuffixClassifier`) is fine-tuned on the noisy labels; every
-ranker runs on that one model:
+ranker (the same ones as the head's, :mod:`influent.defenses.rankers`) runs on that one model:
 
 * ``self_influence``: EK-FAC ``g_i^T (F + damping)^-1 g_i`` over the fine-tuned linear modules;
 * ``loo_loss``: ``loss_i + self_influence_i / n`` (influence-predicted leave-one-out loss);
-* ``tracin_self``: ``||g_i||^2`` over the same modules (identity curvature, final checkpoint);
+* ``tracin_self``: ``||g_i||^2 / 2`` over the same modules (identity curvature + damping 1, final checkpoint);
 * ``loss`` (in-sample), ``loss_oof`` and ``cleanlab`` (k-fold re-fine-tuning), ``random``.
 
 Then, per ranker, the flipped labels among its top ``fix_fraction`` are restored (an oracle reviewer checks
