@@ -1,6 +1,10 @@
 """The ``influent`` command: one module per command family, the parser and ``main`` here.
 
-A user mistake ends with one line ``influent: error: ...`` on stderr and exit status 2, never a traceback.
+Exit status: 0 done; 2 a user mistake (a bad flag or value, a bad data file, an unwritable folder) or a
+damaged cache file that cannot be recomputed, stated in one line ``influent: error: ...`` on stderr, never a
+traceback; 3 a numerical failure (non-finite values, a failed solve), also one line, so a script can tell
+"fix the input" from "the computation broke"; 130 interrupted; 141 the reader of stdout went away
+(``influent ... --json | head -c 20``), quietly, as a process killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -11,14 +15,22 @@ import sys
 
 from influent.cli.attack import add_attack_parser
 from influent.cli.audit import add_audit_parser
+from influent.cli.common import user_message
 from influent.cli.demo import add_demo_parser
 from influent.cli.explain import add_explain_parser, add_train_parser
 from influent.cli.validate import add_validate_parser
-from influent.errors import UserError
+from influent.errors import CacheCorruptError, NumericalError, UserError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line ``influent: error: ...`` (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"influent: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="influent",
         description="Influence functions for NLP models: which training examples made the model say this?",
     )
@@ -38,15 +50,32 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _error(message: str, code: int) -> int:
+    print(f"influent: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def _stdout_gone() -> int:
+    """The reader of stdout closed it: point stdout at /dev/null so the exit flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _quiet_libraries()
+    """Run the ``influent`` command; returns the exit status (see the module docstring)."""
     try:
+        args = build_parser().parse_args(argv)
+        _quiet_libraries()
         return args.func(args)
     except UserError as err:
-        print(f"influent: error: {err}", file=sys.stderr)
-        return 2
+        return _error(user_message(err), 2)
+    except CacheCorruptError as err:
+        return _error(f"damaged cache: {err}", 2)
+    except NumericalError as err:
+        return _error(f"numerical failure: {err}", 3)
+    except BrokenPipeError:
+        return _stdout_gone()
     except KeyboardInterrupt:
         print("influent: interrupted; cached work is kept and will be reused", file=sys.stderr)
         return 130

@@ -5,52 +5,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from influent.cli.common import add_data_options, flag, head_setup
+from influent.cli.common import add_data_options, check_data_args, check_output_dir, flag, head_setup
 from influent.errors import UserError
 
-# The attacks that read each option, so a flag given to the wrong kind is an error, not silently ignored.
-_TRIGGERED = ("trigger", "concealed")
-_ATTACK_OPTIONS = {
-    "budgets": ("label-flip",), "rounds_per_budget": ("label-flip",), "objective": ("label-flip",),
-    "targets": ("label-flip", "perturb"), "ks": ("perturb",), "eps": ("perturb",), "steps": ("perturb",),
-    "sizes": _TRIGGERED, "trigger": _TRIGGERED, "source": _TRIGGERED, "target": _TRIGGERED, "n_eval": _TRIGGERED,
-    "damping": ("label-flip", "perturb", "trigger", "concealed"),
-    "train_size": ("concealed",), "epochs": ("concealed",), "n_adv": ("concealed",), "curvature": ("concealed",),
-    "candidates": ("concealed",), "last_k": ("concealed",),
-}
+# Data options that only the head's attacks read (the concealed attack fine-tunes on its own defaults).
+_HEAD_ONLY = {"l2": None, "pooling": "mean", "max_length": None, "test_fraction": 0.2, "hf_split": "train"}
 
 
-def _check_attack_args(args: argparse.Namespace) -> dict:
-    """Validate the attack flags before any model work; return run_attack's keyword options (None = default)."""
-    from influent.attacks.run import KINDS
+def _attack_options(args: argparse.Namespace):
+    """Validate the attack flags before any model work (:class:`~influent.attacks.options.AttackOptions`)."""
+    from influent.attacks.options import APPLIES_TO, AttackOptions
 
-    if args.kind not in KINDS:
-        raise UserError(f"unknown attack {args.kind!r}; choose from {', '.join(KINDS)}")
-    for name, kinds in _ATTACK_OPTIONS.items():
-        if getattr(args, name) is not None and args.kind not in kinds:
-            raise UserError(f"{flag(name)} applies to {' and '.join(kinds)}, not to {args.kind}")
-    if args.seeds is not None and (not args.seeds or min(args.seeds) < 0):
-        raise UserError(f"--seeds needs one or more non-negative integers, got {args.seeds}")
-    if args.damping is not None and args.damping < 0:
-        raise UserError(f"--damping must be non-negative, got {args.damping}")
-    if args.budgets is not None and (not args.budgets or not all(0.0 < b < 1.0 for b in args.budgets)):
-        raise UserError(f"--budgets needs one or more fractions strictly between 0 and 1, got {args.budgets}")
-    for name, low in (("targets", 1 if args.kind == "perturb" else 0), ("rounds_per_budget", 1), ("steps", 1),
-                      ("n_eval", 1), ("train_size", 2), ("epochs", 1), ("n_adv", 1), ("candidates", 1),
-                      ("last_k", 1)):
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise UserError(f"{flag(name)} must be at least {low}, got {value}")
-    for name, what in (("ks", "poisoned-example counts"), ("sizes", "poison counts")):
-        values = getattr(args, name)
-        if values is not None and (not values or min(values) < 1):
-            raise UserError(f"{flag(name)} needs one or more {what} of at least 1, got {values}")
-    if args.eps is not None and args.eps <= 0:
-        raise UserError(f"--eps must be positive (relative L2 radius), got {args.eps}")
-    if args.trigger is not None and not args.trigger.strip():
-        raise UserError("--trigger is empty")
-    return {name: getattr(args, name) for name, kinds in _ATTACK_OPTIONS.items() if args.kind in kinds
-            and getattr(args, name) is not None}
+    options = AttackOptions(args.kind, seeds=(0, 1, 2) if args.seeds is None else args.seeds,
+                            **{name: getattr(args, name) for name in APPLIES_TO})
+    check_data_args(args)
+    check_output_dir(args.out, "out")
+    if args.kind == "concealed":
+        for name, default in _HEAD_ONLY.items():
+            if getattr(args, name) != default:
+                raise UserError(f"{flag(name)} applies to the head's attacks, not to concealed")
+    return options
 
 
 def _check_attack_data(args: argparse.Namespace, setup, options: dict) -> None:
@@ -64,10 +38,10 @@ def _check_attack_data(args: argparse.Namespace, setup, options: dict) -> None:
         raise UserError(f"--ks asks for up to {most} poisons but there are {n_train} training examples")
     if args.kind == "trigger":
         names = list(setup.corpus.label_names)
-        for flag, value in (("--source", args.source), ("--target", args.target)):
+        for name, value in (("--source", args.source), ("--target", args.target)):
             known = int(value) < len(names) if value is not None and value.isdigit() else value in names
             if value is not None and not known:
-                raise UserError(f"{flag} {value!r} is not a class; classes: {', '.join(names)} "
+                raise UserError(f"{name} {value!r} is not a class; classes: {', '.join(names)} "
                                 f"(or indices 0..{len(names) - 1})")
         from influent.attacks.experiment import from_setup
         from influent.attacks.trigger import DEFAULT_SIZES, resolve_classes
@@ -122,9 +96,9 @@ def attack_markdown(result: dict) -> str:
 def cmd_attack(args: argparse.Namespace) -> int:
     from influent.attacks.run import run_attack
 
-    options = _check_attack_args(args)
-    seeds = (0, 1, 2) if args.seeds is None else args.seeds
-    common = {"seeds": seeds, "out": args.out, "progress": not args.quiet}
+    attack = _attack_options(args)
+    options = attack.as_kwargs()
+    common = {"seeds": attack.seeds, "out": args.out, "progress": not args.quiet}
     if args.kind == "concealed":  # not an attack on the head: run_attack takes the data options itself
         result = run_attack(args.kind, args.data, encoder=args.encoder, split_seed=args.seed,
                             cache_dir=args.cache_dir, text_column=args.text_column,

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import argparse
 
-from influent.cli.common import add_data_options
-from influent.errors import UserError
+from influent.cli.common import add_data_options, check_data_args, check_output_dir
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from influent.defenses.audit import run_audit
+    from influent.defenses.options import AuditOptions
 
-    if args.top is not None and args.top < 1:
-        raise UserError(f"--top must be at least 1, got {args.top}")
+    options = AuditOptions(
+        rankers=args.rankers, primary=args.primary, queries_from=args.queries_from, trigger=args.trigger,
+        query_file=args.queries, damping=0.0 if args.damping is None else args.damping, folds=args.folds,
+        top=args.top, l2=args.l2, seed=args.seed,
+    )
+    check_data_args(args)
+    check_output_dir(args.out, "out")
     result = run_audit(
-        args.data, out=args.out, rankers=args.rankers, primary=args.primary, queries_from=args.queries_from,
-        trigger=args.trigger, query_file=args.queries, text_column=args.text_column,
-        label_column=args.label_column, encoder=args.encoder, l2=args.l2, damping=args.damping or 0.0,
-        seed=args.seed, folds=args.folds, top=args.top, cache_dir=args.cache_dir, progress=not args.quiet,
+        args.data, out=args.out, text_column=args.text_column, label_column=args.label_column,
+        encoder=args.encoder, cache_dir=args.cache_dir, progress=not args.quiet, **options.as_kwargs(),
     )
     print(f"ranked {result['n']} training examples by {result['primary']} (most suspicious first); "
           f"written to {result['csv']} and {result['json']}")
@@ -35,5 +38,5 @@ def add_audit_parser(sub) -> None:
     p.add_argument("--damping", type=float, default=None)
     p.add_argument("--folds", type=int, default=5, help="folds of the out-of-fold baselines")
     p.add_argument("--top", type=int, default=None, help="write only the top N rows")
-    add_data_options(p)
+    add_data_options(p, embedding_options=False)  # the audit embeds with the encoder's defaults
     p.set_defaults(func=cmd_audit)

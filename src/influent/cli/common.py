@@ -1,36 +1,99 @@
-"""Options every command shares (data, model, fine-tuning, curvature) and the model set-ups they build.
+"""Options every command shares (data, model, fine-tuning, curvature), their checks, and the model set-ups.
 
 Library code names the *field* a mistake is about (``damping``); :func:`flag` turns it into the flag the user
-typed (``--damping``).
+typed (``--damping``) and :func:`user_message` rewrites a :class:`~influent.errors.UserError` for the command
+line. Every check here runs before any model work.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
+from influent.checks import check_number
 from influent.errors import UserError
+
+# Library fields whose flag is not the field's own name.
+FIELD_FLAGS = {"strategies": "--strategy", "solvers": "--solver", "query_file": "--queries", "kind": "KIND",
+               "split_seed": "--split-seed"}
 
 
 def flag(field: str) -> str:
     """The command-line flag of a library field: ``train_size`` -> ``--train-size``."""
-    return "--" + field.replace("_", "-")
+    return FIELD_FLAGS.get(field) or "--" + field.replace("_", "-")
 
 
-def add_data_options(p: argparse.ArgumentParser) -> None:
+def user_message(err: UserError) -> str:
+    """The error's one line, its field spelt as the flag (``damping must be ...`` -> ``--damping must be ...``)."""
+    text = " ".join(str(err).split())
+    field = getattr(err, "field", None)
+    if not field:
+        return text
+    rest = text[len(field):]
+    if text.startswith(field) and not (rest[:1].isalnum() or rest[:1] == "_"):
+        return flag(field) + rest
+    return f"{flag(field)}: {text}"
+
+
+def checked(field: str, value, **bounds):
+    """``value`` after :func:`~influent.checks.check_number` (a CLI-side check that names the flag)."""
+    check_number(field, value, **bounds)
+    return value
+
+
+def check_output_dir(path: str | os.PathLike | None, field: str, must_write: bool = True) -> None:
+    """``path`` is a folder (or can be made one) that this process can write to, else a one-line error.
+
+    With ``must_write=False`` an existing read-only folder passes (a shared read-only cache serves reads).
+    """
+    if path is None:
+        return
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{field} {str(folder)!r} is a file, not a folder", field=field)
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{field} {str(folder)!r} cannot be created: {str(existing)!r} is a file", field=field)
+    if (existing != folder or must_write) and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{field} {str(folder)!r} is not writable (no write permission on {str(existing)!r})",
+                        field=field)
+
+
+def check_data_args(args: argparse.Namespace) -> None:
+    """The data options every command shares: seed, held-out share, l2, max length, cache folder."""
+    checked("seed", args.seed, low=0, integer=True)
+    if getattr(args, "test_fraction", None) is not None:
+        checked("test_fraction", args.test_fraction, low=0, high=1, low_open=True, high_open=True)
+    if getattr(args, "max_length", None) is not None:
+        checked("max_length", args.max_length, low=2, integer=True)
+    if args.l2 is not None:
+        checked("l2", args.l2, low=0, low_open=True)
+    check_output_dir(args.cache_dir, "cache_dir", must_write=False)
+
+
+def add_data_options(p: argparse.ArgumentParser, embedding_options: bool = True) -> None:
+    """The data and model flags; without ``embedding_options`` no ``--hf-split``, ``--pooling``,
+    ``--max-length`` or ``--test-fraction`` (for a command that cannot honour them)."""
     g = p.add_argument_group("data and model")
     g.add_argument("--data", default=None,
                    help="corpus: a CSV/TSV/JSONL/Parquet file, 'hf:NAME' for a Hugging Face dataset, "
                         "or omit for the bundled Rotten Tomatoes snippets")
     g.add_argument("--text-column", default="text", help="text column of --data (default: text)")
     g.add_argument("--label-column", default="label", help="label column of --data (default: label)")
-    g.add_argument("--hf-split", default="train", help="split of an hf: dataset (default: train)")
+    if embedding_options:
+        g.add_argument("--hf-split", default="train", help="split of an hf: dataset (default: train)")
     g.add_argument("--encoder", default=None,
                    help="Hugging Face encoder name or local path (default: packaged all-MiniLM-L6-v2)")
-    g.add_argument("--pooling", choices=["mean", "cls"], default="mean")
-    g.add_argument("--max-length", type=int, default=None,
-                   help="tokens kept per text (default 128 for the head, 64 for the fine-tuned model)")
+    if embedding_options:
+        g.add_argument("--pooling", choices=["mean", "cls"], default="mean")
+        g.add_argument("--max-length", type=int, default=None,
+                       help="tokens kept per text (default 128 for the head, 64 for the fine-tuned model)")
     g.add_argument("--l2", type=float, default=None, help="ridge coefficient of the head (default 1e-3)")
-    g.add_argument("--test-fraction", type=float, default=0.2)
+    if embedding_options:
+        g.add_argument("--test-fraction", type=float, default=0.2)
     g.add_argument("--seed", type=int, default=0, help="seeds the split and everything random")
     g.add_argument("--cache-dir", default=None,
                    help="cache root (default $INFLUENT_CACHE_DIR or ~/.cache/influent)")
@@ -42,14 +105,9 @@ def head_setup(args: argparse.Namespace, retrain: bool = False):
     from influent.models.encoder import DEFAULT_ENCODER
     from influent.pipeline import DEFAULT_L2, prepare_head
 
-    if not 0.0 < args.test_fraction < 1.0:
-        raise UserError(f"--test-fraction must be between 0 and 1, got {args.test_fraction}")
+    check_data_args(args)
     max_length = 128 if args.max_length is None else args.max_length
-    if max_length < 2:
-        raise UserError(f"--max-length must be at least 2, got {max_length}")
     l2 = DEFAULT_L2 if args.l2 is None else args.l2
-    if l2 <= 0:
-        raise UserError(f"--l2 must be positive (the head's objective must be strongly convex), got {l2}")
     return prepare_head(
         args.data, text_column=args.text_column, label_column=args.label_column, hf_split=args.hf_split,
         encoder=args.encoder or DEFAULT_ENCODER, pooling=args.pooling, max_length=max_length, l2=l2,
@@ -87,16 +145,8 @@ def finetuned_setup(args: argparse.Namespace, retrain: bool = False):
     """Fine-tune (or load) the transformer classifier the data and fine-tuning options describe."""
     from influent.pipeline import prepare_finetuned
 
-    if not 0.0 < args.test_fraction < 1.0:
-        raise UserError(f"--test-fraction must be between 0 and 1, got {args.test_fraction}")
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.train_size is not None and args.train_size < 2:
-        raise UserError(f"--train-size must be at least 2, got {args.train_size}")
+    check_finetune_args(args)
     max_length = 64 if args.max_length is None else args.max_length
-    if max_length < 2:
-        raise UserError(f"--max-length must be at least 2, got {max_length}")
     return prepare_finetuned(
         args.data, text_column=args.text_column, label_column=args.label_column, hf_split=args.hf_split,
         encoder=args.encoder, last_k=None if args.last_k < 0 else args.last_k, epochs=args.epochs, lr=args.lr,
@@ -105,7 +155,24 @@ def finetuned_setup(args: argparse.Namespace, retrain: bool = False):
     )
 
 
+def check_finetune_args(args: argparse.Namespace) -> None:
+    """The data options and the fine-tuning options (epochs, batch size, learning rate, slice, layers)."""
+    check_data_args(args)
+    checked("epochs", args.epochs, low=1, integer=True)
+    checked("batch_size", args.batch_size, low=1, integer=True)
+    checked("lr", args.lr, low=0, low_open=True)
+    checked("last_k", args.last_k, low=-1, integer=True)
+    if args.train_size is not None:
+        checked("train_size", args.train_size, low=2, integer=True)
+
+
+def check_curvature_args(args: argparse.Namespace) -> None:
+    """The fine-tuned model's curvature options (query rank, token-cache limit)."""
+    if args.query_rank is not None:
+        checked("query_rank", args.query_rank, low=1, integer=True)
+    checked("train_cache_max_gb", args.train_cache_max_gb, low=0, low_open=True)
+
+
 def gib_to_bytes(gib: float) -> int:
-    if not gib > 0:
-        raise UserError(f"--train-cache-max-gb must be > 0, got {gib}")
-    return int(gib * 2**30)
+    """``gib`` GiB (a finite number > 0) in bytes."""
+    return int(checked("train_cache_max_gb", gib, low=0, low_open=True) * 2**30)

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from influent.cli.common import add_data_options, head_setup
+from influent.cli.common import add_data_options, check_data_args, check_output_dir, checked, head_setup
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -14,6 +14,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from influent.store import write_json
 
     start = time.perf_counter()
+    checked("top", args.top, low=1, integer=True)
+    check_data_args(args)
+    check_output_dir(args.out, "out")
     out = Path(args.out)
     print("influent demo: frozen all-MiniLM-L6-v2 + L2 logistic regression on Rotten Tomatoes snippets")
     setup = head_setup(args)

@@ -9,6 +9,10 @@ from influent.cli.common import (
     add_curvature_options,
     add_data_options,
     add_finetune_options,
+    check_curvature_args,
+    check_data_args,
+    check_finetune_args,
+    checked,
     finetuned_setup,
     gib_to_bytes,
     head_setup,
@@ -18,6 +22,7 @@ from influent.errors import UserError
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.model == "finetuned":
+        check_finetune_args(args)
         ft = finetuned_setup(args, retrain=args.retrain)
         m = ft.metrics
         print(f"fine-tuned {ft.settings['encoder']} (last {ft.settings['last_k']} layers, "
@@ -37,10 +42,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     if (args.text is None) == (args.test_index is None):
         raise UserError("give exactly one of --text or --test-index")
-    if args.top < 1:
-        raise UserError(f"--top must be at least 1, got {args.top}")
+    checked("top", args.top, low=1, integer=True)
+    if args.damping is not None:
+        checked("damping", args.damping, low=0)
     if args.text is not None and not args.text.strip():
         raise UserError("--text is empty")
+    if args.model == "finetuned":
+        check_finetune_args(args)
+        check_curvature_args(args)
+    else:
+        check_data_args(args)
     cache_max_bytes = gib_to_bytes(args.train_cache_max_gb) if args.model == "finetuned" else None
     setup = finetuned_setup(args) if args.model == "finetuned" else head_setup(args)
     names = setup.corpus.label_names

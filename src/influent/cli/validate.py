@@ -6,21 +6,26 @@ import argparse
 import json
 from pathlib import Path
 
-from influent.cli.common import add_data_options, head_setup
+from influent.cli.common import add_data_options, check_data_args, check_output_dir, head_setup
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from influent.evaluation.options import ValidateOptions
     from influent.evaluation.validate import run_validate
 
+    options = ValidateOptions(
+        args.model, strategies=args.strategy, solvers=args.solver, examples=args.examples, subsets=args.subsets,
+        queries=args.queries, epochs=args.epochs, fine_tune_last=args.fine_tune_last, train_size=args.train_size,
+        damping=args.damping, seed=args.seed,
+    )
+    check_data_args(args)
+    check_output_dir(args.out, "out")
     extra = {}
     if args.model == "finetuned":
         extra = {"text_column": args.text_column, "label_column": args.label_column, "encoder": args.encoder}
     result = run_validate(
-        args.model, strategies=args.strategy, solvers=args.solver, examples=args.examples, subsets=args.subsets,
-        queries=args.queries, epochs=args.epochs, fine_tune_last=args.fine_tune_last,
-        train_size=args.train_size, damping=args.damping, out=args.out, seed=args.seed,
-        cache_dir=args.cache_dir, progress=not args.quiet,
-        setup=head_setup(args) if args.model == "head" else None, data=args.data, **extra,
+        args.model, out=args.out, cache_dir=args.cache_dir, progress=not args.quiet,
+        setup=head_setup(args) if args.model == "head" else None, data=args.data, **options.as_kwargs(), **extra,
     )
     out = Path(args.out)
     print((out / "validate.md").read_text() if (out / "validate.md").exists() else json.dumps(result)[:2000])
