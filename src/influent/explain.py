@@ -62,7 +62,8 @@ RANKINGS: dict[str, Ranking] = {"influence": lambda method, scores, queries: sco
 """How :func:`explain` orders training examples; ``influence`` = the raw score (one entry per ranking)."""
 
 SETTINGS_BLOCKS = {
-    "exact": ("solver", {"method": "solver", "residual": "residual", "iterations": "iterations"}),
+    "exact": ("solver", {"method": "solver", "residual": "residual", "iterations": "iterations",
+                         "converged": "converged"}),
     "factored": ("curvature", {"strategy": "strategy", "modules": "modules", "fisher": "fisher", "damping": "damping"}),
 }
 """Per method kind (``describe()['method']``): the JSON block name and its keys -> ``describe()`` keys."""

@@ -269,6 +269,7 @@ class ExactInfluence(InfluenceMethod):
             "damping": self.damping,
             "residual": None if sol is None else sol.residual,
             "iterations": None if sol is None else sol.iterations,
+            "converged": None if sol is None else sol.converged,
         }
 
     def _query_grads(self, queries: Queries) -> torch.Tensor:

@@ -187,6 +187,7 @@ def prepare_head(
             "test_accuracy": accuracy(model, x[te], y[te]),
             "grad_norm": report.grad_norm,
             "newton_iterations": report.iterations,
+            "converged": report.converged,
             "train_seconds": report.seconds,
         }
         save_head(model, task, folder, info)

@@ -65,7 +65,10 @@ def _stdout_gone() -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``influent`` command; returns the exit status (see the module docstring)."""
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help, or a malformed command line (already stated in one line)
+            return exc.code if isinstance(exc.code, int) else 0
         _quiet_libraries()
         return args.func(args)
     except UserError as err:

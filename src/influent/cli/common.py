@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from influent.checks import check_number
@@ -34,6 +35,11 @@ def user_message(err: UserError) -> str:
     if text.startswith(field) and not (rest[:1].isalnum() or rest[:1] == "_"):
         return flag(field) + rest
     return f"{flag(field)}: {text}"
+
+
+def warn(message: str) -> None:
+    """One line ``influent: warning: ...`` on stderr (the run goes on; the JSON records the same fact)."""
+    print(f"influent: warning: {' '.join(message.split())}", file=sys.stderr)
 
 
 def checked(field: str, value, **bounds):
@@ -108,12 +114,17 @@ def head_setup(args: argparse.Namespace, retrain: bool = False):
     check_data_args(args)
     max_length = 128 if args.max_length is None else args.max_length
     l2 = DEFAULT_L2 if args.l2 is None else args.l2
-    return prepare_head(
+    setup = prepare_head(
         args.data, text_column=args.text_column, label_column=args.label_column, hf_split=args.hf_split,
         encoder=args.encoder or DEFAULT_ENCODER, pooling=args.pooling, max_length=max_length, l2=l2,
         seed=args.seed, test_fraction=args.test_fraction, cache_dir=args.cache_dir,
         progress=not args.quiet, retrain=retrain,
     )
+    info = setup.info
+    if info.get("converged") is False:
+        warn(f"the head's Newton training stopped after {info.get('newton_iterations')} steps with gradient norm "
+             f"{info.get('grad_norm'):.3g}, above its tolerance: scores assume an optimum (try a larger --l2)")
+    return setup
 
 
 def add_finetune_options(p: argparse.ArgumentParser) -> None:

@@ -16,8 +16,17 @@ from influent.cli.common import (
     finetuned_setup,
     gib_to_bytes,
     head_setup,
+    warn,
 )
 from influent.errors import UserError
+
+
+def dropped_note(corpus) -> str:
+    """``"; dropped 3 rows (2 without a label, 1 duplicate text)"`` or ``""`` when the loader kept every row."""
+    words = {"no_label": "without a label", "no_text": "without a text", "duplicate": "duplicate text"}
+    parts = [f"{n} {words.get(k, k)}" for k, n in getattr(corpus, "dropped", {}).items() if n]
+    total = sum(getattr(corpus, "dropped", {}).values())
+    return f"; dropped {total} row{'s' * (total != 1)} of the data ({', '.join(parts)})" if total else ""
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -27,13 +36,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         m = ft.metrics
         print(f"fine-tuned {ft.settings['encoder']} (last {ft.settings['last_k']} layers, "
               f"{ft.settings['epochs']} epoch(s)) on {m['n_train']} examples in {m['seconds']:.0f} s; "
-              f"test accuracy {m['test_accuracy']:.4f} on {m['n_test']}; saved in {ft.folder}")
+              f"test accuracy {m['test_accuracy']:.4f} on {m['n_test']}; saved in {ft.folder}"
+              f"{dropped_note(ft.corpus)}")
         return 0
     setup = head_setup(args, retrain=args.retrain)
     info = setup.info
     print(f"head trained on {info['n_train']} examples ({info['newton_iterations']} Newton steps, "
           f"gradient norm {info['grad_norm']:.2e}); test accuracy {info['test_accuracy']:.4f} "
-          f"on {info['n_test']}; saved in {setup.folder}")
+          f"on {info['n_test']}; saved in {setup.folder}{dropped_note(setup.corpus)}")
     return 0
 
 
@@ -76,6 +86,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         method = setup.influence(solver=args.solver, damping=args.damping or 0.0)
     features = setup.held_out_features(args.test_index) if args.test_index is not None else None
     result = explain(method, setup, [Query(text, features, label, gold)], top=args.top)[0]
+    solve = result.get("solver") or {}
+    if solve.get("converged") is False:
+        warn(f"the {solve.get('method')} solve did not converge ({solve.get('iterations')} iterations, relative "
+             f"residual {solve.get('residual'):.3g}); scores are approximate (try --solver exact)")
     if args.json:
         print(json.dumps(result))
     else:

@@ -27,12 +27,18 @@ class Solution:
         residual: relative residual ``max_j ||A x_j - b_j|| / ||b_j||`` (dimensionless).
         iterations: solver iterations (0 for a direct solve).
         method: ``'exact'``, ``'cg'`` or ``'lissa'``.
+        converged: whether the solve met its promise: CG reached its tolerance before its iteration cap,
+            LiSSA's relative residual is at most ``LISSA_CONVERGED``, a direct solve always.
     """
 
     x: torch.Tensor
     residual: float
     iterations: int
     method: str
+    converged: bool = True
+
+
+LISSA_CONVERGED = 1e-3  # relative residual below which a truncated LiSSA series counts as converged
 
 
 def _as_matrix(B: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -106,7 +112,7 @@ def conjugate_gradient(
     P = R.clone()
     rs = (R * R).sum(0)
     bnorm = Bm.norm(dim=0).clamp_min(torch.finfo(Bm.dtype).tiny)
-    it = 0
+    it, met = 0, False
     for it in range(1, max_iter + 1):
         AP = matvec(P) + damping * P
         pAp = (P * AP).sum(0)
@@ -115,12 +121,13 @@ def conjugate_gradient(
         R = R - alpha * AP
         rs_new = (R * R).sum(0)
         if float((rs_new.sqrt() / bnorm).max()) < tol:
+            met = True
             break
         P = R + (rs_new / rs.clamp_min(torch.finfo(Bm.dtype).tiny)) * P
         rs = rs_new
     _check_finite(X, "conjugate gradients")
     res = relative_residual(matvec, X, Bm, damping)
-    return Solution(X[:, 0] if single else X, res, it, "cg")
+    return Solution(X[:, 0] if single else X, res, it, "cg", converged=met or res <= tol)
 
 
 def top_eigenvalue(matvec: MatVec, dim: int, dtype: torch.dtype, iters: int = 50, seed: int = 0) -> float:
@@ -179,4 +186,4 @@ def lissa(
     X = total / repeats
     _check_finite(X, "LiSSA")
     res = relative_residual(matvec, X, Bm, damping)
-    return Solution(X[:, 0] if single else X, res, depth * repeats, "lissa")
+    return Solution(X[:, 0] if single else X, res, depth * repeats, "lissa", converged=res <= LISSA_CONVERGED)

@@ -11,7 +11,7 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -44,6 +44,7 @@ class Corpus:
         labels: class index of each text, ``int64`` array of shape ``[N]`` with values in ``0..K-1``.
         label_names: human-readable name of each class index (length ``K``).
         source: description of where the corpus came from (informational; not part of the fingerprint).
+        dropped: rows the loader dropped, by reason (``no_text``, ``no_label``, ``duplicate``; informational).
     """
 
     ids: list[str]
@@ -51,6 +52,7 @@ class Corpus:
     labels: np.ndarray
     label_names: list[str]
     source: str = ""
+    dropped: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)

@@ -1,7 +1,9 @@
 """Corpus loaders: the bundled Rotten Tomatoes snippets, local files and Hugging Face datasets.
 
-Every loader drops rows with an empty text or a missing label, maps labels to ``0..K-1``, and drops
-duplicate texts (same :func:`~influent.data.corpus.text_id`, first occurrence kept). A user mistake
+Every loader drops rows with an empty text or a missing label (an empty cell, a null, or a cell reading
+``NaN``, ``NA``, ``N/A``, ``null`` or ``None`` in any case), maps labels to ``0..K-1``, and drops duplicate
+texts (same :func:`~influent.data.corpus.text_id`, first occurrence kept); the numbers dropped are recorded in
+:attr:`~influent.data.corpus.Corpus.dropped`. A user mistake
 (missing file, unknown column, a single class, ...) raises :class:`~influent.errors.UserError` with one
 line naming the problem.
 """
@@ -43,6 +45,14 @@ def _is_missing(value: Any) -> bool:
         return False
 
 
+# Label cells that mean "no label" (compared after strip + lower): pandas' usual missing-value spellings.
+MISSING_LABELS = frozenset({"", "nan", "-nan", "na", "n/a", "#n/a", "<na>", "null", "none"})
+
+
+def _is_missing_label(value: Any) -> bool:
+    return _is_missing(value) or (isinstance(value, str) and value.strip().lower() in MISSING_LABELS)
+
+
 def _label_key(value: Any) -> Any:
     """Canonical form of a raw label: integral numbers become ``int``, everything else ``str``."""
     if isinstance(value, (bool, np.bool_)):
@@ -75,22 +85,24 @@ def build_corpus(
     """
     kept_texts: list[str] = []
     kept_labels: list[Any] = []
+    dropped = {"no_text": 0, "no_label": 0, "duplicate": 0}
     for text, label in zip(texts, labels, strict=True):
-        if _is_missing(text) or _is_missing(label):
+        if _is_missing(text) or not (text if isinstance(text, str) else str(text)).strip():
+            dropped["no_text"] += 1
             continue
         text = text if isinstance(text, str) else str(text)
-        if not text.strip():
+        if _is_missing_label(label):
+            dropped["no_label"] += 1
             continue
         if label_names is not None:
             label = int(label)
             if label < 0:
+                dropped["no_label"] += 1
                 continue
             if label >= len(label_names):
                 raise UserError(f"{source}: label {label} out of range for {len(label_names)} class names")
         else:
             label = _label_key(label)
-            if label == "":
-                continue
         kept_texts.append(text)
         kept_labels.append(label)
     if not kept_texts:
@@ -117,6 +129,7 @@ def build_corpus(
     for text, code in zip(kept_texts, codes):
         tid = text_id(text)
         if tid in seen:
+            dropped["duplicate"] += 1
             continue
         seen.add(tid)
         ids.append(tid)
@@ -132,6 +145,7 @@ def build_corpus(
         labels=np.asarray(out_labels, dtype=np.int64),
         label_names=names,
         source=source,
+        dropped=dropped,
     )
 
 

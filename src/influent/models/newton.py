@@ -170,12 +170,15 @@ def minimise(
 
 @dataclass
 class TrainReport:
-    """How the optimisation ended: gradient norm of the objective, Newton iterations, seconds, objective."""
+    """How the optimisation ended: gradient norm of the objective, Newton iterations, seconds, objective, and
+    whether the gradient norm reached the promised tolerance (False: stopped at the iteration cap or where no
+    step decreased the objective, above the tolerance, or non-finite)."""
 
     grad_norm: float
     iterations: int
     seconds: float
     objective: float
+    converged: bool = True
 
 
 def fit_newton(
@@ -198,4 +201,5 @@ def fit_newton(
         gradient_fn=lambda t: full_gradient(space, t, batch),
     )
     space.load(result.theta)
-    return TrainReport(result.grad_norm, result.iterations, time.perf_counter() - start, result.objective)
+    return TrainReport(result.grad_norm, result.iterations, time.perf_counter() - start, result.objective,
+                       converged=result.grad_norm <= tol)
