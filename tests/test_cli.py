@@ -50,7 +50,8 @@ def test_explain_json_matches_a_dense_solve(capsys, base_args, tiny_encoder_dir,
         assert [r["label"] for r in result[kind]] == [
             ["neg", "pos"][int(setup.train_y[int(i)])] for i in picked
         ]
-    assert set(result["solver"]) == {"method", "residual", "iterations"}
+    assert set(result["solver"]) == {"method", "residual", "iterations", "converged"}
+    assert result["solver"]["converged"] is True  # an exact solve
 
 
 def test_explain_matches_engine_and_reuses_cache(capsys, base_args, tiny_encoder_dir, reviews_csv, tmp_path):

@@ -20,7 +20,8 @@ from influent.data.loaders import load_local
 from influent.defenses.options import AuditOptions
 from influent.errors import UserError
 from influent.evaluation.options import ValidateOptions
-from influent.models.head import HeadTask, LogisticHead, fit_newton
+from influent.models.head import HeadTask, LogisticHead
+from influent.models.newton import fit_newton
 
 
 @pytest.fixture()
