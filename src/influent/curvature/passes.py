@@ -98,6 +98,14 @@ class FitContext:
         """``folder / name``, or None without a folder."""
         return None if self.folder is None else self.folder / name
 
+    def discard_checkpoints(self, keep: str) -> None:
+        """Delete the partial and finished checkpoints of every stage but ``keep`` (they are stale)."""
+        if self.folder is None:
+            return
+        for path in [*self.folder.glob("partial-*.safetensors"), *self.folder.glob("stage-*.safetensors")]:
+            if path.stem.split("-", 1)[1] != keep:
+                path.unlink(missing_ok=True)
+
     def run_pass(
         self,
         stage: str,

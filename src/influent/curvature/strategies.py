@@ -182,6 +182,7 @@ class Kfac(Strategy):
         eig = read_checkpoint(eigen_file, "factor checkpoint")
         if eig is not None and all(keys.tensor_key(m, keys.EIGVEC_S) in eig for m in ctx.modules):
             return eig
+        ctx.discard_checkpoints(keep="covariance")  # later stages' sums were taken in a basis no longer on disk
         sums = ctx.run_pass("covariance", *self._covariance_pass(ctx))
         eigh_once = EighOnce()
         eig = {}

@@ -16,8 +16,9 @@ Size: per token, the sum over tracked modules of ``d_in + 1 + d_out`` values in 
 
 The key covers the fitted factors (model, fit data, curvature settings), the bytes of the scored training
 batches, the bucketing and the task's class, so a cache is only read for the same examples, model and
-basis. Every file is written atomically; a batch whose file is missing or does not match is recomputed
-(and written), so an interrupted run leaves a usable prefix.
+basis. Every file is written atomically; a batch whose file is missing is recomputed (and written), so an
+interrupted run leaves a usable prefix; one that is damaged (checksum, truncation, contents that do not fit)
+is recomputed with a one-line warning, never used.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from influent import store
 from influent.curvature import keys
 from influent.curvature.fingerprints import data_fingerprint
 from influent.curvature.linear_grads import module_shapes
+from influent.errors import CacheCorruptError
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_BYTES = 16 * 2**30
@@ -66,17 +68,24 @@ class TrainTokenCache:
             return None
         try:
             tensors, meta = store.read_tensors_with_metadata(path)
-            act_of = meta.get("activations_of")
-        except Exception:  # noqa: BLE001 - an unreadable file is recomputed, not fatal
+            out = self._unpack(tensors, meta.get("activations_of"), size)
+        except (CacheCorruptError, Exception) as exc:  # noqa: BLE001 - an unreadable file is recomputed
+            warnings.warn(
+                f"training token cache file {path} is damaged ({type(exc).__name__}); recomputing it", stacklevel=2
+            )
             return None
+        return out
+
+    def _unpack(self, tensors: dict, act_of, size: int) -> Captured:
+        """``(name, a, g)`` per module from a file's tensors; CacheCorruptError if they do not fit."""
         if not isinstance(act_of, dict) or list(act_of) != self.names:
-            return None
+            raise CacheCorruptError("modules do not match")
         out: Captured = []
         for name in self.names:
             a = tensors.get(keys.tensor_key(act_of[name], keys.TOKENS_A))
             g = tensors.get(keys.tensor_key(name, keys.TOKENS_G))
             if a is None or g is None or a.shape[0] != size or g.shape[0] != size:
-                return None
+                raise CacheCorruptError("tensors missing or of the wrong size")
             out.append((name, a, g))
         return out
 
