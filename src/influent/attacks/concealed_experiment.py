@@ -42,8 +42,10 @@ from influent.attacks.concealed import (
 from influent.attacks.experiment import split_heldout
 from influent.attacks.summary import summarise
 from influent.attacks.trigger import DEFAULT_TRIGGER, class_indices, insert_trigger
-from influent.curvature.ekfac import FactorConfig
+from influent.curvature.config import FactorConfig
 from influent.data.split import stratified_sample
+from influent.defenses.inputs import factored_audit_inputs
+from influent.defenses.rankers import score_all
 from influent.errors import UserError
 from influent.evaluation.detection import detection_metrics
 from influent.factored_influence import FactoredInfluence
@@ -53,6 +55,14 @@ from influent.task import iter_chunks
 
 AUDIT_FRACTIONS = (0.01, 0.05, 0.10, 0.30)
 REMOVAL_RANKERS = ("query_influence", "loss")
+SHARED_RANKERS = {
+    "query_influence": "query_influence",
+    "query_cosine": "relatif",
+    "self_influence": "self_influence",
+    "tracin_self": "tracin_self",
+    "loss": "loss",
+}
+"""The audit's names for the defences' rankers it reports (``query_cosine`` is the defences' ``relatif``)."""
 
 
 def _batches(batch: dict, size: int = 64) -> list[dict]:
@@ -215,34 +225,25 @@ def audit_rankers(
 ) -> dict[str, np.ndarray]:
     """Suspicion scores ``[n]`` (higher = more suspicious) of every training row of ``all_batch``.
 
-    The defender's rankers on the fine-tuned suffix (an inline copy of the defences' rankers, kept in this
-    one function): summed opponent influence on the defender's queries (``-score``: they are labelled
-    with the source class), its cosine-normalised variant, EK-FAC self-influence, TracIn-style
-    self-influence (identity curvature), training loss, a trigger-token search and random.
+    The defences' rankers (:func:`~influent.defenses.rankers.score_all` over
+    :func:`~influent.defenses.inputs.factored_audit_inputs`: EK-FAC curvature of the suffix, the defender's
+    triggered queries labelled with the source class): ``query_influence`` (summed opponent influence,
+    ``-score``), ``query_cosine`` (the defences' ``relatif``: the same divided by the square root of
+    self-influence), ``self_influence``, ``tracin_self`` (identity curvature, final model) and ``loss``;
+    plus the attack-specific ``trigger_search`` (rows containing a trigger word, ties broken at random)
+    and ``random``, drawn from one generator in that order.
     """
-    chunks = _batches(all_batch)
-    ekfac = FactoredInfluence(
-        suffix, task, chunks, FactorConfig(strategy="ekfac", modules="trainable", seed=seed), progress=progress
+    inputs = factored_audit_inputs(
+        suffix, task, _batches(all_batch), config=FactorConfig(strategy="ekfac", modules="trainable", seed=seed),
+        queries=defender_batch, seed=seed, progress=progress,
     )
-    q_scores = ekfac.pairwise_scores(defender_batch).double().numpy()
-    self_ek = ekfac.self_scores().double().numpy()
-    identity = FactoredInfluence(
-        suffix, task, chunks, FactorConfig(strategy="identity", modules="trainable", damping=1.0),
-        progress=progress,
-    )
-    tracin = identity.self_scores().double().numpy()
-    loss = ekfac.train_losses().numpy()
+    shared = score_all(inputs, list(SHARED_RANKERS.values()))
     n = len(all_texts)
     rng = np.random.default_rng(seed + 7919)
-    query_influence = -q_scores.sum(0)
+    trigger_search = np.array([float(contains_trigger(x, trigger)) for x in all_texts]) + 1e-6 * rng.random(n)
     return {
-        "query_influence": query_influence,
-        "query_cosine": query_influence / np.sqrt(np.maximum(self_ek, 1e-300)),
-        "self_influence": self_ek,
-        "tracin_self": tracin,
-        "loss": loss,
-        "trigger_search": np.array([float(contains_trigger(x, trigger)) for x in all_texts])
-        + 1e-6 * rng.random(n),
+        **{name: shared[theirs] for name, theirs in SHARED_RANKERS.items()},
+        "trigger_search": trigger_search,
         "random": rng.random(n),
     }
 
