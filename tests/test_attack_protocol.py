@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from influent.curvature.ekfac import FactorConfig
+from influent.curvature.config import FactorConfig
 from influent.factored_influence import FactoredInfluence
 from influent.influence import ExactInfluence
 from influent.models.head import HeadTask, per_example_loss

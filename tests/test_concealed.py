@@ -87,7 +87,8 @@ TEXTS = ["the movie is great fun", "a dull boring plot", "very witty and charmin
 @pytest.mark.parametrize("last_k", [1, 2])
 def test_alignment_equals_factored_influence_score(tiny_encoder_dir, last_k):
     """J(z) by central differences = the EK-FAC influence score of z (as training) on the adversarial queries."""
-    from influent.curvature.ekfac import FactorConfig, fit_factors
+    from influent.curvature.config import FactorConfig
+    from influent.curvature.fitting import fit_factors
     from influent.factored_influence import pairwise_scores, preconditioned_query_gradients
 
     tok, model, suffix, task = _victim(tiny_encoder_dir, last_k)
@@ -127,14 +128,15 @@ def test_alignment_equals_factored_influence_score(tiny_encoder_dir, last_k):
 
 
 def test_search_raises_alignment_and_never_uses_the_trigger(tiny_encoder_dir):
-    from influent.curvature.ekfac import FactorConfig, fit_factors
-    from influent.factored_influence import preconditioned_query_gradients
+    from influent.curvature.config import FactorConfig
+    from influent.factored_influence import FactoredInfluence
 
     tok, model, suffix, task = _victim(tiny_encoder_dir, 1)
     train = _cached(tok, model, TEXTS, [1, 0, 1, 0, 1, 0], 1)
     adv = _cached(tok, model, ["a dull superb plot", "boring superb film", "superb weak actor"], [1, 1, 1], 1)
-    factors = fit_factors(suffix, task, [train], FactorConfig(strategy="ekfac", modules="trainable"), progress=False)
-    direction = {k: v.mean(0) for k, v in preconditioned_query_gradients(suffix, task, factors, [adv]).items()}
+    attacker = FactoredInfluence(suffix, task, [train], FactorConfig(strategy="ekfac", modules="trainable"),
+                                 progress=False)
+    direction = {k: v.mean(0) for k, v in attacker.preconditioned_query_gradients(adv).items()}
     align = Alignment(model, suffix, direction, 1)
     pool = ["the movie is great fun", "a witty story", "charming and delightful film", "the superb actor",
             "moving plot and great story", "fun but very messy"]
