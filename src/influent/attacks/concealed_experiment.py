@@ -41,9 +41,10 @@ from influent.attacks.concealed import (
 )
 from influent.attacks.experiment import split_heldout
 from influent.attacks.summary import summarise
-from influent.attacks.trigger import DEFAULT_TRIGGER, class_indices, insert_trigger
+from influent.attacks.trigger import DEFAULT_TRIGGER, class_indices
 from influent.curvature.config import FactorConfig
 from influent.data.split import stratified_sample
+from influent.data.text_edits import insert_trigger
 from influent.defenses.inputs import factored_audit_inputs
 from influent.defenses.rankers import score_all
 from influent.errors import UserError
