@@ -123,9 +123,40 @@ def test_read_queries_errors_are_one_line(tmp_path):
     texts, labels = read_queries(f, ["rotten", "fresh"])
     assert texts == ["nice film", "awful"] and labels.tolist() == [1, 1]
     f.write_text("text,label\nnice,great\n")
-    with pytest.raises(UserError, match="row 2"):
+    with pytest.raises(UserError, match="row 2") as err:
         read_queries(f, ["rotten", "fresh"])
+    assert err.value.field == "query_file"
     with pytest.raises(UserError, match="no column"):
         read_queries(f, ["rotten", "fresh"], label_column="y")
     with pytest.raises(UserError, match="not found"):
         read_queries(tmp_path / "missing.csv", ["a", "b"])
+
+
+def _closed_form_grads(model, x, y):
+    """``(p - y) [x, 1]`` per example for the binary head (weights, then bias)."""
+    p = torch.sigmoid(x @ model.linear.weight.detach()[0] + model.linear.bias.detach()[0])
+    return (p - y.double())[:, None] * torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+
+
+def test_head_curvature_free_rankers_equal_their_closed_form():
+    from influent.defenses.inputs import newton_checkpoints
+    from influent.models.refit import fit_head
+
+    exp = synthetic_experiment(n=120, d=3, noise=0.5, seed=6)
+    qx, qy = exp.val_x[:9], exp.val_y[:9]
+    data = head_audit_inputs(exp.train_x, exp.train_y, 2, exp.l2, query_x=qx, query_y=qy, tracin_checkpoints=3)
+    s = score_all(data, ["tracin_self", "grad_cosine", "loss", "query_influence"])
+    final, _ = fit_head(exp.train_x, exp.train_y, 2, exp.l2)
+    models = [final, *newton_checkpoints(exp.train_x, exp.train_y, 2, exp.l2, 3)]
+    tracin = sum(_closed_form_grads(m, exp.train_x, exp.train_y).pow(2).sum(1) for m in models) / len(models)
+    np.testing.assert_allclose(s["tracin_self"], tracin.numpy(), rtol=1e-10, atol=1e-14)
+    G = _closed_form_grads(final, exp.train_x, exp.train_y)
+    Gq = _closed_form_grads(final, qx, qy)
+    cos = (Gq / Gq.norm(dim=1, keepdim=True)) @ (G / G.norm(dim=1, keepdim=True)).T
+    np.testing.assert_allclose(s["grad_cosine"], -cos.sum(0).numpy(), rtol=1e-9)
+    p = torch.sigmoid(exp.train_x @ final.linear.weight.detach()[0] + final.linear.bias.detach()[0])
+    ce = -(exp.train_y * torch.log(p) + (1 - exp.train_y) * torch.log(1 - p))
+    np.testing.assert_allclose(s["loss"], ce.numpy(), rtol=1e-10, atol=1e-12)
+    X = torch.cat([exp.train_x, torch.ones(len(exp.train_x), 1, dtype=torch.float64)], 1)
+    H = (X.T * (p * (1 - p))) @ X / len(X) + exp.l2 * torch.eye(X.shape[1], dtype=torch.float64)
+    np.testing.assert_allclose(s["query_influence"], -(Gq @ torch.linalg.solve(H, G.T)).sum(0).numpy(), rtol=1e-8)

@@ -39,9 +39,9 @@ def _label_index(value, names: list[str], where: str) -> int:
     try:
         i = int(float(s))
     except ValueError:
-        raise UserError(f"{where}: label {value!r} is not one of {', '.join(names)}") from None
+        raise UserError(f"{where}: label {value!r} is not one of {', '.join(names)}", field="query_file") from None
     if not 0 <= i < len(names):
-        raise UserError(f"{where}: label index {i} out of range 0..{len(names) - 1}")
+        raise UserError(f"{where}: label index {i} out of range 0..{len(names) - 1}", field="query_file")
     return i
 
 
@@ -49,7 +49,7 @@ def read_queries(path: str | Path, names: list[str], text_column: str = "text", 
     """Texts and label indices of a user's query file (labels given by name or index)."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"--queries: file not found: {path}")
+        raise UserError(f"query file not found: {path}", field="query_file")
     suffix = "".join(path.suffixes).lower()
     try:
         if ".jsonl" in suffix:
@@ -59,16 +59,17 @@ def read_queries(path: str | Path, names: list[str], text_column: str = "text", 
         else:
             df = pd.read_csv(path, sep="\t" if ".tsv" in suffix else ",")
     except Exception as exc:  # noqa: BLE001 - one-line error for a user file
-        raise UserError(f"--queries: cannot read {path}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot read the query file {path}: {str(exc).splitlines()[0]}", field="query_file") from None
     for col in (text_column, label_column):
         if col not in df.columns:
             raise UserError(
-                f"--queries: {path} has no column {col!r} (columns: {', '.join(map(str, df.columns))})"
+                f"query file {path} has no column {col!r} (columns: {', '.join(map(str, df.columns))})",
+                field="text_column" if col == text_column else "label_column",
             )
     texts = [str(t) for t in df[text_column]]
-    labels = [_label_index(v, names, f"--queries {path} row {i + 2}") for i, v in enumerate(df[label_column])]
+    labels = [_label_index(v, names, f"query file {path} row {i + 2}") for i, v in enumerate(df[label_column])]
     if not texts:
-        raise UserError(f"--queries: {path} has no rows")
+        raise UserError(f"query file {path} has no rows", field="query_file")
     return texts, torch.as_tensor(labels, dtype=torch.long)
 
 
@@ -107,7 +108,7 @@ def build_queries(
     if mode == "misclassified":
         wrong = predict(setup.model, setup.test_x) != setup.test_y
         return setup.test_x[wrong], setup.test_y[wrong], f"{int(wrong.sum())} misclassified held-out reviews"
-    raise UserError(f"--queries-from must be one of {', '.join(QUERY_MODES)}, got {mode!r}")
+    raise UserError(f"queries_from must be one of {', '.join(QUERY_MODES)}, got {mode!r}", field="queries_from")
 
 
 def _atomic_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -204,9 +205,9 @@ def choose_rankers(
     names = rankers or available_rankers(audit)
     for r in names:
         if r not in RANKERS:
-            raise UserError(f"--rankers: unknown ranker {r!r}; choose from {', '.join(RANKERS)}")
+            raise UserError(f"unknown ranker {r!r}; choose from {', '.join(RANKERS)}", field="rankers")
         if r in QUERY_RANKERS and not audit.has_queries:
-            raise UserError(f"--rankers: {r!r} needs queries (use --queries-from, --trigger or --queries)")
+            raise UserError(f"ranker {r!r} needs queries (queries_from, trigger or query_file)", field="rankers")
     if primary is None:
         primary = (
             "query_influence"
