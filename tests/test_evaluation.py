@@ -149,7 +149,8 @@ def test_minibatch_trainer_is_deterministic_and_keeps_relative_order():
 
 
 def test_validate_exact_writes_tables_and_plots(tmp_path):
-    from influent.evaluation.validate import select_examples, validate_exact
+    from influent.evaluation.fidelity import select_examples
+    from influent.evaluation.validate import validate_exact
 
     x, y = make_data(n=200, d=4, seed=2)
     model, task, _ = train_head(x, y, 2, l2=1e-2)

@@ -1,4 +1,4 @@
-"""Fidelity of factored influence (identity/diagonal/K-FAC/EK-FAC) on a fine-tuned transformer classifier.
+"""The fine-tuned classifier's side of the fidelity evaluation (identity/diagonal/K-FAC/EK-FAC curvature).
 
 The model: the encoder (default: packaged all-MiniLM-L6-v2) + a classification head, initialised with
 ``torch.manual_seed(seed)`` and fine-tuned in its last ``k`` encoder layers (+ pooler and head) by
@@ -7,8 +7,9 @@ the training split. Because the original training *is* that replay, cold-start l
 the same procedure (same initial weights, optimiser, epochs, seed and shuffling, one example absent); warm
 start continues the same AdamW schedule from the trained weights; changes are taken against the same
 retraining on all examples (:meth:`GroundTruth.baseline`). The PBRF is solved approximately by minibatch
-SGD (``pbrf_epochs`` passes; p is in the millions). Scores come from
-:func:`influent.factored_influence.pairwise_scores` over the trainable ``nn.Linear`` modules.
+SGD (``pbrf_epochs`` passes; p is in the millions). Scores come from one
+:class:`~influent.factored_influence.FactoredInfluence` per strategy over the trainable ``nn.Linear`` modules;
+the comparison itself is :func:`influent.evaluation.fidelity.evaluate_fidelity`, as for the head.
 
 By default (``frozen_prefix=True``) the frozen embeddings and layers run once: the hidden states entering
 the first trainable layer are cached and every training, scoring, retraining and PBRF step runs only the
@@ -17,19 +18,24 @@ trainable suffix (:mod:`influent.models.frozen_prefix`); dropout then acts in th
 
 from __future__ import annotations
 
-import time
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
+from influent.curvature.ekfac import FactorConfig
+from influent.data import load_corpus, load_or_make_split
 from influent.data.split import stratified_sample
+from influent.evaluation.fidelity import FidelityRun, FidelitySubject, ScoredMethods, evaluate_fidelity
 from influent.evaluation.groundtruth import GroundTruth, tensor_digest
-from influent.evaluation.lds import lds, random_subsets
 from influent.evaluation.metrics import correlations, relative_error
-from influent.evaluation.validate import _plots, _write, select_examples
+from influent.factored_influence import FactoredInfluence
 from influent.gradients import ParameterSpace, full_gradient
+from influent.models.finetuned import FinetunedTask, default_encoder, freeze_all_but_last, make_batches
 from influent.models.frozen_prefix import (
     CachedPrefixTask,
     cache_hidden_states,
@@ -39,18 +45,282 @@ from influent.models.frozen_prefix import (
     supports_frozen_prefix,
 )
 from influent.models.training import MinibatchTrainer
-from influent.store import fingerprint, read_tensors, write_json, write_tensors
-from influent.task import iter_chunks, slice_batch
+from influent.store import default_cache_dir, fingerprint, read_tensors, write_json, write_tensors
+from influent.task import Batch, Task, iter_chunks, slice_batch
 
 
-def trainable_module_regex(model: torch.nn.Module) -> str:
+def trainable_module_regex(model: nn.Module) -> str:
     """Regex selecting the ``nn.Linear`` modules whose weights are trainable (``re.search`` on names)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
     if not names:
         raise ValueError("the model has no trainable nn.Linear module")
-    import re
-
     return "^(" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+# ------------------------------------------------------------------------------------ the model being built
+@dataclass
+class FidelityRows:
+    """Corpus rows of a fine-tuned fidelity run: the stratified training slice, the queries, the held-out set."""
+
+    train: np.ndarray
+    queries: np.ndarray
+    heldout: np.ndarray
+
+
+def fidelity_rows(labels: np.ndarray, split, train_size: int, queries: int, heldout: int, seed: int) -> FidelityRows:
+    """Seeded draws: ``train_size`` stratified training rows, ``queries`` test rows, ``heldout`` other test rows."""
+    train_rows = np.asarray(split.train_idx)[stratified_sample(labels[split.train_idx], train_size, seed)]
+    rng = np.random.default_rng(seed)
+    query_rows = np.sort(rng.choice(np.asarray(split.test_idx), queries, replace=False))
+    rest = np.setdiff1d(np.asarray(split.test_idx), query_rows)
+    heldout_rows = np.sort(np.random.default_rng(seed + 1).choice(rest, min(heldout, len(rest)), replace=False))
+    return FidelityRows(train_rows, query_rows, heldout_rows)
+
+
+@dataclass
+class FinetunedClassifier:
+    """A classifier fine-tuned (or loaded from the cache) for the fidelity evaluation, and its data.
+
+    Attributes:
+        model: the model scored (the trainable suffix with ``frozen_prefix``, else the full classifier).
+        fit_model: the model trained, retrained and PBRF-solved (``model`` or its first-token variant; same
+            tracked parameters in the same order).
+        task: the task of both; trainer: the seeded AdamW replay (cold start = ``trainer.init_theta``).
+        train_batch, query_batch, heldout_batch: tokenized (or prefix-cached) batches.
+        theta_s: the fine-tuned tracked parameters; key: fingerprint of the fine-tuning (cache key).
+        trainable: trainable parameters of the full classifier.
+        frozen_prefix, first_token: which speed-ups are on.
+        query_accuracy, heldout_accuracy: the fine-tuned model's accuracy on the queries and the held-out set.
+    """
+
+    model: nn.Module
+    fit_model: nn.Module
+    task: Task
+    trainer: MinibatchTrainer
+    train_batch: Batch
+    query_batch: Batch
+    heldout_batch: Batch
+    theta_s: torch.Tensor
+    key: str
+    trainable: int
+    frozen_prefix: bool
+    first_token: bool
+
+    query_accuracy: float = float("nan")
+    heldout_accuracy: float = float("nan")
+
+    @property
+    def n_train(self) -> int:
+        return self.task.batch_size(self.train_batch)
+
+    @torch.no_grad()
+    def accuracy(self, batch: Batch) -> float:
+        """Fraction of ``batch`` the scored model classifies correctly (NaN for an empty batch)."""
+        n = self.task.batch_size(batch)
+        if not n:
+            return float("nan")
+        hits = [self.task.model_output(self.model, b).argmax(-1) == b["labels"] for _, b in iter_chunks(batch, n, 128)]
+        return float(torch.cat(hits).double().mean())
+
+
+def _tokenize(tokenizer, corpus, labels: np.ndarray, rows: np.ndarray, max_length: int) -> dict:
+    (batch,) = make_batches(
+        tokenizer, [corpus.texts[i] for i in rows], labels[rows].tolist(), batch_size=max(len(rows), 1),
+        max_length=max_length,
+    )
+    return batch
+
+
+def _fine_tune_cached(trainer: MinibatchTrainer, train_batch: Batch, n: int, folder: Path) -> torch.Tensor:
+    """The fine-tuned parameters from ``folder`` if saved there, else trained from ``trainer.init_theta`` and saved."""
+    if (folder / "theta.safetensors").exists():
+        return read_tensors(folder / "theta.safetensors")["theta"]
+    theta_s, info = trainer.fit(train_batch, torch.arange(n), trainer.init_theta)
+    write_tensors(folder / "theta.safetensors", {"theta": theta_s})
+    write_json(folder / "train.json", info)
+    return theta_s
+
+
+def build_finetuned_classifier(
+    corpus, labels: np.ndarray, rows: FidelityRows, *, encoder: str, fine_tune_last: int, seed: int, epochs: int,
+    lr: float, batch_size: int, max_length: int, frozen_prefix: bool, first_token: bool, cache: Path,
+) -> FinetunedClassifier:
+    """Tokenize, build the classifier (``torch.manual_seed(seed)``), cache the frozen prefix, fine-tune (cached)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(encoder)
+    batches = [_tokenize(tokenizer, corpus, labels, r, max_length) for r in (rows.train, rows.queries, rows.heldout)]
+    torch.manual_seed(seed)
+    # eager attention: the PBRF step size uses forward-mode AD, which SDPA kernels lack on CPU
+    model = AutoModelForSequenceClassification.from_pretrained(
+        encoder, num_labels=int(labels.max()) + 1, attn_implementation="eager"
+    )
+    trainable = freeze_all_but_last(model, fine_tune_last)
+    model.eval()
+    task = FinetunedTask()
+    frozen_prefix = bool(frozen_prefix and supports_frozen_prefix(model))
+    if frozen_prefix:
+        # everything below the first trainable layer is fixed: cache its output once, train the suffix only
+        batches = [cache_hidden_states(model, b, fine_tune_last) for b in batches]
+        model = split_frozen_prefix(model, fine_tune_last)
+        task = CachedPrefixTask()
+    first_token = bool(first_token and frozen_prefix and fine_tune_last == 1 and supports_first_token(model))
+    fit_model = first_token_model(model) if first_token else model
+    space = ParameterSpace(model, task)
+    trainer = MinibatchTrainer(
+        fit_model, task, space.flat(), epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adamw",
+        dropout=True, seed=seed,
+    )
+    key = fingerprint(
+        encoder, corpus.fingerprint(), rows.train.tolist(), fine_tune_last, trainer.settings, max_length,
+        *(["frozen-prefix"] if frozen_prefix else []), *(["first-token"] if first_token else []),
+    )
+    theta_s = _fine_tune_cached(trainer, batches[0], len(rows.train), cache / "validate" / f"finetuned-{key}")
+    space.load(theta_s)
+    if fit_model is not model:
+        ParameterSpace(fit_model, task).load(theta_s)
+    clf = FinetunedClassifier(
+        model, fit_model, task, trainer, *batches, theta_s, key, trainable, frozen_prefix, first_token
+    )
+    clf.query_accuracy, clf.heldout_accuracy = clf.accuracy(clf.query_batch), clf.accuracy(clf.heldout_batch)
+    return clf
+
+
+# ------------------------------------------------------------------------------------------ the subject
+def mean_module_damping(method: FactoredInfluence, fallback: float | None) -> float:
+    """Mean over modules of a fitted factored method's absolute damping (``fallback`` or 0 if none recorded)."""
+    per_module = method.describe().get("damping_per_module", {})
+    return float(np.mean(list(per_module.values()))) if per_module else float(fallback or 0.0)
+
+
+class FinetunedFidelity(FidelitySubject):
+    """The fine-tuned classifier's side: one :class:`FactoredInfluence` per strategy, AdamW replay retraining.
+
+    Args:
+        clf: the fine-tuned classifier and its batches.
+        strategies: curvature strategies compared (the last one is the reference).
+        damping: absolute damping of the factored curvature (None: each module's heuristic); the PBRF
+            proximity term uses the mean per-module damping of the reference strategy.
+        seed: seeds the factor fits and the PBRF's SGD.
+        pbrf_epochs, pbrf_lr, batch_size: the PBRF's SGD solve.
+        cache: cache root (factors under ``factors/``, retraining under ``validate/``).
+        progress: progress bars.
+        describe: fixed settings recorded in the result (encoder, schedule, speed-ups, ...).
+    """
+
+    label = "finetuned"
+    lds_start = "cold"
+
+    def __init__(
+        self, clf: FinetunedClassifier, *, strategies: Sequence[str], damping: float | None, seed: int,
+        pbrf_epochs: int, pbrf_lr: float | None, batch_size: int, cache: Path, progress: bool, describe: dict,
+    ):
+        self.clf, self.queries = clf, clf.query_batch
+        self.strategies, self.damping, self.seed = list(strategies), damping, seed
+        self.pbrf_options = {"epochs": pbrf_epochs, "lr": pbrf_lr, "batch_size": batch_size, "seed": seed}
+        self.pbrf_epochs, self.cache, self.progress, self.describe = pbrf_epochs, cache, progress, describe
+
+    def methods(self) -> dict[str, FactoredInfluence]:
+        clf = self.clf
+        chunks = [c for _, c in iter_chunks(clf.train_batch, clf.n_train, 64)]
+        regex = trainable_module_regex(clf.model)
+        return {
+            s: FactoredInfluence(
+                clf.model, clf.task, chunks, FactorConfig(strategy=s, modules=regex, damping=self.damping, seed=self.seed),
+                cache_dir=self.cache / "factors", progress=self.progress,
+            )
+            for s in self.strategies
+        }
+
+    def reference(self, names: list[str]) -> str:
+        return names[-1]
+
+    def ground_truth(self, scored: ScoredMethods) -> GroundTruth:
+        clf = self.clf
+        return GroundTruth(
+            clf.fit_model, clf.task, clf.train_batch, clf.query_batch, clf.trainer,
+            damping=mean_module_damping(scored.methods[scored.reference], self.damping), pbrf_method="sgd",
+            pbrf_options=self.pbrf_options, cache_dir=self.cache / "validate", store_params=0,
+            progress=self.progress,
+        )
+
+    def estimate_info(self, name: str, scored: ScoredMethods) -> dict:
+        return {"damping (mean over modules)": mean_module_damping(scored.methods[name], self.damping)}
+
+    def plot_title(self, reference: str) -> str:
+        return f"fine-tuned: {reference}"
+
+    def example_info(self, indices: list[int]) -> dict:
+        return {"train_rows": self.describe["train_rows"][indices].tolist()}
+
+    def settings(self, run: FidelityRun) -> dict:
+        clf, d, ref = self.clf, self.describe, run.scored.reference
+        ref_damping = mean_module_damping(run.scored.methods[ref], self.damping)
+        return {
+            "encoder": d["encoder"],
+            "fine_tune_last": d["fine_tune_last"],
+            "trainable_parameters": clf.trainable,
+            "n_train": clf.n_train,
+            "queries": d["queries"],
+            "examples": len(run.indices),
+            "subsets": run.subsets,
+            "epochs": d["epochs"],
+            "lr": d["lr"],
+            "batch_size": d["batch_size"],
+            "max_length": d["max_length"],
+            "frozen_prefix": "cached hidden states at the first trainable layer (prefix in eval mode)"
+            if clf.frozen_prefix
+            else "off (full model every step)",
+            "first_token": "training/retraining/PBRF run the last layer at the first token only"
+            if clf.first_token
+            else False,
+            "seed": self.seed,
+            "damping": self.damping,
+            "pbrf": f"SGD, {self.pbrf_epochs} epochs, proximity = mean {ref} damping {ref_damping:.3g}",
+            "cold start": "AdamW replay from the same initial weights and seed",
+            "warm start": "AdamW from the trained weights, same schedule",
+            "LDS retraining": "cold start",
+            "query accuracy": clf.query_accuracy,
+            f"held-out accuracy ({len(d['heldout_rows'])} test reviews)": clf.heldout_accuracy,
+            "theta digest": tensor_digest(clf.theta_s),
+        }
+
+    def gap(self, run: FidelityRun) -> dict:
+        clf, scored, ref = self.clf, run.scored, run.scored.reference
+        cold, warm, pbrf = run.truths["loo_cold"], run.truths["loo_warm"], run.truths["pbrf"]
+        est_ref = run.estimate(ref)
+        space = ParameterSpace(clf.model, clf.task)
+        first = slice_batch(clf.train_batch, slice(0, min(clf.n_train, 256)))
+        infos = run.ground_truth.infos
+        return {
+            "warm vs cold start": {
+                "relative error of warm vs cold": relative_error(warm, cold),
+                "Pearson(warm, cold)": correlations(warm, cold)["pearson"],
+            },
+            "convergence": {
+                "gradient norm of the training loss at theta_s (first 256 examples)": float(
+                    full_gradient(space, clf.theta_s, first).norm()
+                ),
+                "cold replay on all data: distance to theta_s": infos.get("baseline-cold", {}).get(
+                    "distance_to_theta_s"
+                ),
+                "warm retrain on all data: distance to theta_s": infos.get("baseline-warm", {}).get(
+                    "distance_to_theta_s"
+                ),
+            },
+            "linearisation": {
+                f"relative error of {ref} vs PBRF": relative_error(est_ref, pbrf),
+                f"Pearson({ref}, PBRF)": correlations(est_ref, pbrf)["pearson"],
+                f"Pearson({ref}, cold LOO)": correlations(est_ref, cold)["pearson"],
+            },
+            "curvature approximation": {
+                f"Pearson({name}, {ref}) over all training examples": correlations(
+                    scored.scores[name].T, scored.scores[ref].T
+                )["pearson"]
+                for name in scored.scores
+                if name != ref
+            },
+        }
 
 
 def validate_finetuned(
@@ -112,247 +382,34 @@ def validate_finetuned(
         heldout: test reviews (outside the queries, seeded draw) on which the trained model's accuracy is
             reported.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from influent.curvature.ekfac import FactorConfig, fit_factors
-    from influent.data import load_corpus, load_or_make_split
-    from influent.factored_influence import pairwise_scores
-    from influent.models.finetuned import FinetunedTask, default_encoder, freeze_all_but_last, make_batches
-    from influent.store import default_cache_dir
-
-    t0 = time.perf_counter()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     encoder = encoder or default_encoder()
     corpus = load_corpus(data, text_column=text_column, label_column=label_column)
     split = load_or_make_split(corpus, cache, seed=seed)
     labels = np.asarray(corpus.labels)
-    train_rows = np.asarray(split.train_idx)[stratified_sample(labels[split.train_idx], train_size, seed)]
-    rng = np.random.default_rng(seed)
-    query_rows = np.sort(rng.choice(np.asarray(split.test_idx), queries, replace=False))
-    texts = [corpus.texts[i] for i in train_rows]
-    tokenizer = AutoTokenizer.from_pretrained(encoder)
-    (train_batch,) = make_batches(
-        tokenizer, texts, labels[train_rows].tolist(), batch_size=len(texts), max_length=max_length
+    rows = fidelity_rows(labels, split, train_size, queries, heldout, seed)
+    clf = build_finetuned_classifier(
+        corpus, labels, rows, encoder=encoder, fine_tune_last=fine_tune_last, seed=seed, epochs=epochs, lr=lr,
+        batch_size=batch_size, max_length=max_length, frozen_prefix=frozen_prefix, first_token=first_token,
+        cache=cache,
     )
-    (query_batch,) = make_batches(
-        tokenizer,
-        [corpus.texts[i] for i in query_rows],
-        labels[query_rows].tolist(),
-        batch_size=queries,
-        max_length=max_length,
-    )
-    # held-out reviews (outside the queries) for the trained model's accuracy
-    rest = np.setdiff1d(np.asarray(split.test_idx), query_rows)
-    heldout_rows = np.sort(np.random.default_rng(seed + 1).choice(rest, min(heldout, len(rest)), replace=False))
-    (heldout_batch,) = make_batches(
-        tokenizer,
-        [corpus.texts[i] for i in heldout_rows],
-        labels[heldout_rows].tolist(),
-        batch_size=max(len(heldout_rows), 1),
-        max_length=max_length,
-    )
-    num_labels = int(labels.max()) + 1
-    torch.manual_seed(seed)
-    # eager attention: the PBRF step size uses forward-mode AD, which SDPA kernels lack on CPU
-    model = AutoModelForSequenceClassification.from_pretrained(
-        encoder, num_labels=num_labels, attn_implementation="eager"
-    )
-    trainable = freeze_all_but_last(model, fine_tune_last)
-    model.eval()
-    task = FinetunedTask()
-    if frozen_prefix and supports_frozen_prefix(model):
-        # everything below the first trainable layer is fixed: cache its output once, train the suffix only
-        train_batch = cache_hidden_states(model, train_batch, fine_tune_last)
-        query_batch = cache_hidden_states(model, query_batch, fine_tune_last)
-        heldout_batch = cache_hidden_states(model, heldout_batch, fine_tune_last)
-        model = split_frozen_prefix(model, fine_tune_last)
-        task = CachedPrefixTask()
-    else:
-        frozen_prefix = False
-    first_token = bool(first_token and frozen_prefix and fine_tune_last == 1 and supports_first_token(model))
-    # the model trained, retrained and PBRF-solved (same tracked parameters, same order as `model`)
-    fit_model = first_token_model(model) if first_token else model
-    space = ParameterSpace(model, task)
-    theta0 = space.flat()
-    trainer = MinibatchTrainer(
-        fit_model,
-        task,
-        theta0,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        optimizer="adamw",
-        dropout=True,
-        seed=seed,
-    )
-    n = len(texts)
-
-    # ---- the original fine-tuning (cached)
-    key = fingerprint(
-        encoder,
-        corpus.fingerprint(),
-        train_rows.tolist(),
-        fine_tune_last,
-        trainer.settings,
-        max_length,
-        *(["frozen-prefix"] if frozen_prefix else []),
-        *(["first-token"] if first_token else []),
-    )
-    folder = cache / "validate" / f"finetuned-{key}"
-    if (folder / "theta.safetensors").exists():
-        theta_s = read_tensors(folder / "theta.safetensors")["theta"]
-    else:
-        theta_s, info = trainer.fit(train_batch, torch.arange(n), theta0)
-        write_tensors(folder / "theta.safetensors", {"theta": theta_s})
-        write_json(folder / "train.json", info)
-    space.load(theta_s)
-    if fit_model is not model:
-        ParameterSpace(fit_model, task).load(theta_s)
-    with torch.no_grad():
-        acc = float(
-            (task.model_output(model, query_batch).argmax(-1) == query_batch["labels"]).double().mean()
-        )
-        heldout_acc = float(
-            torch.cat(
-                [
-                    task.model_output(model, b).argmax(-1) == b["labels"]
-                    for _, b in iter_chunks(heldout_batch, len(heldout_rows), 128)
-                ]
-            ).double().mean()
-        ) if len(heldout_rows) else float("nan")
-
-    # ---- scores per strategy
-    chunks = [c for _, c in iter_chunks(train_batch, n, 64)]
-    regex = trainable_module_regex(model)
-    scores: dict[str, np.ndarray] = {}
-    dampings: dict[str, float] = {}
-    for strategy in strategies:
-        config = FactorConfig(strategy=strategy, modules=regex, damping=damping, seed=seed)
-        factors = fit_factors(
-            model,
-            task,
-            chunks,
-            config,
-            cache_dir=cache / "factors",
-            progress=progress,
-            data_id=fingerprint(key, "train"),
-        )
-        scores[strategy] = pairwise_scores(
-            model, task, factors, [query_batch], chunks, progress=progress
-        ).numpy()
-        per_module = factors.manifest.get("damping_per_module", {})
-        dampings[strategy] = (
-            float(np.mean(list(per_module.values()))) if per_module else float(damping or 0.0)
-        )
-    ref = list(strategies)[-1]
-    change = {k: v / n for k, v in scores.items()}
-    idx, kinds = select_examples(change[ref], examples, seed)
-
-    # ---- ground truth
-    gt = GroundTruth(
-        fit_model,
-        task,
-        train_batch,
-        query_batch,
-        trainer,
-        damping=dampings[ref],
-        pbrf_method="sgd",
-        pbrf_options={"epochs": pbrf_epochs, "lr": pbrf_lr, "batch_size": batch_size, "seed": seed},
-        cache_dir=cache / "validate",
-        store_params=0,
-        progress=progress,
-    )
-    truths = {
-        "loo_cold": gt.leave_one_out(idx, "cold"),
-        "loo_warm": gt.leave_one_out(idx, "warm"),
-        "pbrf": gt.pbrf(idx),
+    describe = {
+        "encoder": encoder, "fine_tune_last": fine_tune_last, "queries": queries, "epochs": epochs, "lr": lr,
+        "batch_size": batch_size, "max_length": max_length, "train_rows": rows.train, "heldout_rows": rows.heldout,
     }
-    lds_values: dict[str, float] = {}
-    if subsets > 0:
-        masks = random_subsets(n, subsets, subset_fraction, seed)
-        actual = gt.remove_groups(masks, "cold")
-        for name, sc in scores.items():
-            lds_values[name], _ = lds(sc, masks, actual)
+    subject = FinetunedFidelity(
+        clf, strategies=strategies, damping=damping, seed=seed, pbrf_epochs=pbrf_epochs, pbrf_lr=pbrf_lr,
+        batch_size=batch_size, cache=cache, progress=progress, describe=describe,
+    )
+    return evaluate_fidelity(
+        subject, examples=examples, subsets=subsets, subset_fraction=subset_fraction, seed=seed, out=out
+    )
 
-    estimates = {}
-    for name in scores:
-        est = change[name][:, idx].T
-        row = {
-            "vs": {g: correlations(est, a) for g, a in truths.items()},
-            "damping (mean over modules)": dampings[name],
-        }
-        if name in lds_values:
-            row["lds"] = lds_values[name]
-        estimates[name] = row
-    cold, warm, pbrf = truths["loo_cold"], truths["loo_warm"], truths["pbrf"]
-    est_ref = change[ref][:, idx].T
-    grad_norm = float(full_gradient(space, theta_s, slice_batch(train_batch, slice(0, min(n, 256)))).norm())
-    gap = {
-        "warm vs cold start": {
-            "relative error of warm vs cold": relative_error(warm, cold),
-            "Pearson(warm, cold)": correlations(warm, cold)["pearson"],
-        },
-        "convergence": {
-            "gradient norm of the training loss at theta_s (first 256 examples)": grad_norm,
-            "cold replay on all data: distance to theta_s": gt.infos.get("baseline-cold", {}).get(
-                "distance_to_theta_s"
-            ),
-            "warm retrain on all data: distance to theta_s": gt.infos.get("baseline-warm", {}).get(
-                "distance_to_theta_s"
-            ),
-        },
-        "linearisation": {
-            f"relative error of {ref} vs PBRF": relative_error(est_ref, pbrf),
-            f"Pearson({ref}, PBRF)": correlations(est_ref, pbrf)["pearson"],
-            f"Pearson({ref}, cold LOO)": correlations(est_ref, cold)["pearson"],
-        },
-        "curvature approximation": {
-            f"Pearson({name}, {ref}) over all training examples": correlations(scores[name].T, scores[ref].T)[
-                "pearson"
-            ]
-            for name in scores
-            if name != ref
-        },
-    }
-    result = {
-        "model": "finetuned",
-        "settings": {
-            "encoder": encoder,
-            "fine_tune_last": fine_tune_last,
-            "trainable_parameters": trainable,
-            "n_train": n,
-            "queries": queries,
-            "examples": len(idx),
-            "subsets": subsets,
-            "epochs": epochs,
-            "lr": lr,
-            "batch_size": batch_size,
-            "max_length": max_length,
-            "frozen_prefix": "cached hidden states at the first trainable layer (prefix in eval mode)"
-            if frozen_prefix
-            else "off (full model every step)",
-            "first_token": "training/retraining/PBRF run the last layer at the first token only"
-            if first_token
-            else False,
-            "seed": seed,
-            "damping": damping,
-            "pbrf": f"SGD, {pbrf_epochs} epochs, proximity = mean {ref} damping {dampings[ref]:.3g}",
-            "cold start": "AdamW replay from the same initial weights and seed",
-            "warm start": "AdamW from the trained weights, same schedule",
-            "LDS retraining": "cold start",
-            "query accuracy": acc,
-            f"held-out accuracy ({len(heldout_rows)} test reviews)": heldout_acc,
-            "theta digest": tensor_digest(theta_s),
-        },
-        "estimates": estimates,
-        "ground_truth": {g: a.tolist() for g, a in truths.items()},
-        "examples": {"indices": idx, "kinds": kinds, "train_rows": train_rows[idx].tolist()},
-        "estimated_change": {k: v[:, idx].T.tolist() for k, v in change.items()},
-        "gap": gap,
-        "seconds": time.perf_counter() - t0,
-    }
-    if out is not None:
-        out = Path(out)
-        result["plots"] = _plots(out, est_ref, truths, kinds, f"fine-tuned: {ref}")
-        _write(result, out)
-    return result
+
+__all__ = [
+    "FinetunedClassifier",
+    "FinetunedFidelity",
+    "build_finetuned_classifier",
+    "trainable_module_regex",
+    "validate_finetuned",
+]
