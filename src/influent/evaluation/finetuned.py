@@ -30,6 +30,7 @@ from torch import nn
 from influent.curvature.ekfac import FactorConfig
 from influent.data import load_corpus, load_or_make_split
 from influent.data.split import stratified_sample
+from influent.errors import UserError
 from influent.evaluation.fidelity import FidelityRun, FidelitySubject, ScoredMethods, evaluate_fidelity
 from influent.evaluation.groundtruth import GroundTruth, tensor_digest
 from influent.evaluation.metrics import correlations, relative_error
@@ -53,7 +54,7 @@ def trainable_module_regex(model: nn.Module) -> str:
     """Regex selecting the ``nn.Linear`` modules whose weights are trainable (``re.search`` on names)."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
     if not names:
-        raise ValueError("the model has no trainable nn.Linear module")
+        raise UserError("the model has no trainable nn.Linear module to score", field="fine_tune_last")
     return "^(" + "|".join(re.escape(n) for n in names) + ")$"
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from influent.errors import NumericalError, UserError
 from influent.evaluation.cache import RetrainCache
 from influent.evaluation.pbrf import PBRF
 from influent.gradients import ParameterSpace
@@ -148,7 +149,7 @@ class GroundTruth:
             else:
                 theta, info = compute(name)
                 if not torch.isfinite(theta).all():
-                    raise FloatingPointError(f"{kind} retraining for {name} produced non-finite parameters")
+                    raise NumericalError(f"{kind} retraining for {name} produced non-finite parameters")
                 tensors = {"measure": self.measure(theta)}
                 if self.store_params:
                     tensors["theta"] = theta
@@ -196,7 +197,7 @@ class GroundTruth:
             start: ``'cold'`` (the trainer's original initialisation) or ``'warm'`` (``theta_s``).
         """
         if start not in STARTS:
-            raise ValueError(f"unknown start {start!r}; choose cold or warm")
+            raise UserError(f"unknown start {start!r}; choose cold or warm", field="start")
         trainer = self._need_trainer()
         init = trainer.init_theta if start == "cold" else self.theta_s
 
@@ -236,7 +237,7 @@ class GroundTruth:
     def remove_groups(self, keep_masks: np.ndarray, start: str = "warm") -> np.ndarray:
         """Actual change ``[m, Q]`` when the model is retrained on each subset (``keep_masks`` ``[m, n]`` bool)."""
         if start not in STARTS:
-            raise ValueError(f"unknown start {start!r}; choose cold or warm")
+            raise UserError(f"unknown start {start!r}; choose cold or warm", field="start")
         trainer = self._need_trainer()
         init = trainer.init_theta if start == "cold" else self.theta_s
         masks = np.asarray(keep_masks, dtype=bool)

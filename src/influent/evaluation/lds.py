@@ -15,11 +15,13 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import spearmanr
 
+from influent.errors import UserError
+
 
 def random_subsets(n: int, count: int, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
     """``count`` boolean keep-masks ``[count, n]``, each keeping ``round(fraction * n)`` random examples."""
     if not 0 < fraction < 1:
-        raise ValueError(f"subset fraction must be in (0, 1), got {fraction}")
+        raise UserError(f"subset fraction must be in (0, 1), got {fraction}", field="subset_fraction")
     rng = np.random.default_rng(seed)
     k = round(fraction * n)
     masks = np.zeros((count, n), dtype=bool)

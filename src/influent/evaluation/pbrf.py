@@ -24,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-from influent.errors import NumericalError
+from influent.errors import NumericalError, UserError
 from influent.gradients import ParameterSpace
 from influent.models.newton import functional_outputs, gauss_newton_sum, gradient, minimise
 from influent.task import Batch, Task, iter_chunks, slice_batch
@@ -188,7 +188,7 @@ class PBRF:
             ``(theta, info)`` with ``info`` holding ``grad_norm``, ``iterations``, ``seconds``, ``objective``.
         """
         if method not in PBRF_METHODS:
-            raise ValueError(f"unknown PBRF method {method!r}; choose from {', '.join(PBRF_METHODS)}")
+            raise UserError(f"unknown PBRF method {method!r}; choose from {', '.join(PBRF_METHODS)}", field="pbrf_method")
         idx = torch.as_tensor([index] if isinstance(index, int) else list(index), dtype=torch.long)
         removed = slice_batch(self.batch, idx)
         eps = -1.0 / self.n if eps is None else float(eps)
