@@ -92,7 +92,7 @@ def test_head_and_finetuned_model_go_through_the_same_evaluation(tiny_encoder_di
         theta_i, _ = trainer.fit(clf.train_batch, torch.tensor([j for j in range(n) if j != i]), trainer.init_theta)
         np.testing.assert_allclose(row, query_loss(theta_i) - query_loss(full), rtol=1e-5, atol=1e-7)
     # its estimates are the factored method's own loss changes at the chosen examples
-    from influent.curvature.ekfac import FactorConfig
+    from influent.curvature.config import FactorConfig
     from influent.evaluation.finetuned import trainable_module_regex
     from influent.task import iter_chunks
 

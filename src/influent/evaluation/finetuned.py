@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from influent.curvature.ekfac import FactorConfig
+from influent.curvature.config import FactorConfig
 from influent.data import load_corpus, load_or_make_split
 from influent.data.split import stratified_sample
 from influent.errors import UserError
