@@ -42,11 +42,9 @@ def _finetuned_result(tiny_encoder_dir, reviews_csv, tmp_path):
         corpus, labels, rows, encoder=str(tiny_encoder_dir), fine_tune_last=1, seed=0, epochs=1, lr=1e-3,
         batch_size=8, max_length=16, frozen_prefix=True, first_token=True, cache=tmp_path / "cache",
     )
-    describe = {"encoder": "tiny", "fine_tune_last": 1, "queries": 2, "epochs": 1, "lr": 1e-3, "batch_size": 8,
-                "max_length": 16, "train_rows": rows.train, "heldout_rows": rows.heldout}
     subject = FinetunedFidelity(
-        clf, strategies=("identity", "ekfac"), damping=None, seed=0, pbrf_epochs=1, pbrf_lr=0.05, batch_size=8,
-        cache=tmp_path / "cache", progress=False, describe=describe,
+        clf, strategies=("identity", "ekfac"), damping=None, seed=0, pbrf_epochs=1, pbrf_lr=0.05,
+        cache=tmp_path / "cache", progress=False,
     )
     return evaluate_fidelity(subject, examples=3, subsets=0, seed=0, out=tmp_path / "ft"), clf
 

@@ -91,6 +91,8 @@ class FinetunedClassifier:
         theta_s: the fine-tuned tracked parameters; key: fingerprint of the fine-tuning (cache key).
         trainable: trainable parameters of the full classifier.
         frozen_prefix, first_token: which speed-ups are on.
+        rows: the corpus rows of the training slice, the queries and the held-out set.
+        encoder, fine_tune_last, max_length: what was fine-tuned and how texts were cut.
         query_accuracy, heldout_accuracy: the fine-tuned model's accuracy on the queries and the held-out set.
     """
 
@@ -106,7 +108,10 @@ class FinetunedClassifier:
     trainable: int
     frozen_prefix: bool
     first_token: bool
-
+    rows: FidelityRows
+    encoder: str
+    fine_tune_last: int
+    max_length: int
     query_accuracy: float = float("nan")
     heldout_accuracy: float = float("nan")
 
@@ -181,7 +186,8 @@ def build_finetuned_classifier(
     if fit_model is not model:
         ParameterSpace(fit_model, task).load(theta_s)
     clf = FinetunedClassifier(
-        model, fit_model, task, trainer, *batches, theta_s, key, trainable, frozen_prefix, first_token
+        model, fit_model, task, trainer, *batches, theta_s, key, trainable, frozen_prefix, first_token, rows,
+        encoder, fine_tune_last, max_length,
     )
     clf.query_accuracy, clf.heldout_accuracy = clf.accuracy(clf.query_batch), clf.accuracy(clf.heldout_batch)
     return clf
@@ -203,10 +209,9 @@ class FinetunedFidelity(FidelitySubject):
         damping: absolute damping of the factored curvature (None: each module's heuristic); the PBRF
             proximity term uses the mean per-module damping of the reference strategy.
         seed: seeds the factor fits and the PBRF's SGD.
-        pbrf_epochs, pbrf_lr, batch_size: the PBRF's SGD solve.
+        pbrf_epochs, pbrf_lr: the PBRF's SGD solve (minibatches of the fine-tuning's batch size).
         cache: cache root (factors under ``factors/``, retraining under ``validate/``).
         progress: progress bars.
-        describe: fixed settings recorded in the result (encoder, schedule, speed-ups, ...).
     """
 
     label = "finetuned"
@@ -214,12 +219,12 @@ class FinetunedFidelity(FidelitySubject):
 
     def __init__(
         self, clf: FinetunedClassifier, *, strategies: Sequence[str], damping: float | None, seed: int,
-        pbrf_epochs: int, pbrf_lr: float | None, batch_size: int, cache: Path, progress: bool, describe: dict,
+        pbrf_epochs: int, pbrf_lr: float | None, cache: Path, progress: bool,
     ):
         self.clf, self.queries = clf, clf.query_batch
         self.strategies, self.damping, self.seed = list(strategies), damping, seed
-        self.pbrf_options = {"epochs": pbrf_epochs, "lr": pbrf_lr, "batch_size": batch_size, "seed": seed}
-        self.pbrf_epochs, self.cache, self.progress, self.describe = pbrf_epochs, cache, progress, describe
+        self.pbrf_options = {"epochs": pbrf_epochs, "lr": pbrf_lr, "batch_size": clf.trainer.batch_size, "seed": seed}
+        self.pbrf_epochs, self.cache, self.progress = pbrf_epochs, cache, progress
 
     def methods(self) -> dict[str, FactoredInfluence]:
         clf = self.clf
@@ -252,23 +257,23 @@ class FinetunedFidelity(FidelitySubject):
         return f"fine-tuned: {reference}"
 
     def example_info(self, indices: list[int]) -> dict:
-        return {"train_rows": self.describe["train_rows"][indices].tolist()}
+        return {"train_rows": self.clf.rows.train[indices].tolist()}
 
     def settings(self, run: FidelityRun) -> dict:
-        clf, d, ref = self.clf, self.describe, run.scored.reference
+        clf, trainer, ref = self.clf, self.clf.trainer, run.scored.reference
         ref_damping = mean_module_damping(run.scored.methods[ref], self.damping)
         return {
-            "encoder": d["encoder"],
-            "fine_tune_last": d["fine_tune_last"],
+            "encoder": clf.encoder,
+            "fine_tune_last": clf.fine_tune_last,
             "trainable_parameters": clf.trainable,
             "n_train": clf.n_train,
-            "queries": d["queries"],
+            "queries": len(clf.rows.queries),
             "examples": len(run.indices),
             "subsets": run.subsets,
-            "epochs": d["epochs"],
-            "lr": d["lr"],
-            "batch_size": d["batch_size"],
-            "max_length": d["max_length"],
+            "epochs": trainer.epochs,
+            "lr": trainer.lr,
+            "batch_size": trainer.batch_size,
+            "max_length": clf.max_length,
             "frozen_prefix": "cached hidden states at the first trainable layer (prefix in eval mode)"
             if clf.frozen_prefix
             else "off (full model every step)",
@@ -282,7 +287,7 @@ class FinetunedFidelity(FidelitySubject):
             "warm start": "AdamW from the trained weights, same schedule",
             "LDS retraining": "cold start",
             "query accuracy": clf.query_accuracy,
-            f"held-out accuracy ({len(d['heldout_rows'])} test reviews)": clf.heldout_accuracy,
+            f"held-out accuracy ({len(clf.rows.heldout)} test reviews)": clf.heldout_accuracy,
             "theta digest": tensor_digest(clf.theta_s),
         }
 
@@ -394,13 +399,9 @@ def validate_finetuned(
         batch_size=batch_size, max_length=max_length, frozen_prefix=frozen_prefix, first_token=first_token,
         cache=cache,
     )
-    describe = {
-        "encoder": encoder, "fine_tune_last": fine_tune_last, "queries": queries, "epochs": epochs, "lr": lr,
-        "batch_size": batch_size, "max_length": max_length, "train_rows": rows.train, "heldout_rows": rows.heldout,
-    }
     subject = FinetunedFidelity(
         clf, strategies=strategies, damping=damping, seed=seed, pbrf_epochs=pbrf_epochs, pbrf_lr=pbrf_lr,
-        batch_size=batch_size, cache=cache, progress=progress, describe=describe,
+        cache=cache, progress=progress,
     )
     return evaluate_fidelity(
         subject, examples=examples, subsets=subsets, subset_fraction=subset_fraction, seed=seed, out=out

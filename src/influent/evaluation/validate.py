@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from influent.data.split import stratified_sample
-from influent.errors import UserError
 from influent.evaluation.fidelity import FidelityRun, FidelitySubject, ScoredMethods, evaluate_fidelity
 from influent.evaluation.finetuned import validate_finetuned
 from influent.evaluation.groundtruth import GroundTruth
 from influent.evaluation.metrics import correlations, relative_error
+from influent.evaluation.options import SOLVERS, ValidateOptions
 from influent.gradients import ParameterSpace, full_gradient
 from influent.influence import ExactInfluence, SolverOptions
 from influent.models.head import train_head
@@ -35,7 +35,8 @@ from influent.pipeline import prepare_head
 from influent.store import default_cache_dir
 from influent.task import Batch, Task
 
-HEAD_SOLVERS = ("exact", "cg", "lissa")
+HEAD_SOLVERS = SOLVERS
+"""Inverse-Hessian solvers the head's validation compares."""
 
 
 class HeadFidelity(FidelitySubject):
@@ -227,24 +228,6 @@ def validate_exact(
 
 
 # -------------------------------------------------------------------------------------------- entry point
-def check_validate_options(examples: int, subsets: int, queries: int, epochs: int, fine_tune_last: int) -> None:
-    """Reject counts that make the comparison meaningless (UserError naming the option)."""
-    for name, value, low in (
-        ("examples", examples, 3),
-        ("subsets", subsets, 0),
-        ("queries", queries, 1),
-        ("epochs", epochs, 1),
-        ("fine_tune_last", fine_tune_last, 1),
-    ):
-        if value < low:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}", field=name)
-    if 0 < subsets < 10:
-        raise UserError(
-            f"--subsets must be 0 (skip the LDS) or >= 10 for a meaningful rank correlation, got {subsets}",
-            field="subsets",
-        )
-
-
 def head_problem(setup, train_size: int | None, queries: int, seed: int) -> tuple[nn.Module, Task, Batch, Batch]:
     """The head, its task, its training batch and a seeded draw of ``queries`` test examples.
 
@@ -307,9 +290,12 @@ def run_validate(
         **kwargs: passed to :func:`validate_exact` / :func:`~influent.evaluation.finetuned.validate_finetuned`.
 
     Raises:
-        UserError: on a bad option.
+        UserError: on a bad option (:class:`~influent.evaluation.options.ValidateOptions`), naming its field.
     """
-    check_validate_options(examples, subsets, queries, epochs, fine_tune_last)
+    ValidateOptions(
+        model, strategies=strategies, solvers=solvers, examples=examples, subsets=subsets, queries=queries,
+        epochs=epochs, fine_tune_last=fine_tune_last, train_size=train_size, damping=damping, seed=seed,
+    )  # raises UserError naming the field
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if model == "finetuned":
         return validate_finetuned(
@@ -317,11 +303,6 @@ def run_validate(
             fine_tune_last=fine_tune_last, train_size=1000 if train_size is None else train_size,
             damping=damping, out=out, seed=seed, data=data, cache_dir=cache, progress=progress, **kwargs,
         )
-    if model != "head":
-        raise UserError(f"--model: expected head or finetuned, got {model!r}", field="model")
-    bad = [s for s in solvers if s not in HEAD_SOLVERS]
-    if bad:
-        raise UserError(f"--solver: expected exact, cg or lissa, got {bad[0]!r}", field="solvers")
     if setup is None:
         setup = prepare_head(data, seed=seed, cache_dir=cache, progress=progress)
     head, task, train_batch, query_batch = head_problem(setup, train_size, queries, seed)
@@ -333,4 +314,4 @@ def run_validate(
     )
 
 
-__all__ = ["HeadFidelity", "check_validate_options", "head_problem", "run_validate", "validate_exact"]
+__all__ = ["HeadFidelity", "head_problem", "run_validate", "validate_exact"]
