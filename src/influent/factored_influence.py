@@ -1,4 +1,9 @@
-"""Influence scores from factored curvature (K-FAC / EK-FAC / diagonal / identity) over linear modules.
+"""The factored influence engine: scores from K-FAC / EK-FAC / diagonal / identity curvature over linear modules.
+
+Consumers use :class:`FactoredInfluence` (the :class:`~influent.influence.InfluenceMethod` protocol plus
+``factors``, ``query_gradients``, ``preconditioned_query_gradients``, ``train_losses``,
+``train_gradients``); the free functions below are its internals (kept public for benchmarks that time
+the stages separately).
 
 Sign and units (DESIGN.md): ``score(z_train, z_query) = g_query^T (F + damping)^-1 g_train`` summed over
 the tracked modules (block-diagonal curvature), where ``g`` are gradients of the per-example training
@@ -12,9 +17,9 @@ gradients and contracted with all queries at once, so no full parameter vector p
 With ``query_rank=r`` each preconditioned query gradient is replaced by its rank-r SVD truncation and
 training gradients are never formed (cost per token ``Q * r * (d_in + d_out)``).
 
-With ``train_cache=DIR`` the training examples' token factors are kept on disk in the factors' eigenbasis
-(:mod:`influent.curvature.token_cache`, about 4 MB per snippet for MiniLM): the first call (or the EK-FAC
-fit, :func:`fit_factors` with the same ``train_cache``) writes them, and later query sets are scored from
+With ``train_cache`` the training examples' token factors are kept on disk in the factors' eigenbasis
+(:mod:`influent.curvature.token_cache`, about 4 MB per snippet for MiniLM): the first scoring (or the
+empirical-Fisher EK-FAC fit) writes them, and later query sets are scored from
 them with the queries kept in the eigenbasis, so no forward or backward pass over the training data runs
 and the preconditioned queries are not rotated back. Same scores up to rounding.
 """
@@ -62,7 +67,7 @@ def _modules(model: nn.Module, factors: Factors) -> dict[str, nn.Linear]:
     all_linear = select_linear_modules(model, "all")
     missing = [n for n in factors.names if n not in all_linear]
     if missing:
-        raise UserError(f"factors were fitted on modules this model lacks: {missing[:3]}", field="model")
+        raise UserError(f"factors were fitted on modules this model lacks: {missing[:3]}")
     return {n: all_linear[n] for n in factors.names}
 
 
@@ -310,37 +315,6 @@ def _check_scores(scores: torch.Tensor) -> None:
         raise NumericalError(
             f"{bad} influence scores are non-finite (check damping and the model's loss)"
         )
-
-
-def explain(
-    model: nn.Module,
-    task: Task,
-    train_batches: Sequence[Batch],
-    query_batches: Sequence[Batch],
-    config: FactorConfig | None = None,
-    *,
-    cache_dir: str | Path | None = None,
-    query_rank: int | None = None,
-    train_cache: bool = False,
-    train_cache_max_bytes: int | None = DEFAULT_MAX_BYTES,
-    progress: bool = True,
-) -> tuple[torch.Tensor, Factors]:
-    """Fit (or load) factors, then pairwise scores ``[Q, N]``; a convenience for the CLI.
-
-    ``train_cache``: keep the training token factors under ``cache_dir`` (written by the EK-FAC fit with
-    the empirical Fisher, else by the first scoring), so that later calls skip the training passes.
-    """
-    config = config or FactorConfig()
-    tokens = cache_dir if train_cache else None
-    factors = fit_factors(
-        model, task, train_batches, config, cache_dir=cache_dir, progress=progress,
-        train_cache=tokens, train_cache_max_bytes=train_cache_max_bytes,
-    )
-    scores = pairwise_scores(
-        model, task, factors, query_batches, train_batches, query_rank=query_rank, progress=progress,
-        train_cache=tokens, train_cache_max_bytes=train_cache_max_bytes,
-    )
-    return scores, factors
 
 
 class FactoredInfluence(InfluenceMethod):

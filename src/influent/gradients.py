@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from influent.errors import UserError
-from influent.task import Batch, Task, iter_chunks
+from influent.task import Batch, Task, iter_chunks, map_batch
 
 
 class ParameterSpace:
@@ -28,7 +28,7 @@ class ParameterSpace:
         self.task = task
         tracked = task.tracked_parameters(model)
         if not tracked:
-            raise UserError("the task tracks no parameters", field="task")
+            raise UserError("the task tracks no parameters")
         self.names = list(tracked)
         self.shapes = [tracked[n].shape for n in self.names]
         self.sizes = [tracked[n].numel() for n in self.names]
@@ -116,11 +116,5 @@ class _LossModule(nn.Module):
 
 def unsqueeze_example(example: Batch) -> Batch:
     """Add a leading batch dimension of size 1 to every tensor of one example."""
-    if isinstance(example, torch.Tensor):
-        return example.unsqueeze(0)
-    if isinstance(example, dict):
-        return {k: unsqueeze_example(v) for k, v in example.items()}
-    if isinstance(example, (list, tuple)):
-        return type(example)(unsqueeze_example(v) for v in example)
-    raise TypeError(f"unsupported batch element {type(example).__name__}")
+    return map_batch(lambda t: t.unsqueeze(0), example)
 

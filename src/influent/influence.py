@@ -166,7 +166,7 @@ class ExactInfluence(InfluenceMethod):
         self.theta = self.space.flat()
         self.n = self.task.batch_size(self.train_batch)
         if self.n == 0:
-            raise UserError("no training examples", field="train_batch")
+            raise UserError("no training examples")
         self._train_grads: torch.Tensor | None = None
         self._matrix: torch.Tensor | None = None
         self._direct: DirectSolver | None = None

@@ -89,10 +89,10 @@ def fit_factors(
     shapes = module_shapes(modules)
     n = int(sum(task.batch_size(b) for b in batches))
     if n == 0:
-        raise UserError("no training examples to fit factors on", field="train_batches")
+        raise UserError("no training examples to fit factors on")
     data_fp = data_id or data_fingerprint(batches)
     model_fp = model_fingerprint(model)
-    l2 = float(getattr(task, "l2", 0.0) or 0.0)
+    l2 = float(task.l2 or 0.0)
     key = store.fingerprint(FORMAT_VERSION, asdict(config), list(shapes.items()), data_fp, model_fp, l2, n)
     folder = None if cache_dir is None else Path(cache_dir) / "factors" / key
     cached = _load(folder, config)

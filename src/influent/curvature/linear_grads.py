@@ -63,10 +63,12 @@ def select_linear_modules(model: nn.Module, spec: str = "all") -> dict[str, nn.L
         try:
             pattern = re.compile(spec)
         except re.error as exc:
-            raise UserError(f"--modules: invalid regular expression {spec!r}: {exc}") from None
+            raise UserError(f"modules: invalid regular expression {spec!r}: {exc}", field="modules") from None
         chosen = {n: m for n, m in linear.items() if pattern.search(n)}
     if not chosen:
-        raise UserError(f"--modules {spec!r} selects no nn.Linear module (model has {len(linear)})")
+        raise UserError(
+            f"modules {spec!r} selects no nn.Linear module (model has {len(linear)})", field="modules"
+        )
     return chosen
 
 
