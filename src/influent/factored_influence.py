@@ -1,4 +1,4 @@
-"""The factored influence engine: scores from K-FAC / EK-FAC / diagonal / identity curvature over linear modules.
+"""The factored influence engine: K-FAC / EK-FAC / diagonal / identity curvature over linear modules.
 
 Consumers use :class:`FactoredInfluence` (the :class:`~influent.influence.InfluenceMethod` protocol plus
 ``factors``, ``query_gradients``, ``preconditioned_query_gradients``, ``train_losses``,
@@ -185,7 +185,8 @@ def pairwise_scores(
                     block += dots[name](a, g, buffers).double()
         return block
 
-    return _score_training_examples(model, task, factors, modules, plan, score_batch, "pairwise scores", progress)
+    desc = "pairwise scores"
+    return _score_training_examples(model, task, factors, modules, plan, score_batch, desc, progress)
 
 
 def self_scores(
@@ -427,7 +428,8 @@ class FactoredInfluence(InfluenceMethod):
         self.model.eval()
         try:
             with torch.no_grad():
-                losses = [self.task.per_example_loss(self.model, batch_to(b, device)) for b in self.train_batches]
+                losses = [self.task.per_example_loss(self.model, batch_to(b, device))
+                          for b in self.train_batches]
         finally:
             self.model.train(was_training)
         return torch.cat(losses).double().cpu()

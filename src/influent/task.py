@@ -69,7 +69,7 @@ class Task:
         """Number of examples in ``batch`` (the leading dimension of its first tensor)."""
         first = next(batch_leaves(batch), None)
         if first is None:
-            raise TypeError(f"batch must be a tensor, dict, list or tuple of tensors, got {type(batch).__name__}")
+            _not_a_batch(batch)
         return int(first.shape[0])
 
     def token_mask(self, batch: Batch) -> torch.Tensor | None:
@@ -123,7 +123,9 @@ def _not_a_batch(leaf: Any) -> Any:
     raise TypeError(f"batch must be a tensor, dict, list or tuple of tensors, got {type(leaf).__name__}")
 
 
-def map_batch(fn: Callable[[torch.Tensor], Any], batch: Batch, other: Callable[[Any], Any] = _not_a_batch) -> Batch:
+def map_batch(
+    fn: Callable[[torch.Tensor], Any], batch: Batch, other: Callable[[Any], Any] = _not_a_batch
+) -> Batch:
     """``batch`` with ``fn`` applied to every tensor, the structure (dict / list / tuple) kept.
 
     ``other(leaf)`` handles anything else found in the pytree: by default a ``TypeError``; pass

@@ -44,7 +44,7 @@ class Factors:
         return self._cache[key]
 
     def _inv_scale(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """``1 / (eigenvalue or diagonal + damping)`` in the module's basis (``[d_out, d_in]`` or a scalar)."""
+        """``1 / (eigenvalue or diagonal + damping)`` in the module's basis (``[d_out, d_in]`` or scalar)."""
         key = (name, "inv", like.dtype, like.device)
         if key not in self._cache:
             inv = self.strategy.inverse_scale(self.tensors, name, self.damping[name])

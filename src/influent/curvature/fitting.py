@@ -199,7 +199,7 @@ def _check_complete(factors: Factors, key: str) -> None:
 
 
 def _save(folder: Path | None, tensors: dict, manifest: dict) -> None:
-    """Write the factors and manifest (manifest last, so an entry with a manifest is complete); drop checkpoints."""
+    """Write factors, then manifest (an entry with a manifest is complete); drop the checkpoints."""
     if folder is None:
         return
     store.write_tensors(folder / FACTORS_FILE, tensors)

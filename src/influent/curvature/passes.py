@@ -32,7 +32,7 @@ Sums = dict[str, torch.Tensor]
 
 
 def read_checkpoint(path: Path | None, what: str) -> Sums | None:
-    """The tensors of cache file ``path``, or None when it is absent or damaged (then with a one-line warning).
+    """The tensors of cache file ``path``, or None when absent or damaged (then with a one-line warning).
 
     ``what`` names the file's role in the warning (``"factor checkpoint"``).
     """

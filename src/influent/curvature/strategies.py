@@ -177,12 +177,12 @@ class Kfac(Strategy):
         return 1.0 / (lam.double() + damping)
 
     def eigenbasis(self, ctx: FitContext) -> Tensors:
-        """Eigenvalues and eigenvectors of every module's ``A`` and ``S`` (checkpointed as ``eigen.safetensors``)."""
+        """Eigenvalues and eigenvectors of each module's ``A`` and ``S`` (saved as ``eigen.safetensors``)."""
         eigen_file = ctx.file(EIGEN_FILE)
         eig = read_checkpoint(eigen_file, "factor checkpoint")
         if eig is not None and all(keys.tensor_key(m, keys.EIGVEC_S) in eig for m in ctx.modules):
             return eig
-        ctx.discard_checkpoints(keep="covariance")  # later stages' sums were taken in a basis no longer on disk
+        ctx.discard_checkpoints(keep="covariance")  # later stages' sums were taken in the old basis
         sums = ctx.run_pass("covariance", *self._covariance_pass(ctx))
         eigh_once = EighOnce()
         eig = {}

@@ -71,7 +71,8 @@ class TrainTokenCache:
             out = self._unpack(tensors, meta.get("activations_of"), size)
         except (CacheCorruptError, Exception) as exc:  # noqa: BLE001 - an unreadable file is recomputed
             warnings.warn(
-                f"training token cache file {path} is damaged ({type(exc).__name__}); recomputing it", stacklevel=2
+                f"training token cache file {path} is damaged ({type(exc).__name__}); recomputing it",
+                stacklevel=2,
             )
             return None
         return out
