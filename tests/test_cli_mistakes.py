@@ -280,3 +280,28 @@ def test_train_warns_when_newton_stops_above_its_tolerance(capsys, base_args, tm
     assert err.startswith("influent: warning: the head's Newton training stopped") and err.count("\n") == 1
     saved = json.loads(next((tmp_path / "cache" / "heads").glob("*/head.json")).read_text())
     assert saved["converged"] is False
+
+
+def test_library_messages_name_fields_not_flags():
+    """Outside the CLI no string literal names a ``--flag`` (the CLI maps fields to flags)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    import influent
+
+    root = Path(influent.__file__).parent
+    flagged = []
+    for path in sorted(root.rglob("*.py")):
+        if "cli" in path.relative_to(root).parts:
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
+                      and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                text = node.value.replace("pip install --no-deps", "")
+                if re.search(r"(^|\s)--[a-z]", text):
+                    flagged.append(f"{path.relative_to(root)}:{node.lineno}: {text.strip()[:60]}")
+    assert not flagged, flagged

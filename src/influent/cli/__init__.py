@@ -65,10 +65,13 @@ def _stdout_gone() -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``influent`` command; returns the exit status (see the module docstring)."""
     try:
+        parser = build_parser()
         try:
-            args = build_parser().parse_args(argv)
+            args, unknown = parser.parse_known_args(argv)
         except SystemExit as exc:  # --help, or a malformed command line (already stated in one line)
             return exc.code if isinstance(exc.code, int) else 0
+        if unknown:  # named with the command whose --help lists what it takes
+            return _error(f"unrecognized arguments: {' '.join(unknown)} (see influent {args.command} --help)", 2)
         _quiet_libraries()
         return args.func(args)
     except UserError as err:

@@ -150,7 +150,7 @@ def open_cache(
     if max_bytes is not None and size > max_bytes:
         warnings.warn(
             f"training token cache skipped: it would take about {size / 2**30:.1f} GiB, over the "
-            f"limit of {max_bytes / 2**30:.1f} GiB (raise it with --train-cache-max-gb)",
+            f"limit of {max_bytes / 2**30:.1f} GiB (raise the limit train_cache_max_bytes)",
             stacklevel=3,
         )
         return None

@@ -105,7 +105,8 @@ class HeadFidelity(FidelitySubject):
 
     def estimate_info(self, name: str, scored: ScoredMethods) -> dict:
         sol = scored.methods[name].last_solution
-        return {"residual": sol.residual, "iterations": sol.iterations, "seconds": scored.seconds[name]}
+        return {"residual": sol.residual, "iterations": sol.iterations, "converged": sol.converged,
+                "seconds": scored.seconds[name]}
 
     def agreement_with_reference(self, name: str, scored: ScoredMethods) -> dict:
         """Smallest cosine over queries between this solver's ``(H + damping)^-1 g_query`` and the reference's."""
@@ -167,6 +168,7 @@ class HeadFidelity(FidelitySubject):
                 "relative error of influence vs cold LOO": relative_error(est_ref, cold),
             },
             "solver": {f"{name}: residual": rows[self.estimate_name(name)]["residual"] for name in scored.methods}
+            | {f"{name}: converged": rows[self.estimate_name(name)]["converged"] for name in scored.methods}
             | {
                 f"{name}: cosine of H^-1 g_query to exact": rows[self.estimate_name(name)].get("cosine_to_exact", 1.0)
                 for name in scored.methods
