@@ -162,6 +162,7 @@ def test_finetuned_train_then_explain_with_ekfac(capsys, base_args, monkeypatch)
     calls.clear()
     calls_setups.clear()
     ft = ["--model", "finetuned", "--last-k", "1", "--epochs", "2", "--lr", "1e-3", "--batch-size", "8"]
+    base_args = base_args[:-2]  # no --l2: the fine-tuned classifier has none (the flag is refused)
     code, out, err = run_cli(capsys, ["train", *ft, *base_args])
     assert code == 0, err
     assert "test accuracy" in out

@@ -99,6 +99,30 @@ def test_bad_option_is_one_line_before_any_work(capsys, base_args, tmp_path, com
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "--model", "finetuned", "--pooling", "cls"], "--pooling does not apply to the fine-tuned"),
+        (["explain", "--text", "good", "--model", "finetuned", "--solver", "cg"], "--solver does not apply"),
+        (["explain", "--text", "good", "--strategy", "kfac"], "--strategy does not apply to the frozen-encoder head"),
+        (["explain", "--text", "good", "--train-cache"], "--train-cache does not apply"),
+        (["train", "--epochs", "3"], "--epochs does not apply to the frozen-encoder head"),
+        (["validate", "--fine-tune-last", "2"], "--fine-tune-last does not apply"),
+        (["validate", "--model", "finetuned", "--max-length", "20"], "--max-length does not apply"),
+    ],
+)
+def test_options_the_model_kind_does_not_read_are_refused(capsys, base_args, tmp_path, argv, needle):
+    out = ["--out", str(tmp_path / "out")] if argv[0] == "validate" else []
+    code, _, err = run_cli(capsys, [*argv, *out, *base_args[:-2]])  # base_args without --l2
+    one_line_error(code, err, needle)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_train_finetuned_refuses_l2(capsys, base_args):
+    code, _, err = run_cli(capsys, ["train", "--model", "finetuned", *base_args])
+    one_line_error(code, err, "--l2 does not apply to the fine-tuned classifier")
+
+
 @pytest.mark.parametrize("flag", ["--max-length", "--pooling", "--test-fraction", "--hf-split"])
 def test_audit_refuses_the_options_it_cannot_honour(capsys, base_args, tmp_path, flag):
     value = {"--max-length": "16", "--pooling": "cls", "--test-fraction": "0.3", "--hf-split": "test"}[flag]

@@ -48,6 +48,28 @@ def checked(field: str, value, **bounds):
     return value
 
 
+# What each model kind does not read, per command (``--model head`` / ``--model finetuned``).
+_FINETUNE = ("last_k", "epochs", "lr", "batch_size", "train_size")
+_CURVATURE = ("strategy", "modules", "fisher", "query_rank", "train_cache", "train_cache_max_gb")
+UNREAD = {
+    ("train", "head"): _FINETUNE,
+    ("train", "finetuned"): ("l2", "pooling"),
+    ("explain", "head"): _FINETUNE + _CURVATURE,
+    ("explain", "finetuned"): ("l2", "pooling", "solver"),
+    ("validate", "head"): ("strategy", "epochs", "fine_tune_last"),
+    ("validate", "finetuned"): ("solver", "l2", "pooling", "max_length", "test_fraction", "hf_split"),
+}
+_MODEL_NAMES = {"head": "the frozen-encoder head", "finetuned": "the fine-tuned classifier"}
+
+
+def refuse_unread(args: argparse.Namespace) -> None:
+    """An option the chosen ``--model`` does not read, given another value than its default, is a mistake."""
+    parser = getattr(args, "command_parser", None)
+    for name in UNREAD.get((args.command, args.model), ()) if parser is not None else ():
+        if getattr(args, name) != parser.get_default(name):
+            raise UserError(f"{flag(name)} does not apply to {_MODEL_NAMES[args.model]} (--model {args.model})")
+
+
 def check_output_dir(path: str | os.PathLike | None, field: str, must_write: bool = True) -> None:
     """``path`` is a folder (or can be made one) that this process can write to, else a one-line error.
 

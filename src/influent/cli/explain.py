@@ -16,6 +16,7 @@ from influent.cli.common import (
     finetuned_setup,
     gib_to_bytes,
     head_setup,
+    refuse_unread,
     warn,
 )
 from influent.errors import UserError
@@ -32,6 +33,7 @@ def dropped_note(corpus) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.model == "finetuned":
         check_finetune_args(args)
+        refuse_unread(args)
         ft = finetuned_setup(args, retrain=args.retrain)
         m = ft.metrics
         print(f"fine-tuned {ft.settings['encoder']} (last {ft.settings['last_k']} layers, "
@@ -39,6 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"test accuracy {m['test_accuracy']:.4f} on {m['n_test']}; saved in {ft.folder}"
               f"{dropped_note(ft.corpus)}")
         return 0
+    refuse_unread(args)
     setup = head_setup(args, retrain=args.retrain)
     info = setup.info
     print(f"head trained on {info['n_train']} examples ({info['newton_iterations']} Newton steps, "
@@ -62,6 +65,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         check_curvature_args(args)
     else:
         check_data_args(args)
+    refuse_unread(args)
     cache_max_bytes = gib_to_bytes(args.train_cache_max_gb) if args.model == "finetuned" else None
     setup = finetuned_setup(args) if args.model == "finetuned" else head_setup(args)
     names = setup.corpus.label_names
@@ -104,7 +108,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--retrain", action="store_true", help="ignore a saved model with the same settings")
     add_data_options(p)
     add_finetune_options(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, command_parser=p)
 
 
 def add_explain_parser(sub) -> None:
@@ -122,4 +126,4 @@ def add_explain_parser(sub) -> None:
     add_data_options(p)
     add_finetune_options(p)
     add_curvature_options(p)
-    p.set_defaults(func=cmd_explain)
+    p.set_defaults(func=cmd_explain, command_parser=p)

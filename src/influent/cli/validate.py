@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from influent.cli.common import add_data_options, check_data_args, check_output_dir, head_setup
+from influent.cli.common import add_data_options, check_data_args, check_output_dir, head_setup, refuse_unread
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -19,6 +19,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         damping=args.damping, seed=args.seed,
     )
     check_data_args(args)
+    refuse_unread(args)
     check_output_dir(args.out, "out")
     extra = {}
     if args.model == "finetuned":
@@ -48,4 +49,4 @@ def add_validate_parser(sub) -> None:
     p.add_argument("--damping", type=float, default=None)
     p.add_argument("--out", default="influent-out/validate", help="output folder")
     add_data_options(p)
-    p.set_defaults(func=cmd_validate)
+    p.set_defaults(func=cmd_validate, command_parser=p)
