@@ -329,3 +329,19 @@ def test_library_messages_name_fields_not_flags():
                 if re.search(r"(^|\s)--[a-z]", text):
                     flagged.append(f"{path.relative_to(root)}:{node.lineno}: {text.strip()[:60]}")
     assert not flagged, flagged
+
+
+def test_a_refused_write_is_one_line(capsys, base_args, tmp_path, monkeypatch):
+    """A write the environment refuses (no permission, read-only file system, full disk) is exit 2, one line;
+    (as root no real EACCES can be produced, so the audit's writer raises it)."""
+    import errno
+
+    import influent.defenses.audit
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "out" / "ranking.csv"))
+
+    monkeypatch.setattr(influent.defenses.audit, "run_audit", refuse)
+    code, _, err = run_cli(capsys, ["audit", "--out", str(tmp_path / "out"), *base_args])
+    one_line_error(code, err, "cannot write")
+    assert "Read-only file system" in err

@@ -10,6 +10,7 @@ traceback; 3 a numerical failure (non-finite values, a failed solve), also one l
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -82,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         return _error(f"numerical failure: {err}", 3)
     except BrokenPipeError:
         return _stdout_gone()
+    except OSError as err:  # the environment refused a write: no permission, read-only file system, disk full
+        if not isinstance(err, PermissionError) and err.errno not in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise
+        return _error(f"cannot write {err.filename or 'a file'}: {err.strerror or err}", 2)
     except KeyboardInterrupt:
         print("influent: interrupted; cached work is kept and will be reused", file=sys.stderr)
         return 130
