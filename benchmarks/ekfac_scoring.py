@@ -39,7 +39,8 @@ def main() -> None:
 
     from ekfac_vs_kronfluence import rotten_tomatoes_slices
 
-    from influent.curvature.ekfac import FactorConfig, fit_factors
+    from influent.curvature.config import FactorConfig
+    from influent.curvature.fitting import fit_factors
     from influent.factored_influence import pairwise_scores
     from influent.models.finetuned import FinetunedTask, load_finetuned, make_batches
     from influent.task import length_buckets

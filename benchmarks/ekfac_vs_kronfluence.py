@@ -135,7 +135,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from influent.curvature.ekfac import FactorConfig, fit_factors
+    from influent.curvature.config import FactorConfig
+    from influent.curvature.fitting import fit_factors
     from influent.factored_influence import pairwise_scores
     from influent.models.finetuned import FinetunedTask, make_batches
     from influent.task import length_buckets

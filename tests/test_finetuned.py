@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from influent.curvature.ekfac import FactorConfig, fit_factors
+from influent.curvature.config import FactorConfig
+from influent.curvature.fitting import fit_factors
 from influent.factored_influence import pairwise_scores, self_scores
 from influent.models.finetuned import FinetunedTask, load_finetuned, make_batches, train_finetuned
 

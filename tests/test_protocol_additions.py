@@ -3,7 +3,7 @@ method's ``identity`` curvature), in both implementations, against the closed-fo
 
 import torch
 
-from influent.curvature.ekfac import FactorConfig
+from influent.curvature.config import FactorConfig
 from influent.factored_influence import FactoredInfluence
 from influent.influence import ExactInfluence
 from influent.models.head import train_head

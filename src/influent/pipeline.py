@@ -261,7 +261,7 @@ class FinetunedSetup:
                 (:mod:`influent.curvature.token_cache`) so later calls skip the training passes;
                 ``train_cache_max_bytes`` caps its size (None: 16 GiB).
         """
-        from influent.curvature.ekfac import FactorConfig
+        from influent.curvature.config import FactorConfig
         from influent.curvature.token_cache import DEFAULT_MAX_BYTES
         from influent.factored_influence import FactoredInfluence
         from influent.models.finetuned import FinetunedTask

@@ -57,7 +57,7 @@ def finetuned_mislabel_experiment(
         ``{'seed', 'n', 'n_flipped', 'accuracy_clean_model', 'accuracy_noisy_model', 'seconds',
         'rankers': {name: {auroc, auprc, recall@5%..30%, accuracy_after_fix}}}`` (accuracies in [0, 1]).
     """
-    from influent.curvature.ekfac import FactorConfig
+    from influent.curvature.config import FactorConfig
     from influent.models.suffix_classifier import SuffixClassifier
     from influent.task import iter_chunks
 

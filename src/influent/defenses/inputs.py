@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import StratifiedKFold
 
-from influent.curvature.ekfac import FactorConfig
+from influent.curvature.config import FactorConfig
 from influent.defenses.rankers import AuditInputs, BaselineModel
 from influent.factored_influence import FactoredInfluence
 from influent.influence import ExactInfluence
