@@ -345,3 +345,16 @@ def test_a_refused_write_is_one_line(capsys, base_args, tmp_path, monkeypatch):
     code, _, err = run_cli(capsys, ["audit", "--out", str(tmp_path / "out"), *base_args])
     one_line_error(code, err, "cannot write")
     assert "Read-only file system" in err
+
+
+def test_too_few_examples_for_a_split(capsys, tmp_path, tiny_encoder_dir):
+    """One example per class leaves nothing to hold out: refused (was 'test accuracy nan on 0')."""
+    path = tmp_path / "two.csv"
+    path.write_text("text,label\ngood film,pos\nbad film,neg\n")
+    code, _, err = run_cli(capsys, ["train", "--data", str(path), "--encoder", str(tiny_encoder_dir),
+                                    "--cache-dir", str(tmp_path / "c"), "--quiet"])
+    one_line_error(code, err, "too few for a held-out split")
+    path.write_text("text,label\ngood film,pos\nbad film,neg\nfun film,pos\ndull film,neg\n")
+    code, out, err = run_cli(capsys, ["train", "--data", str(path), "--encoder", str(tiny_encoder_dir),
+                                      "--cache-dir", str(tmp_path / "c"), "--quiet"])
+    assert code == 0 and "on 2;" in out, err  # two per class: one of each held out

@@ -63,6 +63,9 @@ def stratified_split(
         train.append(members[n_test:])
     train_idx = np.sort(np.concatenate(train)).astype(np.int64) if train else np.zeros(0, np.int64)
     test_idx = np.sort(np.concatenate(test)).astype(np.int64) if test else np.zeros(0, np.int64)
+    if len(test_idx) == 0:  # every class has a single example: nothing can be held out
+        raise UserError(f"{corpus.source or 'corpus'}: {len(corpus)} examples are too few for a held-out split "
+                        "(each class needs at least 2)")
     return train_idx, test_idx
 
 
