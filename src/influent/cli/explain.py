@@ -19,6 +19,7 @@ from influent.cli.common import (
     refuse_unread,
     warn,
 )
+from influent.cli.index import add_index_options, explain_from_index
 from influent.errors import UserError
 
 
@@ -82,6 +83,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
         text, gold = setup.corpus.texts[row], int(setup.corpus.labels[row])
     else:
         text, gold = args.text, None
+    if args.index is not None:
+        result = explain_from_index(args, setup, Query(text, None, label, gold))
+        if result is not None:
+            print(json.dumps(result) if args.json else format_explanation(result))
+        return 0
     if args.model == "finetuned":
         method = setup.influence(args.strategy, args.modules, args.fisher, args.damping, query_rank=args.query_rank,
                                  seed=args.seed, train_cache=args.train_cache, train_cache_max_bytes=cache_max_bytes,
@@ -126,4 +132,5 @@ def add_explain_parser(sub) -> None:
     add_data_options(p)
     add_finetune_options(p)
     add_curvature_options(p)
+    add_index_options(p, build=False)
     p.set_defaults(func=cmd_explain, command_parser=p)

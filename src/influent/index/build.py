@@ -130,7 +130,7 @@ def build_index(
     if existing.exists():
         manifest = store.read_json(existing)
         if manifest.get("key") == key:
-            return manifest
+            return {**manifest, "shards_built_this_run": 0}
         raise UserError(f"index {str(folder)!r} holds another build's index (key {manifest.get('key')}); "
                         "give a new folder", field="index")
     plan = shard_plan(sizes, config.shard_size)
