@@ -254,7 +254,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     os.environ.pop("WORLD_SIZE", None)
     mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / "two"), out), nprocs=2, join=True)
     two = GradientIndex(tmp_path / "two", verify=True)
-    assert two.manifest["world_size"] == 2
+    assert two.manifest["world_size"] == 2 and two.manifest["shards_built_this_run"] == len(single["shards"])
     assert_same_shards(tmp_path / "two", tmp_path / "one", len(single["shards"]))
     for name in idx.pre:
         if name.startswith("lambda/"):

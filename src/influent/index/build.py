@@ -148,9 +148,10 @@ def build_index(
     seconds = time.perf_counter() - started
     distributed.barrier()
     fitted = _fit_preconditioner(folder, mine, proj, config, float(task.l2 or 0.0), n)
-    checks = distributed.all_gather_objects({s: shards.file_sha256(shards.shard_path(folder, s)) for s in mine})
-    manifest = _manifest(config, key, model, modules, proj, plan, starts, sizes, checks, fitted, n, data_id, batches,
-                         seconds, len(todo))
+    parts = distributed.all_gather_objects(({s: shards.file_sha256(shards.shard_path(folder, s)) for s in mine},
+                                             len(todo), seconds))
+    manifest = _manifest(config, key, model, modules, proj, plan, starts, sizes, [p[0] for p in parts], fitted, n,
+                         data_id, batches, max(p[2] for p in parts), sum(p[1] for p in parts))
     if distributed.rank() == 0:
         if fitted is not None:
             store.write_tensors(folder / shards.PRECONDITIONER, fitted[0])
@@ -254,7 +255,7 @@ def _manifest(config, key, model, modules, proj, plan, starts, sizes, checks, fi
         "shards": [{"file": shards.shard_path(Path("."), s).name, "start": starts[s],
                     "rows": sum(sizes[b] for b in plan[s]), "sha256": sums[s]} for s in range(len(plan))],
         "world_size": distributed.world_size(),
-        "build_seconds": seconds,
+        "build_seconds": seconds,  # the slowest rank's pass (without the preconditioner's fit)
         "shards_built_this_run": built,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
