@@ -358,3 +358,11 @@ def test_too_few_examples_for_a_split(capsys, tmp_path, tiny_encoder_dir):
     code, out, err = run_cli(capsys, ["train", "--data", str(path), "--encoder", str(tiny_encoder_dir),
                                       "--cache-dir", str(tmp_path / "c"), "--quiet"])
     assert code == 0 and "on 2;" in out, err  # two per class: one of each held out
+
+
+def test_diverged_fine_tuning_is_a_numerical_error(capsys, base_args, tmp_path):
+    """A learning rate that sends the loss to NaN: one line, exit 3, no checkpoint saved."""
+    code, _, err = run_cli(capsys, ["train", "--model", "finetuned", "--lr", "1e8", "--epochs", "3", "--batch-size",
+                                    "8", *base_args[:-2]])
+    one_line_error(code, err, "fine-tuning diverged", status=3)
+    assert not list((tmp_path / "cache").rglob("settings.json"))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from influent import store
-from influent.errors import UserError
+from influent.errors import NumericalError, UserError
 from influent.models.classifier import fraction_correct
 from influent.task import Task
 
@@ -147,6 +147,9 @@ def _adamw_epochs(
     """AdamW on the mean cross-entropy over the trainable parameters, ``epochs`` seeded shuffles (in place).
 
     The model trains in ``train()`` mode (dropout on) and is left in ``eval()`` mode.
+
+    Raises:
+        NumericalError: the loss became non-finite (the training diverged; nothing is saved).
     """
     from tqdm.auto import tqdm
 
@@ -156,15 +159,21 @@ def _adamw_epochs(
     n = len(train_texts)
     bar = tqdm(total=epochs * math.ceil(n / batch_size), desc="fine-tune", disable=not progress, leave=False)
     model.train()
+    steps = 0
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen).tolist()
         texts = [train_texts[i] for i in order]
         labels = [int(train_labels[i]) for i in order]
         for batch in make_batches(tokenizer, texts, labels, batch_size=batch_size, max_length=max_length):
             loss = task.per_example_loss(model, batch).mean()
+            if not torch.isfinite(loss):
+                bar.close()
+                raise NumericalError(f"fine-tuning diverged: the training loss is {loss.item()} after "
+                                     f"{steps} steps (lower the learning rate lr, now {lr:g})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
