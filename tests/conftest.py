@@ -24,7 +24,18 @@ def tiny_encoder_dir(tmp_path_factory):
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(folder)
+    model = BertModel(config)
+    # 128 positions, so the default max_length (128) fits; positions 0..63 and every other weight are the
+    # ones the 64-position model always had (same figures), positions 64..127 drawn from their own seed.
+    state = model.state_dict()
+    extra = 0.02 * torch.randn(64, config.hidden_size, generator=torch.Generator().manual_seed(64))
+    key = "embeddings.position_embeddings.weight"
+    state[key] = torch.cat([state[key], extra])
+    state.pop("embeddings.position_ids", None)
+    with torch.random.fork_rng():
+        wide = BertModel(BertConfig(**{**config.to_dict(), "max_position_embeddings": 128}))
+    wide.load_state_dict(state, strict=False)
+    wide.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -12,6 +12,7 @@ from influent.models.encoder import (
     DEFAULT_ENCODER,
     EmbeddingCache,
     TextEncoder,
+    content_id,
     load_encoder,
     pool,
     resolve_encoder_path,
@@ -152,9 +153,10 @@ def test_cache_keys_separate_pooling_and_length(tiny_bert, encoder, tmp_path):
     assert len(keys) == 3
     assert TextEncoder(str(tiny_bert), pooling="mean", max_length=32).key() == encoder.key()
     cache = EmbeddingCache(tmp_path)
-    encoder.embed(TEXTS[:2], ids=["t0", "t1"], cache=cache, progress=False)
-    assert cache.get(["t0", "t1"], encoder.key())[0].all()
-    assert not cache.get(["t0", "t1"], cls.key())[0].any()
+    encoder.embed(TEXTS[:2], cache=cache, progress=False)
+    ids = [content_id(t) for t in TEXTS[:2]]
+    assert cache.get(ids, encoder.key())[0].all()
+    assert not cache.get(ids, cls.key())[0].any()
     assert not torch.allclose(cls.embed(TEXTS[:1], cache=cache, progress=False), encoder.embed(TEXTS[:1]))
 
 

@@ -6,20 +6,25 @@ saved split, the embedding cache and the saved head when the settings match.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from influent import store
 from influent.data import Corpus, Split, load_corpus, load_or_make_split, stratified_sample
+from influent.errors import CacheCorruptError, UserError
 from influent.influence import ExactInfluence, SolverOptions
 from influent.models.encoder import DEFAULT_ENCODER, EmbeddingCache, TextEncoder
 from influent.models.head import HeadTask, LogisticHead, accuracy, load_head, save_head, train_head
 from influent.models.head_data import HeadData, split_heldout
-from influent.store import default_cache_dir, fingerprint, read_json
+from influent.store import default_cache_dir, fingerprint
 
 DEFAULT_L2 = 1e-3
+QUERY_CACHE_ROWS = 20_000  # query embeddings kept on disk (about 30 MB at d = 384)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,7 +51,7 @@ class HeadSetup:
     info: dict
     folder: Path
     encoder: TextEncoder = field(repr=False)
-    embedding_cache: EmbeddingCache = field(repr=False)
+    query_cache: EmbeddingCache | None = field(default=None, repr=False)
 
     @property
     def train_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,11 +62,12 @@ class HeadSetup:
         return self.test_x, self.test_y
 
     def embed(self, texts: list[str]) -> torch.Tensor:
-        """Embeddings of new texts (float64, same encoder and pooling; cached like the corpus)."""
-        from influent.data.corpus import text_id
+        """Embeddings of new texts (float64, same encoder and pooling).
 
-        ids = [text_id(t) for t in texts]
-        return self.encoder.embed(texts, ids=ids, cache=self.embedding_cache, progress=False).double()
+        Cached in the small query cache (``<cache>/query-embeddings``, newest ``QUERY_CACHE_ROWS`` rows),
+        never in the corpus cache, so queries do not grow it.
+        """
+        return self.encoder.embed(texts, cache=self.query_cache, progress=False, what="query text").double()
 
     def engine(self, solver: str = "exact", damping: float = 0.0, options: SolverOptions | None = None) -> ExactInfluence:
         """An :class:`ExactInfluence` over the training set with the head's exact Hessian."""
@@ -162,15 +168,16 @@ def prepare_head(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     corpus, split = load_corpus_and_split(data, text_column, label_column, hf_split, test_fraction, seed, cache)
     enc = TextEncoder(encoder, pooling=pooling, max_length=max_length)
-    emb_cache = EmbeddingCache(cache / "embeddings")
-    x = enc.embed(corpus.texts, ids=corpus.ids, cache=emb_cache, progress=progress).double()
+    x = enc.embed(corpus.texts, cache=EmbeddingCache(cache / "embeddings"), progress=progress,
+                  what="corpus text").double()
     y = torch.as_tensor(corpus.labels, dtype=torch.long)
     tr, te = torch.as_tensor(split.train_idx), torch.as_tensor(split.test_idx)
     key = fingerprint(corpus.fingerprint(), enc.key(), split.train_idx.tolist(), l2)
     folder = cache / "heads" / key
     num_classes = len(corpus.label_names)
-    if not retrain and (folder / "head.json").exists():
-        model, task, info = load_head(folder)
+    loaded = None if retrain else _load_saved_head(folder, x.shape[1], num_classes)
+    if loaded is not None:
+        model, task, info = loaded
     else:
         model, task, report = train_head(x[tr], y[tr], num_classes, l2)
         info = {
@@ -190,11 +197,36 @@ def prepare_head(
             "converged": report.converged,
             "train_seconds": report.seconds,
         }
-        save_head(model, task, folder, info)
+        _save_head_if_possible(model, task, folder, info)
+    query_cache = EmbeddingCache(cache / "query-embeddings", max_rows=QUERY_CACHE_ROWS, max_shards=16)
     return HeadSetup(
         corpus, split.train_idx, split.test_idx, x[tr], y[tr], x[te], y[te], model, task, info, folder,
-        enc, emb_cache,
+        enc, query_cache,
     )
+
+
+def _load_saved_head(folder: Path, dim: int, num_classes: int) -> tuple[LogisticHead, HeadTask, dict] | None:
+    """The head saved in ``folder``, or None (none saved, or damaged: one-line warning, it is retrained)."""
+    if not (folder / "head.json").exists() and not (folder / "head.safetensors").exists():
+        return None
+    try:
+        model, task, info = load_head(folder)
+    except CacheCorruptError as exc:
+        logger.warning("%s; retraining the head", exc)
+        return None
+    if model.linear.in_features != dim or model.num_classes != num_classes:
+        logger.warning("head cache %s does not fit the embeddings (dim %d, %d classes); retraining the head",
+                       folder, dim, num_classes)
+        return None
+    return model, task, info
+
+
+def _save_head_if_possible(model: LogisticHead, task: HeadTask, folder: Path, info: dict) -> None:
+    try:
+        save_head(model, task, folder, info)
+    except OSError as exc:  # a read-only cache still gives the trained head; it is just not saved
+        logger.warning("head cache %s could not be written (%s); the head is not saved",
+                       folder, exc.strerror or type(exc).__name__)
 
 
 @dataclass
@@ -322,7 +354,7 @@ def prepare_finetuned(
         seed: seeds the split, the slice and the training.
         Other arguments as :func:`prepare_head`.
     """
-    from influent.models.finetuned import default_encoder, load_finetuned, train_finetuned
+    from influent.models.finetuned import default_encoder, load_finetuned, train_finetuned, verify_finetuned
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     corpus, split = load_corpus_and_split(data, text_column, label_column, hf_split, test_fraction, seed, cache)
@@ -334,7 +366,12 @@ def prepare_finetuned(
                 "max_length": max_length, "seed": seed}
     key = fingerprint(corpus.fingerprint(), train_idx.tolist(), split.test_idx.tolist(), settings)
     folder = cache / "finetuned" / key
-    if retrain or not (folder / "settings.json").exists():
+    if not retrain and (folder / "settings.json").exists():
+        try:
+            verify_finetuned(folder)
+        except CacheCorruptError as exc:
+            raise UserError(f"{exc}; delete {folder} or retrain it (--retrain)", field="retrain") from None
+    else:
         labels = corpus.labels
         train_finetuned(
             [corpus.texts[i] for i in train_idx], [int(labels[i]) for i in train_idx],
@@ -344,4 +381,4 @@ def prepare_finetuned(
         )
     model, tokenizer, saved = load_finetuned(folder)
     return FinetunedSetup(corpus, train_idx, split.test_idx, model, tokenizer, saved,
-                          read_json(folder / "metrics.json"), folder)
+                          store.read_json(folder / "metrics.json"), folder)

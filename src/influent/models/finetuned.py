@@ -19,9 +19,12 @@ import torch
 from torch import nn
 
 from influent import store
-from influent.errors import NumericalError, UserError
+from influent.errors import CacheCorruptError, NumericalError, UserError
 from influent.models.classifier import fraction_correct
+from influent.models.pretrained import check_max_length, load_pretrained
 from influent.task import Task
+
+FILES_KEY = "files_sha256"  # settings.json's pins of the checkpoint's other files
 
 
 def default_encoder() -> str:
@@ -221,11 +224,11 @@ def train_finetuned(
         raise UserError("labels must be integers >= 0")
     num_labels = int(max(labels_all)) + 1
     torch.manual_seed(seed)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(encoder)
-        model = AutoModelForSequenceClassification.from_pretrained(encoder, num_labels=num_labels)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"encoder {encoder!r}: cannot load a tokenizer and model ({exc})", field="encoder") from None
+    tokenizer, model = load_pretrained(  # local files first, the hub only if reachable: fails fast
+        encoder, AutoModelForSequenceClassification.from_pretrained, AutoTokenizer.from_pretrained,
+        num_labels=num_labels,
+    )
+    check_max_length(max_length, model, tokenizer, encoder)
     n_trainable = freeze_all_but_last(model, last_k)
     n = len(train_texts)
     t0 = time.perf_counter()
@@ -254,25 +257,60 @@ def train_finetuned(
         "optimizer": "AdamW",
     }
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out / "model", safe_serialization=True)
-        tokenizer.save_pretrained(out / "tokenizer")
-        store.write_json(out / "metrics.json", metrics)
-        store.write_json(out / "settings.json", settings)  # written last: marks a complete checkpoint
+        save_finetuned(out_dir, model, tokenizer, settings, metrics)
     return model, tokenizer, metrics
 
 
-def load_finetuned(out_dir: str | Path):
-    """Load ``(model in eval mode, tokenizer, settings)`` saved by :func:`train_finetuned`."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def save_finetuned(out_dir: str | Path, model: nn.Module, tokenizer, settings: dict, metrics: dict) -> None:
+    """Save a fine-tuned checkpoint: ``model/`` (safetensors), ``tokenizer/``, ``metrics.json`` and, last,
+    ``settings.json``, which marks the checkpoint complete and pins the SHA-256 of every other file."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out / "model", safe_serialization=True)
+    tokenizer.save_pretrained(out / "tokenizer")
+    store.write_json(out / "metrics.json", metrics)
+    files = {p.relative_to(out).as_posix(): store.file_sha256(p) for p in _checkpoint_files(out)}
+    store.write_json(out / "settings.json", {**settings, FILES_KEY: files})
 
+
+def _checkpoint_files(out: Path) -> list[Path]:
+    found = [p for sub in ("model", "tokenizer") for p in sorted((out / sub).rglob("*")) if p.is_file()]
+    return [*found, out / "metrics.json"]
+
+
+def verify_finetuned(out_dir: str | Path) -> dict:
+    """The settings of a checkpoint saved by :func:`save_finetuned`, after checking every file it pins.
+
+    Raises:
+        UserError: no checkpoint in ``out_dir`` (no ``settings.json``).
+        CacheCorruptError: ``settings.json`` is damaged, or a pinned file is missing, changed or truncated,
+            or the checkpoint predates checksums.
+    """
     out = Path(out_dir)
     if not (out / "settings.json").exists():
         raise UserError(
             f"{out}: no fine-tuned model here (settings.json missing); run `influent train` first"
         )
     settings = store.read_json(out / "settings.json")
+    files = settings.get(FILES_KEY) if isinstance(settings, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise CacheCorruptError(f"fine-tuned checkpoint {out} lists no file checksums (damaged, or older)")
+    for name, sha in files.items():
+        path = out / name
+        if not path.is_file():
+            raise CacheCorruptError(f"fine-tuned checkpoint {out} is incomplete ({name} missing)")
+        if store.file_sha256(path) != sha:
+            raise CacheCorruptError(f"cache file {path} is damaged (checksum mismatch)")
+    return {k: v for k, v in settings.items() if k != FILES_KEY}
+
+
+def load_finetuned(out_dir: str | Path):
+    """Load ``(model in eval mode, tokenizer, settings)`` saved by :func:`train_finetuned`, verified first
+    (:func:`verify_finetuned`)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = Path(out_dir)
+    settings = verify_finetuned(out)
     model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
     freeze_all_but_last(model, settings.get("last_k"))  # the same parameters as in training are trainable
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")

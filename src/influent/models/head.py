@@ -6,16 +6,20 @@ Objective (the one influence differentiates): ``mean_i CE(z_i) + (l2/2) ||theta|
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from influent.errors import CacheCorruptError
 from influent.models.classifier import fraction_correct
 from influent.models.newton import TrainReport, fit_newton
-from influent.store import read_json, read_tensors, write_json, write_tensors
+from influent.store import read_json, read_tensors_with_metadata, write_json, write_tensors
 from influent.task import Batch, Task
+
+WEIGHTS_CHECKSUM = "weights_sha256"  # head.json's pin of head.safetensors
 
 
 class LogisticHead(nn.Module):
@@ -102,17 +106,44 @@ def accuracy(model: LogisticHead, features: torch.Tensor, labels: torch.Tensor) 
 
 
 def save_head(model: LogisticHead, task: HeadTask, folder: str | Path, info: dict) -> None:
-    """Write ``head.safetensors`` and ``head.json`` (settings + ``info``) into ``folder`` atomically."""
+    """Write ``head.safetensors`` and ``head.json`` (settings + ``info``) into ``folder`` atomically.
+
+    ``head.json`` (written last) pins the checksum of ``head.safetensors``, so :func:`load_head` never
+    pairs a config with other weights.
+    """
     folder = Path(folder)
-    write_tensors(folder / "head.safetensors", dict(model.state_dict()))
+    sha = write_tensors(folder / "head.safetensors", dict(model.state_dict()))
     config = {"dim": model.linear.in_features, "num_classes": model.num_classes, "l2": task.l2, **info}
-    write_json(folder / "head.json", config)
+    write_json(folder / "head.json", {**config, WEIGHTS_CHECKSUM: sha})
 
 
 def load_head(folder: str | Path) -> tuple[LogisticHead, HeadTask, dict]:
-    """Load a head saved by :func:`save_head`; returns model, task and the saved JSON."""
+    """Load and verify a head saved by :func:`save_head`; returns model, task and the saved JSON.
+
+    Raises:
+        CacheCorruptError: ``head.json`` or ``head.safetensors`` is damaged, truncated, missing, from
+            another save, of the wrong shape or not finite (one line naming the file).
+    """
     folder = Path(folder)
-    config = read_json(folder / "head.json")
-    model = LogisticHead(config["dim"], config["num_classes"]).double()
-    model.load_state_dict(read_tensors(folder / "head.safetensors"))
-    return model, HeadTask(config["l2"]), config
+    config_path, weights_path = folder / "head.json", folder / "head.safetensors"
+    try:
+        config = read_json(config_path)
+        if not isinstance(config, dict):
+            raise CacheCorruptError(f"cache file {config_path} is not an object")
+        dim, k, l2 = config.get("dim"), config.get("num_classes"), config.get("l2")
+        valid_l2 = isinstance(l2, float | int) and math.isfinite(l2) and l2 >= 0
+        if not (isinstance(dim, int) and dim >= 1 and isinstance(k, int) and k >= 2 and valid_l2):
+            raise CacheCorruptError(f"cache file {config_path} lacks a valid dim / num_classes / l2")
+        state = read_tensors_with_metadata(weights_path, expect_sha256=config.get(WEIGHTS_CHECKSUM))[0]
+    except FileNotFoundError as exc:
+        missing = Path(exc.filename).name if exc.filename else "a file"
+        raise CacheCorruptError(f"head cache {folder} is incomplete ({missing} missing)") from None
+    model = LogisticHead(dim, k).double()
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if {name: tuple(t.shape) for name, t in state.items()} != expected:
+        raise CacheCorruptError(f"cache file {weights_path} holds other tensors than a [{dim}] -> {k} head")
+    if not all(bool(torch.isfinite(t).all()) for t in state.values()):
+        raise CacheCorruptError(f"cache file {weights_path} holds non-finite weights")
+    model.load_state_dict({name: t.double() for name, t in state.items()})
+    config = {key: value for key, value in config.items() if key != WEIGHTS_CHECKSUM}
+    return model, HeadTask(float(l2)), config
