@@ -229,8 +229,9 @@ class EmbeddingCache:
         return written[0]
 
     def _write_locked(self, key: str, update) -> None:
-        """Under the folder lock: read the manifest, ``update(manifest) -> new manifest | None``, save it,
-        then delete the shard files the new manifest no longer lists."""
+        """Under the folder lock: read the manifest (rebuilt if damaged), ``update(manifest) -> new
+        manifest | None``, save it, then delete the shard files it does not list (merged, damaged, or left
+        by a writer killed between its shard and its manifest)."""
         if self.write_failed:
             return
         folder = self.folder(key)
@@ -251,9 +252,9 @@ class EmbeddingCache:
                     new = current  # save the repair
                 write_json(folder / "manifest.json", new)
                 listed = {s["file"] for s in new["shards"]}
-                for old in current["shards"]:
-                    if old["file"] not in listed:
-                        (folder / old["file"]).unlink(missing_ok=True)
+                for path in folder.glob("shard-*.safetensors"):  # under the lock, unlisted = garbage
+                    if path.name not in listed:
+                        path.unlink(missing_ok=True)
         except OSError as exc:  # read-only or full file system, lock timeout (filelock.Timeout is an OSError)
             self.write_failed = True
             reason = getattr(exc, "strerror", None) or type(exc).__name__
