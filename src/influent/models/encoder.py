@@ -199,7 +199,9 @@ class TextEncoder:
         hidden = self.model(**enc).last_hidden_state
         return pool(hidden, enc["attention_mask"], self.pooling).to("cpu", torch.float32)
 
-    def _reject_contentless(self, texts: list[str], todo: np.ndarray, token_ids: list, what: str) -> None:
+    def _reject_contentless(
+        self, texts: list[str], todo: np.ndarray, token_ids: list, what: str, field: str | None
+    ) -> None:
         """UserError naming the texts whose tokens are all special ([UNK], [CLS], ...): nothing to embed."""
         special = set(self.tokenizer.all_special_ids)
         empty = [int(i) for i, toks in zip(todo, token_ids) if all(t in special for t in toks)]
@@ -207,12 +209,12 @@ class TextEncoder:
             return
         why = "only whitespace, zero-width or characters the encoder does not know"
         if len(texts) == 1:
-            raise UserError(f"the {what} has no content the encoder can read ({why}): {texts[0]!r:.80}", field="texts")
+            raise UserError(f"the {what} has no content the encoder can read ({why}): {texts[0]!r:.80}", field=field)
         listed = ", ".join(str(i + 1) for i in empty[:20]) + (", ..." if len(empty) > 20 else "")
         raise UserError(
             f"{len(empty)} {what}s have no content the encoder can read ({why}): {what}s {listed} "
             f"(1-based), e.g. {texts[empty[0]]!r:.60}",
-            field="texts",
+            field=field,
         )
 
     def embed(
@@ -221,6 +223,7 @@ class TextEncoder:
         cache: EmbeddingCache | None = None,
         progress: bool = True,
         what: str = "text",
+        field: str | None = None,
     ) -> torch.Tensor:
         """Embed ``texts`` into a float32 CPU tensor ``[N, d]``, row ``i`` for ``texts[i]``.
 
@@ -234,6 +237,7 @@ class TextEncoder:
             cache: optional on-disk cache (read-only caches serve reads; a failed write warns once).
             progress: show a tqdm progress bar.
             what: what a text is, for error messages (``"corpus text"``, ``"query text"``).
+            field: the option the texts came from, for the UserError (``"data"`` for a corpus).
 
         Raises:
             UserError: a text has no real tokens (its 1-based position is named).
@@ -253,7 +257,7 @@ class TextEncoder:
             token_ids = self.tokenizer(
                 [texts[i] for i in todo], truncation=True, max_length=self.max_length
             )["input_ids"]
-            self._reject_contentless(texts, todo, token_ids, what)
+            self._reject_contentless(texts, todo, token_ids, what, field)
             order = todo[np.argsort(-np.asarray([len(x) for x in token_ids]), kind="stable")]
             self._embed_in_order(texts, order, out, ids, cache, progress)
         return out
