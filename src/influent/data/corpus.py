@@ -29,7 +29,9 @@ def text_id(text: str) -> str:
     """Stable id of a text: first 16 hex characters of the SHA-256 of :func:`normalise_text` (UTF-8).
 
     Texts that differ only in case, Unicode compatibility form or whitespace share an id (and are
-    treated as duplicates by the loaders).
+    treated as duplicates by the loaders). The id serves de-duplication and the split files only: the
+    embedding cache keys the exact text (:func:`influent.models.encoder.content_id`), since the tokenizer
+    sees case and width.
     """
     return hashlib.sha256(normalise_text(text).encode("utf-8")).hexdigest()[:16]
 
