@@ -20,6 +20,7 @@ from influent.cli.common import (
     warn,
 )
 from influent.cli.index import add_index_options, explain_from_index
+from influent.cli.trace import add_lm_options, cmd_train_lm
 from influent.errors import UserError
 
 
@@ -32,6 +33,8 @@ def dropped_note(corpus) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.model == "lm":
+        return cmd_train_lm(args)
     if args.model == "finetuned":
         check_finetune_args(args)
         refuse_unread(args)
@@ -109,11 +112,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train (or load) a model on a corpus and report held-out accuracy")
-    p.add_argument("--model", choices=["head", "finetuned"], default="head",
-                   help="head: frozen encoder + logistic regression; finetuned: transformer classifier")
+    p.add_argument("--model", choices=["head", "finetuned", "lm"], default="head",
+                   help="head: frozen encoder + logistic regression; finetuned: transformer classifier; "
+                        "lm: causal language model")
     p.add_argument("--retrain", action="store_true", help="ignore a saved model with the same settings")
     add_data_options(p)
     add_finetune_options(p)
+    add_lm_options(p)
     p.set_defaults(func=cmd_train, command_parser=p)
 
 

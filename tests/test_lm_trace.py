@@ -1,0 +1,241 @@
+"""Causal-LM tracing on tiny LLaMA- and GPT-2-config models built in code.
+
+Independent truths: the loss by hand from the logits; per-example gradients by autograd on one unpadded
+sequence at a time (no hooks, no masking); the dense identity and EK-FAC matrices formed explicitly from
+those gradients and solved with ``torch.linalg.solve``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from lm_fixtures import FACTS, tiny_lm_folder, tiny_tokenizer
+
+from influent.cli import main
+from influent.data.lm_text import lm_batches, pair_ids, pair_sequence, read_documents, tokenize_documents
+from influent.factored_influence import FactorConfig, FactoredInfluence
+from influent.models.causal_lm import CausalLMTask, load_causal_lm, mlp_pattern
+from influent.retrieval import CandidateFilter
+from influent.token_influence import token_scores
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def lm(request, tmp_path_factory):
+    folder = tiny_lm_folder(tmp_path_factory.mktemp(request.param), request.param)
+    model, tokenizer = load_causal_lm(str(folder))
+    return request.param, folder, model.double(), tokenizer
+
+
+def hand_loss(model, ids: list[int], targets: list[int]) -> torch.Tensor:
+    """-sum_t log p(ids[t] | ids[:t]) over the target positions, from one unpadded forward pass."""
+    x = torch.tensor([ids])
+    logp = torch.log_softmax(model(input_ids=x).logits[0], dim=-1)
+    return -sum(logp[t - 1, ids[t]] for t in targets)
+
+
+def training_sequences(tokenizer):
+    docs = [(f, None) for f in FACTS[:6]] + [("the capital of italy", "is rome"), ("the cat", "sat on the mat")]
+    return tokenize_documents(tokenizer, docs, max_length=8)
+
+
+def test_loss_counts_only_completion_tokens(lm):
+    _, _, model, tokenizer = lm
+    prompt, completion = pair_ids(tokenizer, "where is the capital of france", "paris")
+    query = pair_sequence(prompt, completion, tokenizer)
+    other = pair_sequence(*pair_ids(tokenizer, "the dog", "ran to the big old sea and the river"), tokenizer)
+    batch = lm_batches([query, other], 2, tokenizer.pad_token_id)[0]  # the query is padded in this batch
+    got = CausalLMTask().per_example_loss(model, batch)[0]
+    ids = list(query.input_ids)
+    completion_positions = list(range(len(prompt), len(ids)))
+    assert float(got.detach()) == pytest.approx(float(hand_loss(model, ids, completion_positions)), rel=1e-9)
+    every_position = float(hand_loss(model, ids, list(range(1, len(ids)))))
+    assert abs(float(got) - every_position) > 1e-3  # prompt positions are not counted
+
+
+def test_chunking_and_masks(tmp_path):
+    tokenizer = tiny_tokenizer()
+    path = tmp_path / "docs.txt"
+    path.write_text("the cat sat on the mat and the dog ran\n\n  \n\nparis\n\nthe sea")
+    seqs = tokenize_documents(tokenizer, read_documents(str(path)), max_length=4)
+    assert [len(s.input_ids) for s in seqs] == [4, 4, 2, 2]  # 10 tokens -> 4 + 4 + 2; "paris" alone is dropped
+    assert all(s.loss_mask == (0,) + (1,) * (len(s.input_ids) - 1) for s in seqs)
+    assert len({s.id for s in seqs}) == 4
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("q,a\nthe capital of france,is paris\nthe capital of spain,is madrid\n")
+    pairs = tokenize_documents(tokenizer, read_documents(str(csv), prompt_column="q", completion_column="a"), 16)
+    assert pairs[0].loss_mask == (0, 0, 0, 0, 1, 1)
+    assert tokenizer.decode(list(pairs[1].input_ids[4:])) == "is madrid"
+
+
+def _mlp_modules(model):
+    from influent.curvature.linear_grads import select_linear_modules
+
+    return select_linear_modules(model, mlp_pattern(model))
+
+
+def dense_gradients(model, modules, seq) -> tuple[dict, dict, dict]:
+    """Per module: the example's gradient ``[d_out, d_in(+1)]`` by autograd of the hand loss (Conv1D
+    weights transposed), and its token activations ``a`` (with a ones column for a bias) and output grads."""
+    from transformers.pytorch_utils import Conv1D
+
+    acts, outs = {}, {}
+    hooks = []
+    for name, m in modules.items():
+        def hook(mod, inputs, output, name=name):
+            acts[name] = inputs[0].detach()[0]
+            output.retain_grad()
+            outs[name] = output
+        hooks.append(m.register_forward_hook(hook))
+    ids = list(seq.input_ids)
+    targets = [t for t, k in enumerate(seq.loss_mask) if k]
+    model.zero_grad()
+    params = [p for m in modules.values() for p in m.parameters()]
+    loss = hand_loss(model, ids, targets)
+    grads = torch.autograd.grad(loss, params, retain_graph=True)
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    out, a_tok, g_tok, k = {}, {}, {}, 0
+    for name, m in modules.items():
+        w = grads[k].T if isinstance(m, Conv1D) else grads[k]
+        k += 1
+        a = acts[name]
+        if m.bias is not None:
+            w = torch.cat([w, grads[k][:, None]], dim=1)
+            k += 1
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
+        out[name], a_tok[name], g_tok[name] = w.detach(), a, outs[name].grad[0].detach()
+    return out, a_tok, g_tok
+
+
+def dense_ekfac_inverse(grads, acts, outs, damping: float) -> dict[str, torch.Tensor]:
+    """``(Q diag(Lambda) Q^T + damping I)^-1`` per module, formed densely (``[p, p]``), from per-example data:
+    A = mean over tokens of a a^T, S = sum over tokens / examples of g g^T, Lambda = mean_i (Q_S^T G_i Q_A)^2."""
+    inverses = {}
+    n = len(grads)
+    for name in grads[0]:
+        a = torch.cat([x[name] for x in acts])
+        g = torch.cat([x[name] for x in outs])
+        _, qa = torch.linalg.eigh(a.T @ a / a.shape[0])
+        _, qs = torch.linalg.eigh(g.T @ g / n)
+        lam = torch.stack([(qs.T @ x[name] @ qa) ** 2 for x in grads]).mean(0)
+        basis = torch.kron(qs, qa)  # vec (row-major) of q_s_j q_a_k^T is column j * d_in + k
+        dense = basis @ torch.diag(lam.reshape(-1)) @ basis.T
+        inverses[name] = torch.linalg.inv(dense + damping * torch.eye(dense.shape[0], dtype=dense.dtype))
+    return inverses
+
+
+@pytest.mark.parametrize("strategy", ["identity", "ekfac"])
+def test_scores_equal_dense_definition(lm, strategy):
+    _, _, model, tokenizer = lm
+    seqs = training_sequences(tokenizer)
+    query = pair_sequence(*pair_ids(tokenizer, "the capital of italy", "is rome"), tokenizer)
+    modules = _mlp_modules(model)
+    damping = 0.05
+    method = FactoredInfluence(model, CausalLMTask(), lm_batches(seqs, 3, tokenizer.pad_token_id),
+                               FactorConfig(strategy=strategy, modules=mlp_pattern(model), damping=damping),
+                               progress=False)
+    qbatch = lm_batches([query], 1, tokenizer.pad_token_id)
+    got = method.pairwise_scores(qbatch)[0]
+
+    train = [dense_gradients(model, modules, s) for s in seqs]
+    gq = dense_gradients(model, modules, query)[0]
+    if strategy == "identity":
+        inverses = {n: torch.eye(g.numel(), dtype=g.dtype) / (1 + damping) for n, g in gq.items()}
+    else:
+        inverses = dense_ekfac_inverse([t[0] for t in train], [t[1] for t in train], [t[2] for t in train], damping)
+    want = torch.tensor([sum(float(gq[n].reshape(-1) @ inverses[n] @ gi[n].reshape(-1)) for n in gq)
+                         for gi, _, _ in train], dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-9 * float(want.abs().max()))
+    # the candidate path: token shares of any subset, against the same factors, sum to the same scores
+    subset = [4, 1, 7]
+    shares = token_scores(method, qbatch, lm_batches([seqs[i] for i in subset], 2, tokenizer.pad_token_id))
+    sums = torch.tensor([float(s[0].sum()) for s in shares], dtype=torch.float64)
+    assert torch.allclose(sums, want[subset], rtol=1e-6, atol=1e-9 * float(want.abs().max()))
+
+
+def test_retrieval_ranks_lexical_matches_first():
+    texts = ["the cat sat on the mat", "dogs bark", "paris is in france", "rome is in italy"]
+    ranker = CandidateFilter(texts)
+    for method in ("tfidf", "bm25"):
+        assert ranker.top("is paris in france", 2, method)[0] == 2
+        assert ranker.top("italy rome", 1, method).tolist() == [3]
+    assert ranker.top("anything", 4, "all").tolist() == [0, 1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm-cli")
+    folder = tiny_lm_folder(root / "model", "gpt2")
+    data = root / "facts.txt"
+    data.write_text("\n\n".join(FACTS))
+    base = ["--data", str(data), "--base-model", str(folder), "--cache-dir", str(root / "cache"), "--last-k", "-1",
+            "--epochs", "2", "--lr", "1e-2", "--batch-size", "4", "--quiet"]
+    return root, folder, data, base
+
+
+def run_json(capsys, argv) -> dict:
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_train_then_trace_tokens_and_candidates(cli_files, capsys):
+    root, _, _, base = cli_files
+    assert main(["train", "--model", "lm", *base]) == 0
+    first = capsys.readouterr().out
+    assert "fine-tuned" in first and "10 sequences" in first
+    saved = sorted((root / "cache" / "lm").glob("*/weights.safetensors"))
+    assert len(saved) == 1
+    query = ["trace", *base, "--prompt", "the capital of italy", "--completion", "is rome", "--json"]
+    full = run_json(capsys, [*query, "--top", "10", "--tokens"])
+    assert len(saved) == len(sorted((root / "cache" / "lm").glob("*/weights.safetensors")))  # no second model
+    assert full["query"]["completion"] == "is rome" and full["query"]["loss"] > 0
+    assert full["candidates"] == {"method": "all", "kept": 10, "of": 10}
+    scores = [r["score"] for r in full["results"]]
+    assert scores == sorted(scores, reverse=True)
+    for row in full["results"]:
+        total = sum(t["score"] for t in row["tokens"])
+        assert abs(total - row["score"]) <= 1e-5 * abs(row["score"])
+        assert row["loss_change"] == pytest.approx(row["score"] / 10)
+    by_id = {r["id"]: r["score"] for r in full["results"]}
+    for method in ("tfidf", "bm25"):
+        kept = run_json(capsys, [*query, "--candidates", "4", "--candidates-method", method])
+        assert kept["candidates"] == {"method": method, "kept": 4, "of": 10}
+        assert len(kept["results"]) == 4
+        for row in kept["results"]:
+            assert row["score"] == pytest.approx(by_id[row["id"]], rel=1e-5)
+    generated = run_json(capsys, ["trace", *base, "--prompt", "the capital of", "--max-new-tokens", "3", "--json"])
+    assert len(generated["query"]["completion"].split()) == 3  # the greedy completion, traced
+
+
+def one_line_exit_2(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("influent: error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_input_is_one_line_exit_2(cli_files, capsys, tmp_path):
+    _, folder, _, base = cli_files
+    trace = ["trace", *base]
+    err = one_line_exit_2(capsys, ["trace", *[a if a != str(folder) else "no-such-org/no-such-lm-42" for a in base],
+                                   "--prompt", "the cat"])
+    assert "no-such-org/no-such-lm-42" in err
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n\n \n")
+    assert "no text" in one_line_exit_2(capsys, ["train", "--model", "lm", *base[2:], "--data", str(blank)])
+    empty_col = tmp_path / "empty.csv"
+    empty_col.write_text("text,other\n,1\n,2\n")
+    one_line_exit_2(capsys, ["train", "--model", "lm", *base[2:], "--data", str(empty_col)])
+    assert "--prompt is empty" in one_line_exit_2(capsys, [*trace, "--prompt", "   "])
+    long_prompt = " ".join(["the cat"] * 20)  # 40 tokens; the context is 32
+    assert "context" in one_line_exit_2(capsys, [*trace, "--prompt", long_prompt, "--completion", "sat"])
+    assert "--candidates" in one_line_exit_2(capsys, [*trace, "--prompt", "the cat", "--completion", "sat",
+                                                      "--candidates", "11"])
