@@ -239,3 +239,24 @@ def test_bad_input_is_one_line_exit_2(cli_files, capsys, tmp_path):
     assert "context" in one_line_exit_2(capsys, [*trace, "--prompt", long_prompt, "--completion", "sat"])
     assert "--candidates" in one_line_exit_2(capsys, [*trace, "--prompt", "the cat", "--completion", "sat",
                                                       "--candidates", "11"])
+
+
+def test_fine_tune_is_seeded_and_the_checkpoint_reloads(tmp_path):
+    from influent.lm_pipeline import LMSettings, prepare_lm
+
+    folder = tiny_lm_folder(tmp_path / "model", "llama")
+    data = tmp_path / "facts.txt"
+    data.write_text("\n\n".join(FACTS))
+    settings = {"data": str(data), "base_model": str(folder), "last_k": 1, "epochs": 2, "lr": 1e-2,
+                "batch_size": 4}
+    first = prepare_lm(LMSettings(**settings), cache_dir=tmp_path / "a", progress=False)
+    again = prepare_lm(LMSettings(**settings), cache_dir=tmp_path / "b", progress=False)  # trained afresh
+    loaded = prepare_lm(LMSettings(**settings), cache_dir=tmp_path / "a", progress=False)  # from the checkpoint
+    base, _ = load_causal_lm(str(folder))
+    trained = dict(first.model.named_parameters())
+    changed = [n for n, p in base.named_parameters() if not torch.equal(p, trained[n])]
+    assert changed and all(n.startswith("model.layers.1.") for n in changed)  # only the last block trained
+    for other in (again, loaded):
+        for name, p in other.model.named_parameters():
+            assert torch.equal(p, trained[name]), name
+    assert loaded.metrics == first.metrics
