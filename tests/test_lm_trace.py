@@ -53,8 +53,8 @@ def test_loss_counts_only_completion_tokens(lm):
     got = CausalLMTask().per_example_loss(model, batch)[0]
     ids = list(query.input_ids)
     completion_positions = list(range(len(prompt), len(ids)))
-    assert float(got.detach()) == pytest.approx(float(hand_loss(model, ids, completion_positions)), rel=1e-9)
-    every_position = float(hand_loss(model, ids, list(range(1, len(ids)))))
+    assert float(got.detach()) == pytest.approx(float(hand_loss(model, ids, completion_positions).detach()), rel=1e-9)
+    every_position = float(hand_loss(model, ids, list(range(1, len(ids)))).detach())
     assert abs(float(got) - every_position) > 1e-3  # prompt positions are not counted
 
 

@@ -7,7 +7,7 @@ import argparse
 import json
 import re
 
-from influent.cli.common import add_data_options, add_finetune_options, flag
+from influent.cli.common import add_data_options, add_finetune_options, check_finetune_args, checked
 from influent.errors import UserError
 
 
@@ -38,17 +38,13 @@ def lm_settings(args: argparse.Namespace):
 
 
 def lm_setup(args: argparse.Namespace, retrain: bool = False):
+    """Fine-tune (or load) the causal LM the data, model and fine-tuning options describe."""
     from influent.lm_pipeline import prepare_lm
 
-    try:
-        return prepare_lm(lm_settings(args), cache_dir=args.cache_dir, retrain=retrain, progress=not args.quiet)
-    except UserError as err:
-        raise _with_flag(err) from None
-
-
-def _with_flag(err: UserError) -> UserError:
-    field = getattr(err, "field", None)
-    return UserError(f"{flag(field)}: {err}" if field else str(err))
+    check_finetune_args(args)
+    if args.last_k == 0:
+        raise UserError("--last-k must be at least 1 (or -1 for all layers) with --model lm")
+    return prepare_lm(lm_settings(args), cache_dir=args.cache_dir, retrain=retrain, progress=not args.quiet)
 
 
 def cmd_train_lm(args: argparse.Namespace) -> int:
@@ -100,12 +96,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from influent.factored_influence import FactorConfig, FactoredInfluence
     from influent.trace import format_trace, trace
 
-    if args.top < 1:
-        raise UserError(f"--top must be at least 1, got {args.top}")
-    if args.candidates is not None and args.candidates < 1:
-        raise UserError(f"--candidates must be at least 1, got {args.candidates}")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    checked("top", args.top, low=1, integer=True)
+    checked("max_new_tokens", args.max_new_tokens, low=1, integer=True)
+    if args.candidates is not None:
+        checked("candidates", args.candidates, low=1, integer=True)
+    if args.damping is not None:
+        checked("damping", args.damping, low=0)
     if not args.prompt.strip():
         raise UserError("--prompt is empty")
     setup = lm_setup(args)
@@ -114,14 +110,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
     query = query_sequence(setup, args.prompt, args.completion, args.max_new_tokens)
     config = FactorConfig(strategy=args.strategy, modules=tracked_modules(setup.model, args.modules),
                           damping=args.damping, seed=args.seed)
-    try:
-        method = FactoredInfluence(setup.model, setup.task, setup.batches(), config,
-                                   cache_dir=setup.folder / "factors", progress=not args.quiet)
-        result = trace(method, setup.sequences, query, setup.tokenizer, top=args.top, tokens=args.tokens,
-                       candidates=args.candidates, candidates_method=args.candidates_method,
-                       batch_size=setup.settings.batch_size)
-    except UserError as err:
-        raise _with_flag(err) from None
+    method = FactoredInfluence(setup.model, setup.task, setup.batches(), config,
+                               cache_dir=setup.folder / "factors", progress=not args.quiet)
+    result = trace(method, setup.sequences, query, setup.tokenizer, top=args.top, tokens=args.tokens,
+                   candidates=args.candidates, candidates_method=args.candidates_method,
+                   batch_size=setup.settings.batch_size)
     print(json.dumps(result) if args.json else format_trace(result))
     return 0
 
