@@ -92,7 +92,7 @@ def prepare_lm(settings: LMSettings, *, cache_dir: str | Path | None = None, ret
     documents = read_documents(settings.data, text_column=settings.text_column,
                                prompt_column=settings.prompt_column, completion_column=settings.completion_column,
                                hf_split=settings.hf_split)
-    model, tokenizer = load_causal_lm(settings.base_model)
+    model, tokenizer = load_causal_lm(settings.base_model, progress=progress)
     if settings.max_length is None:
         settings.max_length = min(DEFAULT_MAX_LENGTH, context_length(model))
     if settings.max_length > context_length(model):

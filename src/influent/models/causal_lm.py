@@ -21,7 +21,9 @@ settings as JSON (atomic writes through :mod:`influent.store`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,12 +75,14 @@ def resolve_lm(name: str | None) -> tuple[str, str | None]:
     return name, None
 
 
-def load_causal_lm(name: str | None = None):
+def load_causal_lm(name: str | None = None, *, progress: bool = True):
     """Load ``(model in eval mode, float32; tokenizer with a pad token)``.
 
     Args:
         name: a Hugging Face model name (found in the local cache only), a local folder, a ``.gguf`` file,
             or None / :data:`DEFAULT_LM` for the packaged SmolLM2-135M-Instruct.
+        progress: show transformers' GGUF de-quantisation bar (it ignores transformers' own switch; without
+            ``progress`` stderr is silenced while loading).
 
     Raises:
         UserError: (field ``base_model``) the model cannot be found or loaded.
@@ -87,9 +91,11 @@ def load_causal_lm(name: str | None = None):
 
     source, gguf = resolve_lm(name)
     kwargs = {"gguf_file": gguf} if gguf else {"local_files_only": True}
+    quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+        with quiet:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(
