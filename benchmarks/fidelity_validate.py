@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from influent.evaluation.validate import run_validate
+from influent.report.fidelity import write_validation
 
 
 def main() -> None:
@@ -51,7 +52,7 @@ def main() -> None:
         extra["frozen_prefix"] = not a.no_frozen_prefix
         extra["first_token"] = not a.no_first_token
     t0 = time.perf_counter()
-    run_validate(
+    result = run_validate(
         a.model,
         strategies=a.strategy,
         solvers=a.solver,
@@ -62,10 +63,10 @@ def main() -> None:
         fine_tune_last=a.fine_tune_last,
         train_size=a.train_size,
         damping=a.damping,
-        out=a.out,
         seed=a.seed,
         **extra,
     )
+    write_validation(result, a.out)
     print(Path(a.out, "validate.md").read_text())
     print(f"seconds: {time.perf_counter() - t0:.0f}")
 

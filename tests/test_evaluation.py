@@ -151,6 +151,7 @@ def test_minibatch_trainer_is_deterministic_and_keeps_relative_order():
 def test_validate_exact_writes_tables_and_plots(tmp_path):
     from influent.evaluation.fidelity import select_examples
     from influent.evaluation.validate import validate_exact
+    from influent.report.fidelity import write_validation
 
     x, y = make_data(n=200, d=4, seed=2)
     model, task, _ = train_head(x, y, 2, l2=1e-2)
@@ -163,10 +164,10 @@ def test_validate_exact_writes_tables_and_plots(tmp_path):
         examples=9,
         subsets=12,
         lissa_depth=300,
-        out=tmp_path / "out",
         cache_dir=tmp_path / "cache",
         progress=False,
     )
+    write_validation(result, tmp_path / "out")
     exact = result["estimates"]["exact (damping 0)"]
     assert exact["vs"]["loo_cold"]["pearson_per_query"] >= 0.99
     assert result["gap"]["warm vs cold start"]["max abs(warm - cold) / max abs(cold)"] < 1e-6

@@ -82,6 +82,7 @@ def test_retraining_on_cached_hidden_states_matches_the_full_model(tiny_classifi
 
 def test_validate_finetuned_runs_end_to_end_on_a_tiny_bert(tiny_encoder_dir, reviews_csv, tmp_path):
     from influent.evaluation.validate import run_validate
+    from influent.report.fidelity import write_validation
 
     result = run_validate(
         "finetuned",
@@ -92,7 +93,6 @@ def test_validate_finetuned_runs_end_to_end_on_a_tiny_bert(tiny_encoder_dir, rev
         epochs=1,
         fine_tune_last=1,
         train_size=24,
-        out=tmp_path / "out",
         seed=0,
         data=str(reviews_csv),
         text_column="review",
@@ -112,4 +112,5 @@ def test_validate_finetuned_runs_end_to_end_on_a_tiny_bert(tiny_encoder_dir, rev
         arr = np.asarray(result["ground_truth"][truth])
         assert arr.shape == (3, 2) and np.isfinite(arr).all()
     assert np.isfinite(result["estimates"]["ekfac"]["lds"])
+    write_validation(result, tmp_path / "out")
     assert (tmp_path / "out" / "validate.md").exists() and (tmp_path / "out" / "scatter-pbrf.png").exists()

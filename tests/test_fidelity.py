@@ -15,6 +15,7 @@ from influent.evaluation.validate import HeadFidelity
 from influent.factored_influence import FactoredInfluence
 from influent.influence import ExactInfluence
 from influent.models.head import train_head
+from influent.report.fidelity import write_validation
 
 SCHEMA = {"model", "settings", "estimates", "ground_truth", "examples", "estimated_change", "gap", "seconds"}
 
@@ -27,7 +28,7 @@ def _head_result(tmp_path):
     model, task, _ = train_head(x, y, 2, l2=1e-2)
     queries = (x[:3] * 1.2 + 0.1, y[:3])
     subject = HeadFidelity(model, task, (x, y), queries, solvers=("exact", "cg"), progress=False)
-    result = evaluate_fidelity(subject, examples=6, subsets=0, seed=1, out=tmp_path / "head")
+    result = write_validation(evaluate_fidelity(subject, examples=6, subsets=0, seed=1), tmp_path / "head")
     return result, (x, y, queries, model, task)
 
 
@@ -46,7 +47,7 @@ def _finetuned_result(tiny_encoder_dir, reviews_csv, tmp_path):
         clf, strategies=("identity", "ekfac"), damping=None, seed=0, pbrf_epochs=1, pbrf_lr=0.05,
         cache=tmp_path / "cache", progress=False,
     )
-    return evaluate_fidelity(subject, examples=3, subsets=0, seed=0, out=tmp_path / "ft"), clf
+    return write_validation(evaluate_fidelity(subject, examples=3, subsets=0, seed=0), tmp_path / "ft"), clf
 
 
 def test_head_and_finetuned_model_go_through_the_same_evaluation(tiny_encoder_dir, reviews_csv, tmp_path):

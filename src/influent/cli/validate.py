@@ -12,6 +12,7 @@ from influent.cli.common import add_data_options, check_data_args, check_output_
 def cmd_validate(args: argparse.Namespace) -> int:
     from influent.evaluation.options import ValidateOptions
     from influent.evaluation.validate import run_validate
+    from influent.report.fidelity import write_validation
 
     options = ValidateOptions(
         args.model, strategies=args.strategy, solvers=args.solver, examples=args.examples, subsets=args.subsets,
@@ -25,10 +26,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.model == "finetuned":
         extra = {"text_column": args.text_column, "label_column": args.label_column, "encoder": args.encoder}
     result = run_validate(
-        args.model, out=args.out, cache_dir=args.cache_dir, progress=not args.quiet,
+        args.model, cache_dir=args.cache_dir, progress=not args.quiet,
         setup=head_setup(args) if args.model == "head" else None, data=args.data, **options.as_kwargs(), **extra,
     )
     out = Path(args.out)
+    write_validation(result, out)
     print((out / "validate.md").read_text() if (out / "validate.md").exists() else json.dumps(result)[:2000])
     print(f"\nTables: {out / 'validate.md'}, {out / 'validate.json'}; scatter plots: {out}/scatter-*.png")
     return 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -27,7 +26,6 @@ from influent.evaluation.groundtruth import GroundTruth
 from influent.evaluation.lds import lds, random_subsets
 from influent.evaluation.metrics import correlations
 from influent.influence import InfluenceMethod
-from influent.report.fidelity import scatter_plots, write_fidelity_report
 from influent.task import Batch
 
 GROUND_TRUTHS = ("loo_cold", "loo_warm", "pbrf")
@@ -245,9 +243,8 @@ def evaluate_fidelity(
     subsets: int,
     subset_fraction: float = 0.5,
     seed: int = 0,
-    out: str | Path | None = None,
 ) -> dict:
-    """Influence estimates of ``subject``'s methods against retraining; optionally written to ``out``.
+    """Influence estimates of ``subject``'s methods against retraining (files: :mod:`influent.report.fidelity`).
 
     Args:
         subject: the model side (methods, queries, retraining, settings, gap).
@@ -255,11 +252,12 @@ def evaluate_fidelity(
             by the reference method's estimates).
         subsets: random subsets retrained for the LDS (0 skips it); subset_fraction: their relative size.
         seed: seeds the example and subset draws.
-        out: output folder for ``validate.{json,md}`` and ``scatter-*.png`` (None: nothing written).
 
     Returns:
         The result dict (``model``, ``settings``, ``estimates``, ``ground_truth``, ``examples``,
-        ``estimated_change``, [``lds``], ``gap``, ``seconds``, [``plots``]); changes in the units of the
+        ``estimated_change``, [``lds``], ``gap``, ``reference`` (the method the examples were chosen by: its
+        ``method`` key in ``estimated_change``, its ``estimate`` row and a plot ``title``), ``seconds``);
+        changes in the units of the
         query measurement (nats for a loss), rows of ``ground_truth`` following ``examples.indices``.
     """
     t0 = time.perf_counter()
@@ -282,14 +280,9 @@ def evaluate_fidelity(
         design = {"subsets": subsets, "fraction": subset_fraction, "start": subject.lds_start}
         result["lds"] = design if subsets > 0 else {}
     result["gap"] = subject.gap(run)
+    ref = scored.reference
+    result["reference"] = {"method": ref, "estimate": subject.estimate_name(ref), "title": subject.plot_title(ref)}
     result["seconds"] = time.perf_counter() - t0
-    if out is not None:
-        ref = scored.reference
-        result["plots"] = scatter_plots(
-            Path(out), run.estimate(ref), truths, kinds, subject.plot_title(ref),
-            rows[subject.estimate_name(ref)]["vs"],
-        )
-        write_fidelity_report(result, Path(out))
     return result
 
 

@@ -339,7 +339,6 @@ def validate_finetuned(
     fine_tune_last: int = 1,
     train_size: int = 1000,
     damping: float | None = None,
-    out: str | Path | None = "validate",
     seed: int = 0,
     data: str | None = None,
     text_column: str = "text",
@@ -404,7 +403,7 @@ def validate_finetuned(
         cache=cache, progress=progress,
     )
     return evaluate_fidelity(
-        subject, examples=examples, subsets=subsets, subset_fraction=subset_fraction, seed=seed, out=out
+        subject, examples=examples, subsets=subsets, subset_fraction=subset_fraction, seed=seed
     )
 
 

@@ -205,7 +205,6 @@ def validate_exact(
     gap_damping: float | None = None,
     lissa_depth: int = 500,
     seed: int = 0,
-    out: str | Path | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
     label: str = "head",
@@ -214,10 +213,10 @@ def validate_exact(
     """Influence vs retraining for a model whose Hessian can be formed (e.g. the logistic head).
 
     The arguments of :class:`HeadFidelity`, plus those of :func:`~influent.evaluation.fidelity.evaluate_fidelity`
-    (``examples``, ``subsets``, ``subset_fraction``, ``seed``, ``out``).
+    (``examples``, ``subsets``, ``subset_fraction``, ``seed``).
 
     Returns:
-        The result dict written to ``validate.json``.
+        The result dict (:func:`influent.report.fidelity.write_validation` writes its files).
     """
     subject = HeadFidelity(
         model, task, train_batch, query_batch, trainer=trainer, solvers=solvers, damping=damping,
@@ -225,7 +224,7 @@ def validate_exact(
         label=label, extra_settings=extra_settings,
     )
     return evaluate_fidelity(
-        subject, examples=examples, subsets=subsets, subset_fraction=subset_fraction, seed=seed, out=out
+        subject, examples=examples, subsets=subsets, subset_fraction=subset_fraction, seed=seed
     )
 
 
@@ -260,7 +259,6 @@ def run_validate(
     fine_tune_last: int = 1,
     train_size: int | None = None,
     damping: float | None = None,
-    out: str | Path = "validate",
     seed: int = 0,
     setup=None,
     data: str | None = None,
@@ -268,7 +266,7 @@ def run_validate(
     progress: bool = True,
     **kwargs,
 ) -> dict:
-    """Run the fidelity comparison and write ``out/validate.{json,md}`` and ``out/scatter-*.png``.
+    """Run the fidelity comparison; :func:`influent.report.fidelity.write_validation` writes its files.
 
     Args:
         model: ``'head'`` (frozen encoder + logistic head) or ``'finetuned'`` (last k layers fine-tuned).
@@ -282,7 +280,6 @@ def run_validate(
         train_size: training examples used (seeded stratified slice; None = all for the head, 1000 for
             the fine-tuned model).
         damping: influence / PBRF damping (None: 0 for the head; the strategy's heuristic for fine-tuned).
-        out: output folder.
         seed: seeds the split, the slices, the draws and the training.
         setup: a prepared :class:`~influent.pipeline.HeadSetup` (head only; else built with
             :func:`~influent.pipeline.prepare_head` from ``data``/``cache_dir``/``seed``).
@@ -303,14 +300,14 @@ def run_validate(
         return validate_finetuned(
             strategies=strategies, examples=examples, subsets=subsets, queries=queries, epochs=epochs,
             fine_tune_last=fine_tune_last, train_size=1000 if train_size is None else train_size,
-            damping=damping, out=out, seed=seed, data=data, cache_dir=cache, progress=progress, **kwargs,
+            damping=damping, seed=seed, data=data, cache_dir=cache, progress=progress, **kwargs,
         )
     if setup is None:
         setup = prepare_head(data, seed=seed, cache_dir=cache, progress=progress)
     head, task, train_batch, query_batch = head_problem(setup, train_size, queries, seed)
     return validate_exact(
         head, task, train_batch, query_batch, examples=examples, subsets=subsets, solvers=solvers,
-        damping=0.0 if damping is None else damping, seed=seed, out=out, cache_dir=cache / "validate",
+        damping=0.0 if damping is None else damping, seed=seed, cache_dir=cache / "validate",
         progress=progress, label="head",
         extra_settings={"data": setup.info.get("data"), "encoder": setup.info.get("encoder")}, **kwargs,
     )

@@ -110,6 +110,19 @@ def scatter_plots(
     return paths
 
 
+def write_validation(result: dict, out: str | Path) -> dict:
+    """Write every file of a fidelity result to ``out``: the scatter plots of its reference method, then
+    ``validate.json`` and ``validate.md``. Returns ``result`` with ``plots`` (the PNG names) added."""
+    out = Path(out)
+    ref = result["reference"]
+    estimate = np.asarray(result["estimated_change"][ref["method"]], dtype=np.float64)
+    truths = {g: np.asarray(a, dtype=np.float64) for g, a in result["ground_truth"].items()}
+    agreement = result["estimates"][ref["estimate"]]["vs"]
+    result["plots"] = scatter_plots(out, estimate, truths, result["examples"]["kinds"], ref["title"], agreement)
+    write_fidelity_report(result, out)
+    return result
+
+
 def write_fidelity_report(result: dict, out: Path) -> None:
     """Write ``out/validate.json`` (the result) and ``out/validate.md`` (:func:`markdown_report`), atomically."""
     out.mkdir(parents=True, exist_ok=True)
@@ -119,4 +132,4 @@ def write_fidelity_report(result: dict, out: Path) -> None:
     tmp.replace(out / "validate.md")
 
 
-__all__ = ["TITLES", "markdown_report", "scatter_plots", "write_fidelity_report"]
+__all__ = ["TITLES", "markdown_report", "scatter_plots", "write_fidelity_report", "write_validation"]
