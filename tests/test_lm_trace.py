@@ -260,3 +260,16 @@ def test_fine_tune_is_seeded_and_the_checkpoint_reloads(tmp_path):
         for name, p in other.model.named_parameters():
             assert torch.equal(p, trained[name]), name
     assert loaded.metrics == first.metrics
+
+
+def test_diverging_fine_tune_is_a_numerical_error_and_saves_nothing(tmp_path):
+    from influent.errors import NumericalError
+    from influent.lm_pipeline import LMSettings, prepare_lm
+
+    folder = tiny_lm_folder(tmp_path / "model", "llama")
+    data = tmp_path / "facts.txt"
+    data.write_text("\n\n".join(FACTS))
+    settings = LMSettings(data=str(data), base_model=str(folder), last_k=None, epochs=3, lr=1e30, batch_size=2)
+    with pytest.raises(NumericalError):
+        prepare_lm(settings, cache_dir=tmp_path / "cache", progress=False)
+    assert not list((tmp_path / "cache").rglob("settings.json"))

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from influent import store
-from influent.errors import UserError
+from influent.errors import NumericalError, UserError
 from influent.task import Task
 
 DEFAULT_LM = "smollm2-135m-instruct"
@@ -195,6 +195,9 @@ def fine_tune(
 
     ``batches_for_epoch(generator)`` returns one epoch's batches in a seeded order. Dropout is on while
     training; the model is left in eval mode. Returns the mean loss of each epoch (nats per sequence).
+
+    Raises:
+        NumericalError: the loss became non-finite (before anything is saved).
     """
     from tqdm.auto import tqdm
 
@@ -215,7 +218,8 @@ def fine_tune(
                 losses = task.per_example_loss(model, batch)
                 loss = losses.mean()
                 if not math.isfinite(loss.item()):
-                    raise UserError(f"the training loss became {loss.item()} (lower the learning rate)", field="lr")
+                    raise NumericalError(f"the fine-tuning loss became {loss.item()} in epoch {epoch + 1} "
+                                         "(try a lower --lr); no checkpoint was saved")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
