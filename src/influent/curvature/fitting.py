@@ -13,7 +13,7 @@ heuristic (``damping=None``: ``damping_fraction * mean eigenvalue`` of that modu
 ``task.l2`` (ridge on the objective) is added on top. Units: loss per squared parameter unit.
 
 Factors are cached under ``cache_dir/factors/<key>/`` (``factors.safetensors`` + ``manifest.json``,
-atomic writes). An interrupted fit resumes from the last checkpoint of partial sums (every
+atomic, checksummed writes; the manifest pins the checksum of its factors file). An interrupted fit resumes from the last checkpoint of partial sums (every
 ``checkpoint_every`` batches; :mod:`influent.curvature.passes`). A cache file that cannot be read is
 recomputed with a one-line warning, never used.
 """
@@ -43,6 +43,7 @@ from influent.task import Batch, Task, length_buckets
 FORMAT_VERSION = 2  # 2: padding rows skipped in the fit (factors of version 1 counted them)
 FACTORS_FILE = "factors.safetensors"
 MANIFEST_FILE = "manifest.json"
+FACTORS_CHECKSUM = "factors_sha256"  # manifest entry: the checksum of the factors file it belongs to
 
 
 def fit_factors(
@@ -180,7 +181,8 @@ def _load(folder: Path | None, config: FactorConfig) -> Factors | None:
         return None
     try:
         manifest = store.read_json(folder / MANIFEST_FILE)
-        tensors = store.read_tensors(folder / FACTORS_FILE)
+        pinned = manifest.get(FACTORS_CHECKSUM)  # the factors file this manifest was written with
+        tensors = store.read_tensors_with_metadata(folder / FACTORS_FILE, expect_sha256=pinned)[0]
         factors = Factors(config, manifest, tensors)
         _check_complete(factors, folder.name)
         return factors
@@ -202,7 +204,7 @@ def _save(folder: Path | None, tensors: dict, manifest: dict) -> None:
     """Write factors, then manifest (an entry with a manifest is complete); drop the checkpoints."""
     if folder is None:
         return
-    store.write_tensors(folder / FACTORS_FILE, tensors)
+    manifest[FACTORS_CHECKSUM] = store.write_tensors(folder / FACTORS_FILE, tensors)
     store.write_json(folder / MANIFEST_FILE, manifest)
     for stale in folder.glob("stage-*.safetensors"):
         stale.unlink(missing_ok=True)
