@@ -366,3 +366,10 @@ def test_diverged_fine_tuning_is_a_numerical_error(capsys, base_args, tmp_path):
                                     "8", *base_args[:-2]])
     one_line_error(code, err, "fine-tuning diverged", status=3)
     assert not list((tmp_path / "cache").rglob("settings.json"))
+
+
+def test_warnings_print_as_one_line():
+    from influent.cli import one_line_warning
+
+    text = one_line_warning(UserWarning("cache file damaged:\n  recomputed"), UserWarning, "x.py", 3, "src")
+    assert text == "influent: warning: cache file damaged: recomputed\n"

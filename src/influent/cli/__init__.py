@@ -13,6 +13,7 @@ import argparse
 import errno
 import os
 import sys
+import warnings
 
 from influent.cli.attack import add_attack_parser
 from influent.cli.audit import add_audit_parser
@@ -51,6 +52,12 @@ def _quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    warnings.formatwarning = one_line_warning
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the one line ``influent: warning: ...`` (no source line under it)."""
+    return f"influent: warning: {' '.join(str(message).split())}\n"
 
 
 def _error(message: str, code: int) -> int:
