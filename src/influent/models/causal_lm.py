@@ -219,7 +219,7 @@ def fine_tune(
                 loss = losses.mean()
                 if not math.isfinite(loss.item()):
                     raise NumericalError(f"the fine-tuning loss became {loss.item()} in epoch {epoch + 1} "
-                                         "(try a lower --lr); no checkpoint was saved")
+                                         "(try a lower learning rate, lr); no checkpoint was saved")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
