@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from influent.curvature.config import FactorConfig
-from influent.factored_influence import FactoredInfluence
+from influent.factored_influence import FactoredInfluence, Factors, fit_factors, pairwise_scores
 from influent.index import GradientIndex, IndexConfig, build_index, merge_top, rerank, shards
 from influent.index.build import module_slices
 from influent.index.projection import projections, random_projection
@@ -238,8 +238,10 @@ def _rank_main(rank: int, world: int, port: int, folder: str, out: str) -> None:
         build_index(model, task, batches, folder, IndexConfig(rank=3, modules="all", shard_size=9), progress=False)
         idx = GradientIndex(folder)
         top = idx.top_k(idx.query_vectors(model, task, token_data(4, seed=3)), 6)
+        factors = fit_factors(model, task, batches, FactorConfig(modules="all"), progress=False)
         if rank == 0:
-            torch.save({"pro": top.proponent_rows, "pro_s": top.proponent_scores, "opp": top.opponent_rows}, out)
+            torch.save({"pro": top.proponent_rows, "pro_s": top.proponent_scores, "opp": top.opponent_rows,
+                        "factors": factors.tensors, "manifest": factors.manifest}, out)
     finally:
         dist.destroy_process_group()
 
@@ -265,3 +267,15 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     got = torch.load(out)
     assert torch.equal(got["pro"], top.proponent_rows) and torch.equal(got["opp"], top.opponent_rows)
     torch.testing.assert_close(got["pro_s"], top.proponent_scores, rtol=1e-6, atol=0)
+    # the curvature package's EK-FAC, its covariances and corrections all-reduced over the ranks
+    config = FactorConfig(modules="all")
+    one = fit_factors(model, task, batches, config, progress=False)
+    assert got["manifest"]["n_examples"] == one.manifest["n_examples"] == 61
+    for name, value in one.tensors.items():
+        if "lambda" in name or "eigval" in name:
+            torch.testing.assert_close(got["factors"][name], value, rtol=1e-6, atol=1e-12)
+    queries = token_data(4, seed=3)
+    two_factors = Factors(config, got["manifest"], got["factors"])
+    torch.testing.assert_close(pairwise_scores(model, task, two_factors, queries, batches, progress=False),
+                               pairwise_scores(model, task, one, queries, batches, progress=False),
+                               rtol=1e-6, atol=1e-9)

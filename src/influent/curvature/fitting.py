@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from influent import store
+from influent import distributed, store
 from influent.curvature.config import FactorConfig
 from influent.curvature.factors import Factors
 from influent.curvature.fingerprints import data_fingerprint, model_fingerprint
@@ -141,7 +141,8 @@ def fit_factors(
     manifest = _manifest(
         config, modules, shapes, {k: v + l2 for k, v in damping.items()}, l2, n, data_fp, model_fp, key
     )
-    _save(folder, tensors, manifest)
+    if distributed.rank() == 0:  # under torch.distributed every rank holds the same factors; one writes them
+        _save(folder, tensors, manifest)
     return Factors(config, manifest, tensors)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from influent import store
+from influent import distributed, store
 from influent.curvature import keys
 from influent.curvature.linear_grads import LinearCapture
 from influent.errors import CacheCorruptError
@@ -120,9 +120,13 @@ class FitContext:
         in the flattened ``[B * T]`` axis (``None`` when every position counts), so that products over
         tokens can skip the padding. ``after_batch(i)`` runs after the updates of batch ``i``. Every
         ``n_examples`` entry of the sums counts the examples.
+
+        Under torch.distributed (:mod:`influent.distributed`) rank ``r`` runs batches ``r, r + world, ...``
+        and the sums are all-reduced at the end of the pass (every rank gets the totals); such a pass keeps
+        no partial checkpoint (finished stages are still saved, by rank 0).
         """
         partial, done_file = (
-            self.file(f"partial-{stage}.safetensors"),
+            None if distributed.active() else self.file(f"partial-{stage}.safetensors"),
             self.file(f"stage-{stage}.safetensors"),
         )
         done = read_checkpoint(done_file, "factor checkpoint")
@@ -133,7 +137,11 @@ class FitContext:
         sums, start = self._resume(partial, init(), order)
         bar = progress_bar(len(self.batches), f"{self.label} ({stage})", self.progress, initial=start)
         with torch.enable_grad(), LinearCapture(self.modules) as cap:
+            mine = set(distributed.owned(len(self.batches)))
             for i in range(start, len(self.batches)):
+                if i not in mine:
+                    bar.update(1)
+                    continue
                 n_examples = self._accumulate(cap, i, offsets, sums, update)
                 if after_batch is not None:
                     after_batch(i)
@@ -145,9 +153,12 @@ class FitContext:
                     store.write_tensors(partial, checkpoint)
                 bar.update(1)
         bar.close()
-        if done_file is not None:
+        for k in sorted(sums):
+            distributed.all_reduce_sum(sums[k])
+        if done_file is not None and distributed.rank() == 0:
             store.write_tensors(done_file, sums)
-            partial.unlink(missing_ok=True)
+            if partial is not None:
+                partial.unlink(missing_ok=True)
         return sums
 
     def _resume(self, partial: Path | None, sums: Sums, order: torch.Tensor) -> tuple[Sums, int]:
