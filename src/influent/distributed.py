@@ -46,8 +46,17 @@ def init_from_env(device: str = "cpu") -> bool:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` summed over ranks, in place (returned for chaining); unchanged in one process."""
-    if active():
+    """``tensor`` summed over ranks, in place (returned for chaining); unchanged in one process.
+
+    Under nccl a CPU tensor travels through this rank's GPU (nccl reduces CUDA tensors only).
+    """
+    if not active():
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type == "cpu":
+        on_gpu = tensor.to(f"cuda:{torch.cuda.current_device()}")
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        tensor.copy_(on_gpu.cpu())
+    else:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 

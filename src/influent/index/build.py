@@ -47,7 +47,8 @@ class IndexConfig:
         modules: tracked modules (``all``, ``trainable``, ``mlp`` or a regex; ``select_linear_modules``).
         projection: ``gaussian`` (LoGra) or ``orthogonal`` (rows orthonormal).
         strategy: ``ekfac`` (preconditioner fitted in the projected space) or ``identity`` (dot products).
-        damping: absolute damping, or None for ``damping_fraction`` x the mean corrected eigenvalue.
+        damping: absolute damping, or None for ``damping_fraction`` x the module's mean eigenvalue
+            (unprojected scale: ``sum(lambda) / (d_out d_in)``; :func:`~influent.index.precondition.heuristic_damping`).
         damping_fraction: the heuristic's fraction.
         shard_size: examples per shard (rounded up to whole batches).
     """
@@ -229,7 +230,8 @@ def _fit_preconditioner(folder, mine, proj, config: IndexConfig, l2: float, n: i
     for name in proj:
         distributed.all_reduce_sum(lam[name])
         lam[name] /= n
-        damping[name] = pre.heuristic_damping(lam[name], config.damping, config.damping_fraction, l2)
+        full = proj[name].p_out.shape[1] * proj[name].p_in.shape[1]
+        damping[name] = pre.heuristic_damping(lam[name], config.damping, config.damping_fraction, l2, full)
         tensors[f"q_a/{name}"], tensors[f"q_s/{name}"] = bases[name]
         tensors[f"lambda/{name}"] = lam[name]
     return tensors, damping

@@ -7,7 +7,8 @@ per-example gradients in that basis, ``lambda = (1/n) sum_i (Q_S^T G'_i Q_A)^2``
 curvature is ``(Q_A (x) Q_S) diag(lambda) (Q_A (x) Q_S)^T`` of the projected empirical Fisher. Only the
 eigenvectors of ``A`` and ``S`` matter (their scale cancels). A query's projected gradient is preconditioned
 as ``Q_S [(Q_S^T q Q_A) / (lambda + damping)] Q_A^T``; damping per module is absolute, or
-``damping_fraction * mean(lambda)`` (kronfluence's heuristic), plus the task's ``l2``. Units: loss per
+``damping_fraction`` x the unprojected module's mean eigenvalue, estimated as ``sum(lambda) / (d_out d_in)``
+(kronfluence's heuristic at the factored engine's scale), plus the task's ``l2``. Units: loss per
 squared projected-parameter unit. With an orthogonal projection of full rank this is exactly the
 unprojected EK-FAC in a rotated basis (the scores are equal).
 
@@ -68,7 +69,13 @@ def precondition(
     return q_s @ (rotate(grads, q_a, q_s) / (lam + damping)) @ q_a.T
 
 
-def heuristic_damping(lam: torch.Tensor, damping: float | None, fraction: float, l2: float) -> float:
-    """Absolute ``damping`` or ``fraction * mean(lambda)``, plus ``l2``."""
-    base = float(damping) if damping is not None else fraction * float(lam.mean())
+def heuristic_damping(lam: torch.Tensor, damping: float | None, fraction: float, l2: float, full_size: int) -> float:
+    """Absolute ``damping`` or ``fraction`` x the mean eigenvalue of the *unprojected* module, plus ``l2``.
+
+    The projection keeps the trace (``E[P^T P] = I``), so the unprojected module's mean eigenvalue is about
+    ``sum(lambda) / (d_out * d_in)`` (``full_size``), not ``mean(lambda)`` over the ``k_out * k_in``
+    projected ones (which is larger by about ``d_out d_in / (k_out k_in)``): the heuristic damps as much
+    as the factored engine's does.
+    """
+    base = float(damping) if damping is not None else fraction * float(lam.sum()) / int(full_size)
     return base + float(l2)

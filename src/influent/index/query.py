@@ -13,6 +13,7 @@ held. Under torch.distributed each rank scores its own shards and the lists are 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,8 @@ class GradientIndex:
         return out.reshape(flat.shape[0], -1)
 
     def shard_blocks(self, shard_ids: Sequence[int] | None = None):
-        """Yield ``(rows [m] int64, grads [m, width] float32)`` blocks of the shards, memory-mapped."""
+        """Yield ``(rows [m] int64, grads [m, width] float32)`` blocks of the shards, memory-mapped (the
+        ``grads`` tensors are views of read-only pages: do not write to them)."""
         entries = self.manifest["shards"]
         for s in range(len(entries)) if shard_ids is None else shard_ids:
             grads, rows = shards.open_shard(self.folder / entries[s]["file"])
@@ -141,7 +143,10 @@ class GradientIndex:
                                         f"manifest says {entries[s]['rows']}")
             for lo in range(0, grads.shape[0], BLOCK_ROWS):
                 hi = min(grads.shape[0], lo + BLOCK_ROWS)
-                yield torch.from_numpy(rows[lo:hi]), torch.from_numpy(grads[lo:hi].copy())
+                with warnings.catch_warnings():  # read-only mapped pages, never written: no copy needed
+                    warnings.simplefilter("ignore", UserWarning)
+                    block = torch.from_numpy(grads[lo:hi])
+                yield torch.from_numpy(rows[lo:hi]), block
 
     def pairwise_scores(self, vectors: torch.Tensor) -> torch.Tensor:
         """The full ``[Q, n]`` score matrix (float64) for query vectors (small n: tests, benchmarks)."""
