@@ -279,3 +279,29 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     torch.testing.assert_close(pairwise_scores(model, task, two_factors, queries, batches, progress=False),
                                pairwise_scores(model, task, one, queries, batches, progress=False),
                                rtol=1e-6, atol=1e-9)
+
+
+def test_the_causal_lm_plugs_in_full_rank_index_equals_the_factored_engine(tmp_path):
+    """A tiny LLaMA built in code: the same build and query code, a rotation at full rank, equal scores."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from lm_fixtures import FACTS, tiny_lm_folder, tiny_tokenizer
+
+    from influent.data.lm_text import lm_batches, tokenize_documents
+    from influent.models.causal_lm import CausalLMTask, load_causal_lm
+
+    model, tokenizer = load_causal_lm(str(tiny_lm_folder(tmp_path / "lm", "llama")))
+    model = model.double()
+    seqs = tokenize_documents(tiny_tokenizer(), [(f, None) for f in FACTS[:6]], max_length=8)
+    train = lm_batches(seqs[:5], 2, tokenizer.pad_token_id)
+    queries = lm_batches(seqs[5:], 2, tokenizer.pad_token_id)
+    task = CausalLMTask()
+    config = IndexConfig(rank=512, modules="mlp", projection="orthogonal", strategy="identity")  # >= every width
+    build_index(model, task, train, tmp_path / "index", config, progress=False)
+    idx = GradientIndex(tmp_path / "index")
+    ours = idx.pairwise_scores(idx.query_vectors(model, task, queries))
+    exact = FactoredInfluence(model, task, train, FactorConfig(strategy="identity", modules="mlp", damping=0.0),
+                              progress=False).pairwise_scores(queries)
+    torch.testing.assert_close(ours, exact, rtol=1e-4, atol=1e-6 * float(exact.abs().max()))

@@ -72,8 +72,10 @@ class GradientIndex:
                             field="index")
         self.manifest = store.read_json(path)
         config = self.manifest["config"]
-        self.modules = list(self.manifest["modules"])
-        shapes = {m: (v["shape"][0], v["shape"][1]) for m, v in self.manifest["modules"].items()}
+        info = self.manifest["modules"]
+        # the row layout is the build's module order (the columns), not the JSON's (sorted) key order
+        self.modules = sorted(info, key=lambda m: info[m]["columns"][0])
+        shapes = {m: (info[m]["shape"][0], info[m]["shape"][1]) for m in self.modules}
         self.projections = projections(shapes, config["rank"], config["seed"], config["projection"])
         self.n = int(self.manifest["n_examples"])
         self.pre = None
