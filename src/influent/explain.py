@@ -9,14 +9,16 @@ query side (:class:`ExplainedModel`: each query's probabilities and its query ba
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from influent.data import Corpus
+from influent.errors import UserError
 from influent.influence import InfluenceMethod, Queries
+from influent.rankings import RANKINGS
 
 
 @dataclass
@@ -55,11 +57,8 @@ class ExplainedModel(Protocol):
         """The queries as the influence method's query data, each with the label whose loss is explained."""
 
 
-Ranking = Callable[[InfluenceMethod, torch.Tensor, Queries], torch.Tensor]
-"""``(method, scores [Q, n], queries) -> [Q, n]`` values that order the examples (same sign as the score)."""
-
-RANKINGS: dict[str, Ranking] = {"influence": lambda method, scores, queries: scores}
-"""How :func:`explain` orders training examples; ``influence`` = the raw score (one entry per ranking)."""
+DEFAULT_RANKING = "influence"
+"""The ranking :func:`explain` uses unless told otherwise (chosen from benchmarks/results/explain-quality)."""
 
 SETTINGS_BLOCKS = {
     "exact": ("solver", {"method": "solver", "residual": "residual", "iterations": "iterations",
@@ -74,7 +73,7 @@ def explain(
     model: ExplainedModel,
     queries: list[Query],
     top: int = 5,
-    rank: str = "influence",
+    rank: str = DEFAULT_RANKING,
 ) -> list[dict]:
     """Explain each query's prediction by its top proponents and opponents among the training examples.
 
@@ -83,13 +82,22 @@ def explain(
         model: the query side (:class:`ExplainedModel`), e.g. a :class:`~influent.pipeline.HeadSetup`.
         queries: texts; a query's ``label`` (default: the prediction) picks the loss explained.
         top: proponents and opponents returned per query.
-        rank: the ordering of :data:`RANKINGS`.
+        rank: the ordering, a name of :data:`influent.rankings.RANKINGS`: ``influence`` (the raw score),
+            ``relatif`` (score / sqrt(self-influence of the training example)) or ``cosine`` (score over
+            the product of the training example's and the query's ``C^-1``-norms).
+
+    Proponents are the ``top`` training examples with the largest ranking value among those with a positive
+    score; opponents the ``top`` with the most negative value among those with a negative score (every
+    ranking keeps the score's sign, so the two lists are the same examples' signs under any ranking).
 
     Returns:
-        one dict per query: ``query`` (text, prediction, probability, explained_label, true_label),
-        ``proponents`` / ``opponents`` (id, text, label, score, loss_change = score / n) and the method's
-        settings block (``solver`` for exact methods, ``curvature`` for factored ones).
+        one dict per query: ``ranking`` (the name used), ``query`` (text, prediction, probability,
+        explained_label, true_label), ``proponents`` / ``opponents`` (id, text, label, ``score`` = the raw
+        influence, ``loss_change`` = score / n in the query loss's units, ``rank_value`` = the ranking's
+        value) and the method's settings block (``solver`` for exact methods, ``curvature`` for factored ones).
     """
+    if rank not in RANKINGS:
+        raise UserError(f"unknown ranking {rank!r}; choose {', '.join(RANKINGS)}", field="rank")
     names = model.corpus.label_names
     probs = model.probabilities(queries)
     pred = probs.argmax(1)
@@ -108,6 +116,7 @@ def explain(
     out = []
     for k, q in enumerate(queries):
         out.append({
+            "ranking": rank,
             "query": {
                 "text": q.text,
                 "prediction": names[int(pred[k])],
@@ -137,7 +146,8 @@ def rank_influential(
     label_names: list[str],
     top: int,
 ) -> dict[str, list[dict]]:
-    """Top-``top`` proponents (largest positive ``values``) and opponents (most negative) of one query.
+    """Top-``top`` proponents (largest positive ``values``) and opponents (most negative) of one query; each
+    record has the raw ``score``, its ``loss_change`` and the ranking's ``rank_value``.
 
     Args:
         values: ``[n]`` the ranking's value of every training example (same sign as its score).
@@ -156,6 +166,7 @@ def rank_influential(
             "label": label_names[labels[i]],
             "score": float(scores[i]),
             "loss_change": float(loss_change[i]),
+            "rank_value": float(values[i]),
         }
 
     proponents = [record(int(i)) for i in order[:top] if values[i] > 0]
@@ -171,14 +182,18 @@ def format_explanation(result: dict, width: int = 100) -> str:
     lines.append(f"Prediction: {q['prediction']} with probability {q['probability']:.3f}{gold}")
     lines.append(f"Scores explain the loss of label '{q['explained_label']}'; loss_change = score / n "
                  "(predicted change of that loss if the example were removed).")
+    ranking = result.get("ranking", "influence")
+    if ranking != "influence":
+        lines.append(f"Ranked by {ranking} (rank_value); score and loss_change are the raw influence.")
     for kind, title in (("proponents", "Proponents (helped this prediction)"),
                         ("opponents", "Opponents (pushed against it)")):
         lines.append(f"\n{title}:")
         if not result[kind]:
             lines.append("  (none)")
         for rank, r in enumerate(result[kind], 1):
-            lines.append(f"  {rank:2d}. [{r['label']}] score={r['score']:+.4g} loss_change={r['loss_change']:+.3g}  "
-                         f"{_clip(r['text'], width)}")
+            value = f" {ranking}={r['rank_value']:+.3g}" if ranking != "influence" else ""
+            lines.append(f"  {rank:2d}. [{r['label']}]{value} score={r['score']:+.4g} "
+                         f"loss_change={r['loss_change']:+.3g}  {_clip(r['text'], width)}")
     return "\n".join(lines)
 
 

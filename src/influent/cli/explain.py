@@ -23,6 +23,11 @@ from influent.cli.index import add_index_options, explain_from_index
 from influent.cli.trace import add_lm_options, cmd_train_lm
 from influent.errors import UserError
 
+RANK_CHOICES = ("influence", "relatif", "cosine")
+"""``--rank`` choices: the names of :data:`influent.rankings.RANKINGS` (kept here so ``--help`` needs no torch)."""
+DEFAULT_RANK = "influence"
+"""``--rank`` default: :data:`influent.explain.DEFAULT_RANKING`."""
+
 
 def dropped_note(corpus) -> str:
     """``"; dropped 3 rows (2 without a label, 1 duplicate text)"`` or ``""`` when the loader kept every row."""
@@ -98,7 +103,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     else:
         method = setup.influence(solver=args.solver, damping=args.damping or 0.0)
     features = setup.held_out_features(args.test_index) if args.test_index is not None else None
-    result = explain(method, setup, [Query(text, features, label, gold)], top=args.top)[0]
+    result = explain(method, setup, [Query(text, features, label, gold)], top=args.top, rank=args.rank)[0]
     solve = result.get("solver") or {}
     if solve.get("converged") is False:
         warn(f"the {solve.get('method')} solve did not converge ({solve.get('iterations')} iterations, relative "
@@ -128,6 +133,10 @@ def add_explain_parser(sub) -> None:
     p.add_argument("--test-index", type=int, help="explain the I-th review of the held-out split")
     p.add_argument("--label", help="explain the loss of this class (default: the predicted class)")
     p.add_argument("--top", type=int, default=5, help="proponents and opponents shown (default 5)")
+    p.add_argument("--rank", choices=RANK_CHOICES, default=DEFAULT_RANK,
+                   help="order of the training examples: influence (raw score), relatif (score / sqrt of the "
+                        "example's self-influence) or cosine (H^-1-cosine of the two gradients); "
+                        f"default {DEFAULT_RANK} (see README, 'Which ranking')")
     p.add_argument("--model", choices=["head", "finetuned"], default="head")
     p.add_argument("--solver", choices=["exact", "cg", "lissa"], default="exact", help="head only")
     p.add_argument("--damping", type=float, default=None,
