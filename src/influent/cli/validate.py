@@ -9,6 +9,31 @@ from pathlib import Path
 from influent.cli.common import add_data_options, check_data_args, check_output_dir, head_setup, refuse_unread
 
 
+def cmd_explain_quality(args: argparse.Namespace) -> int:
+    """``validate --explain``: relevance and faithfulness of each explanation ranking (README, 'Which ranking')."""
+    from influent.evaluation.explanation_runs import finetuned_explanation_quality, head_explanation_quality
+    from influent.evaluation.explanations import markdown_table
+    from influent.store import write_json
+
+    out = Path(args.out)
+    setup = head_setup(args)
+    common = {"seed": args.seed, "records_path": out / "explain_records.jsonl", "progress": not args.quiet}
+    if args.model == "head":
+        result = head_explanation_quality(setup, args.queries, **common)
+    else:
+        result = finetuned_explanation_quality(setup, args.queries, train_size=args.train_size or 1000,
+                                               last_k=args.fine_tune_last, epochs=args.epochs, **common)
+    table = markdown_table(result["summary"])
+    write_json(out / "explain_quality.json", result)
+    (out / "explain_quality.md").write_text(table + "\n")
+    choice = result["choice"]
+    print(table)
+    print(f"\nDefault by the rule (top-10 same class >= {choice['threshold']}, then largest top-10 loss change): "
+          f"{choice['default'] or 'none passes'}")
+    print(f"Tables: {out / 'explain_quality.md'}, {out / 'explain_quality.json'}")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from influent.evaluation.options import ValidateOptions
     from influent.evaluation.validate import run_validate
@@ -22,6 +47,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     check_data_args(args)
     refuse_unread(args)
     check_output_dir(args.out, "out")
+    if args.explain:
+        return cmd_explain_quality(args)
     extra = {}
     if args.model == "finetuned":
         extra = {"text_column": args.text_column, "label_column": args.label_column, "encoder": args.encoder}
@@ -50,5 +77,8 @@ def add_validate_parser(sub) -> None:
     p.add_argument("--train-size", type=int, default=None, help="seeded stratified training slice")
     p.add_argument("--damping", type=float, default=None)
     p.add_argument("--out", default="influent-out/validate", help="output folder")
+    p.add_argument("--explain", action="store_true",
+                   help="evaluate explanations instead: identical-class relevance and remove-and-retrain "
+                        "faithfulness of each ranking over --queries held-out reviews")
     add_data_options(p)
     p.set_defaults(func=cmd_validate, command_parser=p)

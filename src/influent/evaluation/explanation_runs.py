@@ -1,0 +1,196 @@
+"""The explanation-quality evaluation (:mod:`influent.evaluation.explanations`) on the two classifiers.
+
+:func:`head_explanation_quality`: the frozen-encoder head (exact Hessian influence; exact retraining by
+Newton from the optimum). :func:`finetuned_explanation_quality`: the last ``last_k`` encoder layers + head
+fine-tuned on cached prefix hidden states (:class:`~influent.models.suffix_classifier.SuffixClassifier`,
+seeded AdamW replay), EK-FAC influence over its trainable linear modules, retrained by seeded replay.
+
+Queries are a seeded random sample of the held-out reviews, each explained at its predicted label. The
+references are the cosine of the frozen encoder's sentence embeddings (``embedding_nn``) and TF-IDF cosine
+over the training texts (``tfidf_nn``). Removal records are appended to ``records_path`` (JSON lines) as they
+finish, so an interrupted or time-capped run keeps what it measured; ``max_seconds`` stops the removal
+experiment after that many seconds (the summary says how many queries it covered).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from influent.evaluation.explanations import (
+    REMOVAL_KS,
+    HeadRemoval,
+    RankingPanel,
+    RemovalRecord,
+    SuffixRemoval,
+    choose_default,
+    influence_panel,
+    removal_experiment,
+    summarise,
+)
+from influent.rankings import embedding_similarity, tfidf_similarity
+
+
+def sample_queries(n_test: int, n_queries: int, seed: int) -> np.ndarray:
+    """Sorted positions of ``n_queries`` held-out reviews drawn without replacement (seeded)."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_test, size=min(n_queries, n_test), replace=False))
+
+
+def collect(
+    records: Iterable[RemovalRecord], path: Path | None, max_seconds: float | None, progress: bool, total: int
+) -> list[RemovalRecord]:
+    """Run the removal experiment, appending each query's record to ``path`` (JSONL), until ``max_seconds``."""
+    from tqdm.auto import tqdm
+
+    start, out = time.perf_counter(), []
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+    for rec in tqdm(records, total=total, desc="remove and retrain", disable=not progress):
+        out.append(rec)
+        if path is not None:
+            with path.open("a") as f:
+                row = {name: {str(k): list(v) for k, v in by_k.items()} for name, by_k in rec.results.items()}
+                f.write(json.dumps({"query": rec.query, "seconds": rec.seconds, "results": row}) + "\n")
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break
+    return out
+
+
+def report(model: str, panel: RankingPanel, records: list[RemovalRecord], ks: tuple[int, ...], seed: int,
+           settings: dict) -> dict:
+    """The JSON-ready result: settings, counts, per-ranking summary and the default's choice."""
+    summary = summarise(panel, records, ks, seed)
+    secs = [r.seconds for r in records]
+    return {
+        "model": model,
+        "n_train": len(panel.train_labels),
+        "n_queries": panel.n_queries,
+        "n_queries_removal": len(records),
+        "ks": list(ks),
+        "retrain_seconds_per_query": float(np.mean(secs)) if secs else None,
+        "settings": settings,
+        "summary": summary,
+        "choice": choose_default(summary),
+    }
+
+
+def head_explanation_quality(
+    setup,
+    n_queries: int = 300,
+    *,
+    ks: tuple[int, ...] = REMOVAL_KS,
+    removal_queries: int | None = None,
+    seed: int = 0,
+    records_path: str | Path | None = None,
+    max_seconds: float | None = None,
+    progress: bool = True,
+) -> dict:
+    """Relevance and faithfulness of every ranking on the head (module docstring).
+
+    Args:
+        setup: a :class:`~influent.pipeline.HeadSetup` (trained head, embeddings, corpus, split).
+        n_queries: held-out reviews in the panel; removal_queries: how many of them (the first) go through
+            the removal experiment (None: all).
+        ks: numbers of proponents removed; seed: seeds the query sample and the random removals.
+    """
+    pos = sample_queries(len(setup.test_idx), n_queries, seed)
+    xq = setup.test_x[torch.as_tensor(pos)]
+    pred = setup.model.probabilities(xq).detach().argmax(1)
+    corpus = setup.corpus
+    train_texts = [corpus.texts[i] for i in setup.train_idx]
+    query_texts = [corpus.texts[setup.test_idx[i]] for i in pos]
+    refs = {
+        "embedding_nn": lambda: embedding_similarity(setup.train_x, xq),
+        "tfidf_nn": lambda: tfidf_similarity(train_texts, query_texts),
+    }
+    panel = influence_panel(setup.influence(), (xq, pred), pred.numpy(), setup.train_y.numpy(), refs)
+    removal = HeadRemoval(setup.model, setup.train_x, setup.train_y, setup.task.l2, xq, pred)
+    m = len(pos) if removal_queries is None else min(removal_queries, len(pos))
+    records = collect(removal_experiment(panel, removal, list(range(m)), ks, seed=seed),
+                      Path(records_path) if records_path else None, max_seconds, progress, m)
+    settings = {"influence": "exact Hessian, direct solve, damping 0", "retraining": "Newton from the optimum "
+                "(models.refit.fit_head, tol 1e-9): exact", "l2": setup.task.l2, "seed": seed,
+                "query_positions": pos.tolist()}
+    return report("head", panel, records, ks, seed, settings)
+
+
+def finetuned_explanation_quality(
+    setup,
+    n_queries: int = 100,
+    *,
+    train_size: int = 1000,
+    last_k: int = 1,
+    epochs: int = 3,
+    lr: float = 1e-4,
+    max_length: int = 48,
+    strategy: str = "ekfac",
+    ks: tuple[int, ...] = REMOVAL_KS,
+    removal_queries: int | None = None,
+    seed: int = 0,
+    records_path: str | Path | None = None,
+    max_seconds: float | None = None,
+    progress: bool = True,
+) -> dict:
+    """Relevance and faithfulness on the prefix-cached fine-tuned classifier (module docstring).
+
+    Args:
+        setup: the head's :class:`~influent.pipeline.HeadSetup` (corpus, split and the frozen encoder's
+            embeddings for the ``embedding_nn`` reference).
+        train_size: the seeded stratified training slice fine-tuned on.
+        last_k, epochs, lr, max_length: the SuffixClassifier's settings (AdamW, dropout on, seeded).
+        strategy: curvature of the factored influence over the trainable linear modules.
+        Other arguments as :func:`head_explanation_quality`.
+    """
+    from influent.curvature.ekfac import FactorConfig
+    from influent.data import stratified_sample
+    from influent.factored_influence import FactoredInfluence
+    from influent.models.suffix_classifier import SuffixClassifier
+    from influent.task import iter_chunks
+
+    corpus = setup.corpus
+    rows = np.arange(len(setup.train_idx))
+    if train_size < len(rows):
+        rows = rows[stratified_sample(setup.train_y.numpy(), train_size, seed)]
+    train_rows = setup.train_idx[rows]
+    pos = sample_queries(len(setup.test_idx), n_queries, seed)
+    texts = [corpus.texts[i] for i in train_rows]
+    labels = [int(corpus.labels[i]) for i in train_rows]
+    q_texts = [corpus.texts[setup.test_idx[i]] for i in pos]
+    clf = SuffixClassifier(None, len(corpus.label_names), last_k=last_k, seed=seed, epochs=epochs, lr=lr,
+                           max_length=max_length)
+    batch = clf.cache(texts, labels)
+    t = time.perf_counter()
+    theta, _ = clf.fit(batch)
+    fit_seconds = time.perf_counter() - t
+    q_batch = clf.cache(q_texts, [0] * len(q_texts))
+    pred = clf.predict(theta, q_batch)
+    q_batch = dict(q_batch, labels=pred)
+    model = clf.load_suffix(theta)
+    n = len(texts)
+    chunks = [c for _, c in iter_chunks(batch, n, 64)]
+    q_chunks = [c for _, c in iter_chunks(q_batch, len(q_texts), 64)]
+    method = FactoredInfluence(model, clf.task, chunks, FactorConfig(strategy=strategy, modules="trainable",
+                                                                   seed=seed), progress=progress)
+    refs = {
+        "embedding_nn": lambda: embedding_similarity(setup.train_x[torch.as_tensor(rows)],
+                                                     setup.test_x[torch.as_tensor(pos)]),
+        "tfidf_nn": lambda: tfidf_similarity(texts, q_texts),
+    }
+    panel = influence_panel(method, q_chunks, pred.numpy(), np.asarray(labels), refs)
+    removal = SuffixRemoval(clf, batch, q_batch, theta)
+    m = len(pos) if removal_queries is None else min(removal_queries, len(pos))
+    records = collect(removal_experiment(panel, removal, list(range(m)), ks, seed=seed),
+                      Path(records_path) if records_path else None, max_seconds, progress, m)
+    settings = {"classifier": f"SuffixClassifier: packaged MiniLM, last {last_k} layer(s) + pooler + head, "
+                f"AdamW lr {lr}, {epochs} epochs, batch 32, dropout on, max_length {max_length}, seed {seed}",
+                "train_size": n, "influence": f"{strategy} over the trainable linear modules",
+                "retraining": "seeded AdamW replay from the same initialisation without the removed rows",
+                "fine_tune_seconds": fit_seconds, "seed": seed, "query_positions": pos.tolist()}
+    return report("finetuned", panel, records, ks, seed, settings)

@@ -1,0 +1,112 @@
+"""The explanation-quality evaluation: its retraining against from-scratch fits, relevance against hand counts,
+the default's rule on hand-built summaries, and the head driver end to end on a tiny head."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_explain import _head_setup
+
+from influent.evaluation.explanation_runs import head_explanation_quality
+from influent.evaluation.explanations import (
+    HeadRemoval,
+    RankingPanel,
+    choose_default,
+    influence_panel,
+    interval,
+    markdown_table,
+    relevance,
+    removal_experiment,
+)
+from influent.models.head import HeadTask, train_head
+
+
+def test_head_removal_matches_a_from_scratch_fit(tmp_path):
+    setup = _head_setup(tmp_path, n=70, d=4, seed=2)
+    xq = setup.test_x[:3]
+    pred = setup.model.probabilities(xq).detach().argmax(1)
+    removal = HeadRemoval(setup.model, setup.train_x, setup.train_y, setup.task.l2, xq, pred)
+    removed = np.array([3, 10, 11, 40, 65])
+    keep = torch.as_tensor(np.setdiff1d(np.arange(70), removed))
+    # from scratch: zeros, generic Newton with the autograd Hessian (models.head.train_head)
+    scratch, _, _ = train_head(setup.train_x[keep], setup.train_y[keep], 2, setup.task.l2)
+    warm = removal.refit(removed)
+    assert warm.linear.weight.detach() == pytest.approx(scratch.linear.weight.detach(), abs=1e-8)
+    assert warm.linear.bias.detach() == pytest.approx(scratch.linear.bias.detach(), abs=1e-8)
+    task = HeadTask(0.0)
+    for q in range(3):
+        loss, p = removal.without(q, removed)
+        batch = (xq[q : q + 1], pred[q : q + 1])
+        assert loss == pytest.approx(float(task.per_example_loss(scratch, batch).detach()[0]), rel=1e-9)
+        assert p == int(scratch.probabilities(xq[q : q + 1]).argmax())
+        base, p0 = removal.base(q)
+        assert base == pytest.approx(float(task.per_example_loss(setup.model, batch).detach()[0]), rel=1e-8)
+        assert p0 == int(pred[q])
+
+
+def test_removal_experiment_loss_change_is_retrained_minus_original(tmp_path):
+    setup = _head_setup(tmp_path, n=60, d=3, seed=4)
+    xq = setup.test_x[:4]
+    pred = setup.model.probabilities(xq).detach().argmax(1)
+    panel = influence_panel(setup.influence(), (xq, pred), pred.numpy(), setup.train_y.numpy(), {})
+    removal = HeadRemoval(setup.model, setup.train_x, setup.train_y, setup.task.l2, xq, pred)
+    records = list(removal_experiment(panel, removal, [0, 2], ks=(1, 5), seed=0))
+    assert [r.query for r in records] == [0, 2]
+    task = HeadTask(0.0)
+    for rec in records:
+        q = rec.query
+        top5 = torch.argsort(panel.values["influence"][q], descending=True)[:5]
+        top5 = top5[panel.values["influence"][q][top5] > 0]
+        keep = torch.as_tensor(np.setdiff1d(np.arange(60), top5.numpy()))
+        scratch, _, _ = train_head(setup.train_x[keep], setup.train_y[keep], 2, setup.task.l2)
+        batch = (xq[q : q + 1], pred[q : q + 1])
+        want = float((task.per_example_loss(scratch, batch) - task.per_example_loss(setup.model, batch)).detach()[0])
+        change, _flipped, count = rec.results["influence"][5]
+        assert change == pytest.approx(want, rel=1e-6, abs=1e-10) and count == len(top5)
+        assert change > 0  # removing the top proponents raises the query loss
+        # relatif and cosine order a query's examples identically: same removal, same number
+        assert rec.results["relatif"] == rec.results["cosine"]
+        assert set(rec.results) == {"influence", "relatif", "cosine", "random"}
+
+
+def test_relevance_counts_by_hand():
+    values = torch.tensor([[3.0, 2.0, 1.0, -1.0], [0.5, -2.0, 4.0, 1.0], [-1.0, -2.0, -3.0, -4.0]])
+    panel = RankingPanel({"r": values}, {"r": True}, {"r": 0.0}, np.array([1, 0, 1]), np.array([1, 0, 0, 1]))
+    got = relevance(panel, top=2)["r"]
+    # query 0: top-2 = [0 (label 1), 1 (label 0)], predicted 1; query 1: [2 (0), 3 (1)], predicted 0; query 2: none
+    assert got["top1_same_class"][:2].tolist() == [1.0, 1.0] and np.isnan(got["top1_same_class"][2])
+    assert got["top10_same_class"][:2].tolist() == [0.5, 0.5]
+    assert got["distinct_top10"] == 4
+    assert interval(got["top1_same_class"])["m"] == 2
+
+
+def test_choose_default_follows_the_rule():
+    def row(share, change):
+        return {"top10_same_class": {"mean": share}, "loss_change@10": {"mean": change}}
+
+    summary = {"influence": row(0.77, 0.9), "relatif": row(0.99, 0.2), "cosine": row(0.96, 0.3),
+               "embedding_nn": row(0.99, 0.5)}
+    got = choose_default(summary)
+    assert got["default"] == "cosine" and got["passing"] == ["relatif", "cosine"]
+    assert got["most_relevant"] == "relatif" and got["most_faithful"] == "influence"
+    summary["relatif"] = row(0.90, 0.2)
+    summary["cosine"] = row(0.91, 0.3)
+    assert choose_default(summary)["default"] is None
+
+
+def test_head_driver_end_to_end(tmp_path):
+    setup = _head_setup(tmp_path, n=60, d=3, seed=0)
+    setup.test_x = torch.randn(12, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    setup.test_idx = np.arange(60, 70).tolist() + [60, 61]  # positions into the corpus texts
+    result = head_explanation_quality(setup, n_queries=8, ks=(1, 3), removal_queries=4, seed=0,
+                                      records_path=tmp_path / "records.jsonl", progress=False)
+    assert result["n_queries"] == 8 and result["n_queries_removal"] == 4
+    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 4
+    s = result["summary"]
+    assert set(s) == {"influence", "relatif", "cosine", "embedding_nn", "tfidf_nn", "random"}
+    assert s["relatif"]["top10_same_class"] == s["cosine"]["top10_same_class"]
+    assert s["random"]["loss_change@3"]["m"] == 4 and "top1_same_class" not in s["random"]
+    assert result["choice"]["most_relevant"] in ("influence", "relatif", "cosine")
+    table = markdown_table(s, (1, 3))
+    assert "| tfidf_nn |" in table and "loss change k=3" in table
