@@ -110,3 +110,21 @@ def test_head_driver_end_to_end(tmp_path):
     assert result["choice"]["most_relevant"] in ("influence", "relatif", "cosine")
     table = markdown_table(s, (1, 3))
     assert "| tfidf_nn |" in table and "loss change k=3" in table
+
+
+def test_validate_explain_writes_the_table(capsys, tmp_path, tiny_encoder_dir, reviews_csv):
+    import json
+
+    from test_cli import run_cli
+
+    out = tmp_path / "out"
+    args = ["validate", "--explain", "--queries", "4", "--out", str(out), "--data", str(reviews_csv),
+            "--text-column", "review", "--label-column", "sentiment", "--encoder", str(tiny_encoder_dir),
+            "--cache-dir", str(tmp_path / "cache"), "--quiet", "--l2", "0.01"]
+    code, text, err = run_cli(capsys, args)
+    assert code == 0, err
+    result = json.loads((out / "explain_quality.json").read_text())
+    assert result["n_queries"] == 4 and result["n_queries_removal"] == 4 and result["ks"] == [1, 10, 50]
+    assert result["summary"]["random"]["loss_change@50"]["m"] == 4
+    assert "| relatif |" in text and "Default by the rule" in text
+    assert (out / "explain_quality.md").read_text().startswith("| ranking |")
