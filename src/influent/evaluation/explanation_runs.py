@@ -37,9 +37,10 @@ from influent.rankings import embedding_similarity, tfidf_similarity
 
 
 def sample_queries(n_test: int, n_queries: int, seed: int) -> np.ndarray:
-    """Sorted positions of ``n_queries`` held-out reviews drawn without replacement (seeded)."""
+    """Positions of ``n_queries`` held-out reviews drawn without replacement (seeded), in draw order, so that
+    any prefix (a time-capped removal experiment) is itself a random sample."""
     rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n_test, size=min(n_queries, n_test), replace=False))
+    return rng.choice(n_test, size=min(n_queries, n_test), replace=False)
 
 
 def collect(
