@@ -17,7 +17,7 @@ query. Means with 95% bootstrap intervals; a markdown table; one JSON line last.
 
 Run::
 
-    .venv/bin/python benchmarks/explain_quality.py --model head --queries 300 --out benchmarks/results/explain-quality/head
+    .venv/bin/python benchmarks/explain_quality.py --model head --queries 300 --threads 1 --out benchmarks/results/explain-quality/head
     .venv/bin/python benchmarks/explain_quality.py --model finetuned --queries 100 --train-size 1000 \
         --out benchmarks/results/explain-quality/finetuned
 """
@@ -28,6 +28,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import torch
 
 from influent.evaluation.explanation_runs import finetuned_explanation_quality, head_explanation_quality
 from influent.evaluation.explanations import REMOVAL_KS, markdown_table
@@ -49,8 +51,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="benchmarks/results/explain-quality/head")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a loaded machine)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     setup = prepare_head(seed=args.seed, cache_dir=args.cache_dir, progress=not args.quiet)
     common = {"ks": tuple(args.ks), "removal_queries": args.removal_queries, "seed": args.seed,

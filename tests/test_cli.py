@@ -30,7 +30,8 @@ def test_explain_json_matches_a_dense_solve(capsys, base_args, tiny_encoder_dir,
     from test_explain import dense_head_scores
 
     text = "a great and witty film"
-    code, out, err = run_cli(capsys, ["explain", "--text", text, "--top", "4", "--json", *base_args])
+    code, out, err = run_cli(capsys, ["explain", "--rank", "influence", "--text", text, "--top", "4", "--json",
+                                      *base_args])
     assert code == 0, err
     result = json.loads(out)
     setup = prepare_head(str(reviews_csv), text_column="review", label_column="sentiment",
@@ -55,7 +56,8 @@ def test_explain_json_matches_a_dense_solve(capsys, base_args, tiny_encoder_dir,
 
 
 def test_explain_matches_engine_and_reuses_cache(capsys, base_args, tiny_encoder_dir, reviews_csv, tmp_path):
-    code, out, _ = run_cli(capsys, ["explain", "--test-index", "3", "--top", "2", "--json", *base_args])
+    code, out, _ = run_cli(capsys, ["explain", "--rank", "influence", "--test-index", "3", "--top", "2", "--json",
+                                    *base_args])
     assert code == 0
     result = json.loads(out)
     setup = prepare_head(str(reviews_csv), text_column="review", label_column="sentiment",
@@ -67,7 +69,8 @@ def test_explain_matches_engine_and_reuses_cache(capsys, base_args, tiny_encoder
     assert result["proponents"][0]["id"] == setup.corpus.ids[setup.train_idx[best]]
     assert result["proponents"][0]["score"] == pytest.approx(float(scores[best]), rel=1e-8)
     # The text explain shows the same ranking in human form.
-    code, out, _ = run_cli(capsys, ["explain", "--test-index", "3", "--top", "2", "--solver", "cg", *base_args])
+    code, out, _ = run_cli(capsys, ["explain", "--rank", "influence", "--test-index", "3", "--top", "2", "--solver",
+                                    "cg", *base_args])
     assert code == 0 and "Proponents" in out and "Opponents" in out
 
 
@@ -167,7 +170,7 @@ def test_finetuned_train_then_explain_with_ekfac(capsys, base_args, monkeypatch)
     assert code == 0, err
     assert "test accuracy" in out
     code, out, err = run_cli(capsys, ["explain", "--test-index", "0", "--top", "3", "--json", "--strategy", "ekfac",
-                                      *ft, *base_args])
+                                      "--rank", "influence", *ft, *base_args])
     assert code == 0, err
     result = json.loads(out)
     assert result["curvature"] == {"strategy": "ekfac", "modules": "trainable", "fisher": "empirical",
@@ -185,7 +188,7 @@ def test_finetuned_train_then_explain_with_ekfac(capsys, base_args, monkeypatch)
     assert result["proponents"][0]["loss_change"] == pytest.approx(float(scores[best]) / 64, rel=1e-6)
     # Factors were cached beside the checkpoint: the second explain reuses them and agrees.
     code, out2, _ = run_cli(capsys, ["explain", "--test-index", "0", "--top", "3", "--json", "--strategy", "ekfac",
-                                     *ft, *base_args])
+                                     "--rank", "influence", *ft, *base_args])
     again = json.loads(out2)["proponents"]
     assert [r["id"] for r in again] == [r["id"] for r in result["proponents"]]
     assert [r["score"] for r in again] == pytest.approx([r["score"] for r in result["proponents"]], rel=1e-6)
@@ -193,7 +196,7 @@ def test_finetuned_train_then_explain_with_ekfac(capsys, base_args, monkeypatch)
     cache_root = Path(base_args[base_args.index("--cache-dir") + 1])
     for _ in range(2):
         code, out3, err = run_cli(capsys, ["explain", "--test-index", "0", "--top", "3", "--json", "--strategy",
-                                           "ekfac", "--train-cache", *ft, *base_args])
+                                           "ekfac", "--train-cache", "--rank", "influence", *ft, *base_args])
         assert code == 0, err
         cached = json.loads(out3)["proponents"]
         assert [r["id"] for r in cached] == [r["id"] for r in result["proponents"]]

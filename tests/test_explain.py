@@ -51,7 +51,8 @@ def dense_head_scores(setup: HeadSetup, xq: torch.Tensor, yq: int) -> torch.Tens
 def test_head_proponents_are_the_top_of_a_dense_solve(tmp_path):
     setup = _head_setup(tmp_path)
     xq = setup.test_x[0]
-    [result] = explain(setup.influence(), setup, [Query("q", xq, None, int(setup.test_y[0]))], top=4)
+    [result] = explain(setup.influence(), setup, [Query("q", xq, None, int(setup.test_y[0]))], top=4,
+                       rank="influence")
     pred = int(setup.model.probabilities(xq[None]).argmax())
     assert result["query"]["explained_label"] == ["neg", "pos"][pred]
     dense = dense_head_scores(setup, xq, pred)
@@ -67,7 +68,7 @@ def test_head_proponents_are_the_top_of_a_dense_solve(tmp_path):
 def test_head_loss_change_predicts_leave_one_out_retraining(tmp_path):
     setup = _head_setup(tmp_path, n=80, seed=1)
     xq = setup.test_x[1]
-    [result] = explain(setup.influence(), setup, [Query("q", xq, None, None)], top=3)
+    [result] = explain(setup.influence(), setup, [Query("q", xq, None, None)], top=3, rank="influence")
     label = ["neg", "pos"].index(result["query"]["explained_label"])
     batch_q = (xq[None], torch.tensor([label]))
     base = float(HeadTask(L2).per_example_loss(setup.model, batch_q).detach())
@@ -111,7 +112,7 @@ def test_finetuned_explain_with_identity_curvature_is_the_gradient_dot_product(t
     damping = 0.5
     method = setup.influence("identity", damping=damping, progress=False)
     query = Query(setup.corpus.texts[25], setup.held_out_features(1), None, int(setup.corpus.labels[25]))
-    [result] = explain(method, setup, [query], top=3)
+    [result] = explain(method, setup, [query], top=3, rank="influence")
     label = ["neg", "pos"].index(result["query"]["explained_label"])
     gq = _autograd_grad(setup, query.text, label)
     dots = torch.stack([

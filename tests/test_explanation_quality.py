@@ -128,3 +128,9 @@ def test_validate_explain_writes_the_table(capsys, tmp_path, tiny_encoder_dir, r
     assert result["summary"]["random"]["loss_change@50"]["m"] == 4
     assert "| relatif |" in text and "Default by the rule" in text
     assert (out / "explain_quality.md").read_text().startswith("| ranking |")
+
+
+def test_choose_default_without_removals_names_no_default():
+    summary = {"influence": {"top10_same_class": {"mean": 0.99}}, "relatif": {"top10_same_class": {"mean": 0.98}}}
+    got = choose_default(summary)
+    assert got["default"] is None and not got["faithfulness_measured"] and got["passing"] == ["influence", "relatif"]

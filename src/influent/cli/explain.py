@@ -25,7 +25,7 @@ from influent.errors import UserError
 
 RANK_CHOICES = ("influence", "relatif", "cosine")
 """``--rank`` choices: the names of :data:`influent.rankings.RANKINGS` (kept here so ``--help`` needs no torch)."""
-DEFAULT_RANK = "influence"
+DEFAULT_RANK = "relatif"
 """``--rank`` default: :data:`influent.explain.DEFAULT_RANKING`."""
 
 

@@ -311,8 +311,10 @@ def choose_default(summary: dict, threshold: float = 0.95, k: int = RELEVANCE_TO
     """The ranking ``explain`` should use: among :data:`INFLUENCE_RANKINGS` those whose ``top10_same_class``
     mean is at least ``threshold``, the one whose top-``k`` removal raises the query loss the most.
 
-    Returns ``{"default": name or None, "passing": [...], "most_relevant": name, "most_faithful": name}``
-    (``default`` None when none passes: then show the most relevant and the most faithful side by side).
+    Returns ``{"default": name or None, "faithfulness_measured", "passing": [...], "most_relevant": name,
+    "most_faithful": name}`` (``default`` None when none passes, then show the most relevant and the most
+    faithful side by side, or when no removal was measured). Ties (``relatif`` and ``cosine`` order each query's
+    examples identically, so their removals are the same) go to the first in :data:`INFLUENCE_RANKINGS`.
     """
     cands = [n for n in INFLUENCE_RANKINGS if n in summary]
     key = f"loss_change@{k}"
@@ -321,12 +323,14 @@ def choose_default(summary: dict, threshold: float = 0.95, k: int = RELEVANCE_TO
         return summary[n].get(key, {}).get("mean", float("-inf"))
 
     passing = [n for n in cands if summary[n]["top10_same_class"]["mean"] >= threshold]
+    measured = any(key in summary[n] for n in cands)
     return {
-        "default": max(passing, key=faith) if passing else None,
+        "default": max(passing, key=faith) if passing and measured else None,
+        "faithfulness_measured": measured,
         "passing": passing,
         "threshold": threshold,
         "most_relevant": max(cands, key=lambda n: summary[n]["top10_same_class"]["mean"]),
-        "most_faithful": max(cands, key=faith),
+        "most_faithful": max(cands, key=faith) if measured else None,
     }
 
 
