@@ -346,6 +346,8 @@ def markdown_table(summary: dict, ks: tuple[int, ...] = REMOVAL_KS) -> str:
         if "top1_same_class" in row:
             lines.append(f"| {name} | {_cell(row['top1_same_class'])} | {_cell(row['top10_same_class'])} | "
                          f"{row['distinct_top10']} | {row['seconds_per_query']:.2g} |")
+    if not any(f"loss_change@{ks[0]}" in row for row in summary.values()):
+        return "\n".join([*lines, "", "(faithfulness: no removal measured)"])
     head = " | ".join(f"loss change k={k} | flipped k={k}" for k in ks)
     lines += ["", f"| ranking | {head} |", "|---|" + "---|" * (2 * len(ks))]
     for name, row in summary.items():
