@@ -40,7 +40,7 @@ def test_index_build_then_explain_from_it(capsys, base_args, tmp_path):
     code, out, err = run_cli(capsys, [*query, "--index", folder, "--rerank", "64"])
     assert code == 0, err
     reranked = json.loads(out)
-    code, out, err = run_cli(capsys, query)
+    code, out, err = run_cli(capsys, [*query, "--rank", "influence"])  # the index ranks by raw influence
     assert code == 0, err
     exact = json.loads(out)
     for side in ("proponents", "opponents"):
