@@ -349,3 +349,19 @@ def test_found_mask_matches_what_was_stored(tmp_path):
     assert found.tolist() == [True, False, True]
     assert torch.equal(rows, torch.tensor([[3.0, 4.0], [1.0, 2.0]]))
     assert np.array_equal(cache.get([], "k")[0], np.zeros(0, bool))
+
+
+def test_contentless_corpus_texts_are_named_by_their_file_rows(encoder, tmp_path):
+    from influent.data import load_corpus
+
+    # data rows 1..7: row 2 has no label (dropped) and row 4 repeats row 1 (dropped), so the contentless
+    # texts sit at corpus positions 3 and 5 but at file rows 5 and 7
+    lines = ["text,label", "good film,1", "no label here,", "bad film,0", "good film,1", "\u200b,0", "bad,1",
+             "\U0001f600,0"]
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    corpus = load_corpus(str(tmp_path / "d.csv"))
+    assert corpus.rows == [1, 3, 5, 6, 7]
+    assert corpus.subset([4, 0]).rows == [7, 1]
+    with pytest.raises(UserError, match=r"2 corpus texts have no content .*rows 5, 7 ") as err:
+        encoder.embed(corpus.texts, progress=False, what="corpus text", rows=corpus.rows)
+    _one_line(err.value)

@@ -47,6 +47,8 @@ class Corpus:
         label_names: human-readable name of each class index (length ``K``).
         source: description of where the corpus came from (informational; not part of the fingerprint).
         dropped: rows the loader dropped, by reason (``no_text``, ``no_label``, ``duplicate``; informational).
+        rows: each example's row in its source, 1-based among the data rows (a file's header not counted),
+            for messages that name rows; None when unknown. Not part of the fingerprint.
     """
 
     ids: list[str]
@@ -55,6 +57,7 @@ class Corpus:
     label_names: list[str]
     source: str = ""
     dropped: dict[str, int] = field(default_factory=dict)
+    rows: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -62,6 +65,8 @@ class Corpus:
             raise ValueError(
                 f"ids, texts and labels differ in length: {len(self.ids)}, {len(self.texts)}, {len(self.labels)}"
             )
+        if self.rows is not None and len(self.rows) != len(self.ids):
+            raise ValueError(f"rows has {len(self.rows)} entries for {len(self.ids)} examples")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -80,6 +85,7 @@ class Corpus:
             labels=self.labels[idx].copy(),
             label_names=list(self.label_names),
             source=f"{self.source}[subset of {len(idx)}]",
+            rows=None if self.rows is None else [self.rows[i] for i in idx],
         )
 
     def fingerprint(self) -> str:

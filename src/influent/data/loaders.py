@@ -85,8 +85,9 @@ def build_corpus(
     """
     kept_texts: list[str] = []
     kept_labels: list[Any] = []
+    kept_rows: list[int] = []  # 1-based source row of each kept example
     dropped = {"no_text": 0, "no_label": 0, "duplicate": 0}
-    for text, label in zip(texts, labels, strict=True):
+    for row, (text, label) in enumerate(zip(texts, labels, strict=True), start=1):
         if _is_missing(text) or not (text if isinstance(text, str) else str(text)).strip():
             dropped["no_text"] += 1
             continue
@@ -105,6 +106,7 @@ def build_corpus(
             label = _label_key(label)
         kept_texts.append(text)
         kept_labels.append(label)
+        kept_rows.append(row)
     if not kept_texts:
         raise UserError(f"{source}: no rows with both a text and a label")
 
@@ -125,8 +127,9 @@ def build_corpus(
     ids: list[str] = []
     out_texts: list[str] = []
     out_labels: list[int] = []
+    out_rows: list[int] = []
     seen: set[str] = set()
-    for text, code in zip(kept_texts, codes):
+    for text, code, row in zip(kept_texts, codes, kept_rows):
         tid = text_id(text)
         if tid in seen:
             dropped["duplicate"] += 1
@@ -135,6 +138,7 @@ def build_corpus(
         ids.append(tid)
         out_texts.append(text)
         out_labels.append(code)
+        out_rows.append(row)
 
     present = sorted(set(out_labels))
     if len(present) < 2:
@@ -146,6 +150,7 @@ def build_corpus(
         label_names=names,
         source=source,
         dropped=dropped,
+        rows=out_rows,
     )
 
 

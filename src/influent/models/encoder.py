@@ -200,9 +200,12 @@ class TextEncoder:
         return pool(hidden, enc["attention_mask"], self.pooling).to("cpu", torch.float32)
 
     def _reject_contentless(
-        self, texts: list[str], todo: np.ndarray, token_ids: list, what: str, field: str | None
+        self, texts: list[str], todo: np.ndarray, token_ids: list, what: str, field: str | None,
+        rows: Sequence[int] | None = None,
     ) -> None:
-        """UserError naming the texts whose tokens are all special ([UNK], [CLS], ...): nothing to embed."""
+        """UserError naming the texts whose tokens are all special ([UNK], [CLS], ...): nothing to embed.
+
+        They are named by ``rows`` (their source rows) when given, else by their 1-based position."""
         special = set(self.tokenizer.all_special_ids)
         empty = [int(i) for i, toks in zip(todo, token_ids) if all(t in special for t in toks)]
         if not empty:
@@ -210,9 +213,11 @@ class TextEncoder:
         why = "only whitespace, zero-width or characters the encoder does not know"
         if len(texts) == 1:
             raise UserError(f"the {what} has no content the encoder can read ({why}): {texts[0]!r:.80}", field=field)
-        listed = ", ".join(str(i + 1) for i in empty[:20]) + (", ..." if len(empty) > 20 else "")
+        names = [rows[i] if rows is not None else i + 1 for i in empty]
+        listed = ", ".join(str(r) for r in names[:20]) + (", ..." if len(empty) > 20 else "")
+        where = "rows" if rows is not None else f"{what}s"
         raise UserError(
-            f"{len(empty)} {what}s have no content the encoder can read ({why}): {what}s {listed} "
+            f"{len(empty)} {what}s have no content the encoder can read ({why}): {where} {listed} "
             f"(1-based), e.g. {texts[empty[0]]!r:.60}",
             field=field,
         )
@@ -224,6 +229,7 @@ class TextEncoder:
         progress: bool = True,
         what: str = "text",
         field: str | None = None,
+        rows: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Embed ``texts`` into a float32 CPU tensor ``[N, d]``, row ``i`` for ``texts[i]``.
 
@@ -238,9 +244,10 @@ class TextEncoder:
             progress: show a tqdm progress bar.
             what: what a text is, for error messages (``"corpus text"``, ``"query text"``).
             field: the option the texts came from, for the UserError (``"data"`` for a corpus).
+            rows: each text's source row (:attr:`~influent.data.Corpus.rows`), to name contentless texts by.
 
         Raises:
-            UserError: a text has no real tokens (its 1-based position is named).
+            UserError: a text has no real tokens (its source row, else its 1-based position, is named).
             NumericalError: the encoder produced non-finite values.
         """
         texts = [str(t) for t in texts]
@@ -257,7 +264,7 @@ class TextEncoder:
             token_ids = self.tokenizer(
                 [texts[i] for i in todo], truncation=True, max_length=self.max_length
             )["input_ids"]
-            self._reject_contentless(texts, todo, token_ids, what, field)
+            self._reject_contentless(texts, todo, token_ids, what, field, rows)
             order = todo[np.argsort(-np.asarray([len(x) for x in token_ids]), kind="stable")]
             self._embed_in_order(texts, order, out, ids, cache, progress)
         return out
