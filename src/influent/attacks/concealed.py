@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from influent.errors import NumericalError, UserError
+from influent.progress import progress_bar
 
 DEFAULT_SIZES = (10, 25, 50)
 
@@ -325,8 +326,6 @@ def craft_poisons(
         max_tokens: longest starting snippet (word pieces, without special tokens).
         pool: starting snippets scored; the ``n_poisons`` with the largest ``J`` are searched.
     """
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     banned = banned_token_ids(tokenizer, trigger)
     vocab = candidate_vocabulary(tokenizer, banned)
@@ -341,8 +340,7 @@ def craft_poisons(
     start_j = state.current.clone()
     flips = 0
     history = []
-    bar = tqdm(total=sweeps * (ids.shape[1] - 2), desc="concealed poisons (positions)", disable=not progress,
-               leave=False)
+    bar = progress_bar(sweeps * (ids.shape[1] - 2), "concealed poisons (positions)", enabled=progress)
     for sweep in range(sweeps):
         for pos in range(1, ids.shape[1] - 1):
             bar.update(1)

@@ -24,6 +24,7 @@ from influent.cli.index import add_index_parser
 from influent.cli.trace import add_trace_parser
 from influent.cli.validate import add_validate_parser
 from influent.errors import CacheCorruptError, NumericalError, UserError
+from influent.progress import set_quiet
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:  # named with the command whose --help lists what it takes
             return _error(f"unrecognized arguments: {' '.join(unknown)} (see influent {args.command} --help)", 2)
         _quiet_libraries()
+        set_quiet(bool(getattr(args, "quiet", False)))
         return args.func(args)
     except UserError as err:
         return _error(user_message(err), 2)

@@ -46,6 +46,7 @@ from influent.models.frozen_prefix import (
     supports_frozen_prefix,
 )
 from influent.models.training import MinibatchTrainer
+from influent.quiet import expected_load_notes_hidden
 from influent.store import default_cache_dir, fingerprint, read_tensors, write_json, write_tensors
 from influent.task import Batch, Task, iter_chunks, slice_batch
 
@@ -158,9 +159,10 @@ def build_finetuned_classifier(
     batches = [_tokenize(tokenizer, corpus, labels, r, max_length) for r in (rows.train, rows.queries, rows.heldout)]
     torch.manual_seed(seed)
     # eager attention: the PBRF step size uses forward-mode AD, which SDPA kernels lack on CPU
-    model = AutoModelForSequenceClassification.from_pretrained(
-        encoder, num_labels=int(labels.max()) + 1, attn_implementation="eager"
-    )
+    with expected_load_notes_hidden():  # the new head's weights are MISSING: we train them
+        model = AutoModelForSequenceClassification.from_pretrained(
+            encoder, num_labels=int(labels.max()) + 1, attn_implementation="eager"
+        )
     trainable = freeze_all_but_last(model, fine_tune_last)
     model.eval()
     task = FinetunedTask()

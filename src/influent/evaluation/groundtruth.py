@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from influent.errors import NumericalError, UserError
 from influent.evaluation.cache import RetrainCache
 from influent.evaluation.pbrf import PBRF
 from influent.gradients import ParameterSpace
 from influent.models.training import Trainer
+from influent.progress import progress_iter
 from influent.store import fingerprint
 from influent.task import Batch, Task
 
@@ -142,7 +142,7 @@ class GroundTruth:
         base = self.base if base is None else base
         cache = self._cache(kind, settings)
         rows = []
-        for name in tqdm(names, desc=desc, disable=not self.progress, leave=False):
+        for name in progress_iter(names, desc, enabled=self.progress):
             hit = cache.get(name)
             if hit is not None:
                 tensors, info = hit

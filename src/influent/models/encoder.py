@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from influent.errors import NumericalError, UserError
 from influent.models.embedding_cache import EmbeddingCache
 from influent.models.pretrained import check_max_length, load_pretrained
+from influent.progress import progress_bar
 from influent.store import fingerprint, tensors_sha256
 
 __all__ = [
@@ -290,7 +290,7 @@ class TextEncoder:
         try:
             with (
                 torch.inference_mode(),
-                tqdm(total=int(order.size), desc="embedding", unit="text", disable=not progress) as bar,
+                progress_bar(int(order.size), "embedding", enabled=progress, unit="text") as bar,
             ):
                 for start in range(0, order.size, self.batch_size):
                     chunk = order[start : start + self.batch_size]

@@ -22,6 +22,8 @@ from influent import store
 from influent.errors import CacheCorruptError, NumericalError, UserError
 from influent.models.classifier import fraction_correct
 from influent.models.pretrained import check_max_length, load_pretrained
+from influent.progress import progress_bar
+from influent.quiet import expected_load_notes_hidden
 from influent.task import Task
 
 FILES_KEY = "files_sha256"  # settings.json's pins of the checkpoint's other files
@@ -154,13 +156,11 @@ def _adamw_epochs(
     Raises:
         NumericalError: the loss became non-finite (the training diverged; nothing is saved).
     """
-    from tqdm.auto import tqdm
-
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     task = FinetunedTask()
     n = len(train_texts)
-    bar = tqdm(total=epochs * math.ceil(n / batch_size), desc="fine-tune", disable=not progress, leave=False)
+    bar = progress_bar(epochs * math.ceil(n / batch_size), "fine-tune", enabled=progress, unit="batch")
     model.train()
     steps = 0
     for _ in range(epochs):
@@ -224,10 +224,11 @@ def train_finetuned(
         raise UserError("labels must be integers >= 0")
     num_labels = int(max(labels_all)) + 1
     torch.manual_seed(seed)
-    tokenizer, model = load_pretrained(  # local files first, the hub only if reachable: fails fast
-        encoder, AutoModelForSequenceClassification.from_pretrained, AutoTokenizer.from_pretrained,
-        num_labels=num_labels,
-    )
+    with expected_load_notes_hidden():  # the new head's weights are MISSING: we train them
+        tokenizer, model = load_pretrained(  # local files first, the hub only if reachable: fails fast
+            encoder, AutoModelForSequenceClassification.from_pretrained, AutoTokenizer.from_pretrained,
+            num_labels=num_labels,
+        )
     check_max_length(max_length, model, tokenizer, encoder)
     n_trainable = freeze_all_but_last(model, last_k)
     n = len(train_texts)

@@ -29,6 +29,7 @@ from influent.models.frozen_prefix import (
     supports_frozen_prefix,
 )
 from influent.models.training import MinibatchTrainer
+from influent.quiet import expected_load_notes_hidden
 from influent.task import iter_chunks
 
 
@@ -66,9 +67,10 @@ class SuffixClassifier:
             self.tokenizer = AutoTokenizer.from_pretrained(self.encoder)
             torch.manual_seed(seed)
             # eager attention: double backward / forward-mode AD through attention work on CPU
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                self.encoder, num_labels=num_labels, attn_implementation="eager"
-            )
+            with expected_load_notes_hidden():  # the new head's weights are MISSING: we train them
+                self.model = AutoModelForSequenceClassification.from_pretrained(
+                    self.encoder, num_labels=num_labels, attn_implementation="eager"
+                )
         except (OSError, ValueError) as exc:
             raise UserError(
                 f"encoder {self.encoder!r}: cannot load a tokenizer and model ({exc})", field="encoder"
