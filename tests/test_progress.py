@@ -14,6 +14,12 @@ class FakeTerminal(io.StringIO):
         return True
 
 
+@pytest.fixture(autouse=True)
+def loud(monkeypatch):
+    """Each test starts with progress on, whatever ran before."""
+    monkeypatch.setattr(progress, "_QUIET", False)
+
+
 def run_loop(total: int, step: int = 1) -> None:
     bar = progress.progress_bar(total, "embedding", unit="text")
     for _ in range(0, total, step):

@@ -105,3 +105,5 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        set_quiet(False)  # a process that calls main again (tests, notebooks) starts loud
