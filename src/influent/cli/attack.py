@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from influent.cli.common import add_data_options, check_data_args, check_output_dir, flag, head_setup
+from influent.cli.report import add_report_option, check_report_path, maybe_write_report
 from influent.errors import UserError
 
 # Data options that only the head's attacks read (the concealed attack fine-tunes on its own defaults).
@@ -20,6 +21,7 @@ def _attack_options(args: argparse.Namespace):
                             **{name: getattr(args, name) for name in APPLIES_TO})
     check_data_args(args)
     check_output_dir(args.out, "out")
+    check_report_path(args)
     if args.kind == "concealed":
         for name, default in _HEAD_ONLY.items():
             if getattr(args, name) != default:
@@ -114,6 +116,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     tmp.write_text(table)
     tmp.replace(md)
     print(table)
+    maybe_write_report(args, result, "attack")
     print(f"{len(result['rows'])} runs written to {out / f'attack_{args.kind}.json'}; table in {md}")
     return 0
 
@@ -186,6 +189,7 @@ def add_attack_parser(sub) -> None:
                    help="the train/held-out split seed (same as --seed; default 0)")
     p.add_argument("--damping", type=float, default=None, help="added to the Hessian's diagonal (default 0)")
     p.add_argument("--out", default="influent-out/attack", help="output folder (default influent-out/attack)")
+    add_report_option(p)
     _add_label_flip_options(p)
     _add_perturb_options(p)
     _add_trigger_options(p)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from influent.cli.common import add_data_options, check_data_args, check_output_dir
+from influent.cli.report import add_report_option, check_report_path, maybe_write_report
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -18,12 +21,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
     )
     check_data_args(args)
     check_output_dir(args.out, "out")
+    check_report_path(args)
     result = run_audit(
         args.data, out=args.out, text_column=args.text_column, label_column=args.label_column,
         encoder=args.encoder, cache_dir=args.cache_dir, progress=not args.quiet, **options.as_kwargs(),
     )
     print(f"ranked {result['n']} training examples by {result['primary']} (most suspicious first); "
           f"written to {result['csv']} and {result['json']}")
+    if args.report:
+        maybe_write_report(args, json.loads(Path(result["json"]).read_text()), "audit")
     return 0
 
 
@@ -38,5 +44,6 @@ def add_audit_parser(sub) -> None:
     p.add_argument("--damping", type=float, default=None)
     p.add_argument("--folds", type=int, default=5, help="folds of the out-of-fold baselines")
     p.add_argument("--top", type=int, default=None, help="write only the top N rows")
+    add_report_option(p)
     add_data_options(p, embedding_options=False)  # the audit embeds with the encoder's defaults
     p.set_defaults(func=cmd_audit)

@@ -17,7 +17,7 @@ from influent.errors import UserError
 
 # Library fields whose flag is not the field's own name.
 FIELD_FLAGS = {"strategies": "--strategy", "solvers": "--solver", "query_file": "--queries", "kind": "KIND",
-               "split_seed": "--split-seed"}
+               "split_seed": "--split-seed", "input": "FILE.json"}
 
 
 def flag(field: str) -> str:

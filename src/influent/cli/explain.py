@@ -20,6 +20,7 @@ from influent.cli.common import (
     warn,
 )
 from influent.cli.index import add_index_options, explain_from_index
+from influent.cli.report import add_report_option, check_report_path, maybe_write_report
 from influent.cli.trace import add_lm_options, cmd_train_lm
 from influent.errors import UserError
 
@@ -69,6 +70,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         checked("damping", args.damping, low=0)
     if args.text is not None and not args.text.strip():
         raise UserError("--text is empty")
+    check_report_path(args)
     if args.model == "finetuned":
         check_finetune_args(args)
         check_curvature_args(args)
@@ -94,6 +96,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.index is not None:
         result = explain_from_index(args, setup, Query(text, None, label, gold))
         if result is not None:
+            maybe_write_report(args, result, "explain")
             print(json.dumps(result) if args.json else format_explanation(result))
         return 0
     if args.model == "finetuned":
@@ -108,6 +111,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if solve.get("converged") is False:
         warn(f"the {solve.get('method')} solve did not converge ({solve.get('iterations')} iterations, relative "
              f"residual {solve.get('residual'):.3g}); scores are approximate (try --solver exact)")
+    maybe_write_report(args, result, "explain")
     if args.json:
         print(json.dumps(result))
     else:
@@ -143,6 +147,7 @@ def add_explain_parser(sub) -> None:
                    help="added to the curvature's diagonal (default: 0 for the head; 0.1 x the mean "
                         "eigenvalue per module for the fine-tuned model)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_report_option(p)
     add_data_options(p)
     add_finetune_options(p)
     add_curvature_options(p)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from influent.cli.common import add_data_options, check_data_args, check_output_dir, head_setup, refuse_unread
+from influent.cli.report import add_report_option, check_report_path, maybe_write_report
 
 
 def cmd_explain_quality(args: argparse.Namespace) -> int:
@@ -47,6 +48,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     check_data_args(args)
     refuse_unread(args)
     check_output_dir(args.out, "out")
+    check_report_path(args)
     if args.explain:
         return cmd_explain_quality(args)
     extra = {}
@@ -59,6 +61,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     write_validation(result, out)
     print((out / "validate.md").read_text() if (out / "validate.md").exists() else json.dumps(result)[:2000])
+    maybe_write_report(args, result, "validate")
     print(f"\nTables: {out / 'validate.md'}, {out / 'validate.json'}; scatter plots: {out}/scatter-*.png")
     return 0
 
@@ -80,5 +83,6 @@ def add_validate_parser(sub) -> None:
     p.add_argument("--explain", action="store_true",
                    help="evaluate explanations instead: identical-class relevance and remove-and-retrain "
                         "faithfulness of each ranking over --queries held-out reviews")
+    add_report_option(p)
     add_data_options(p)
     p.set_defaults(func=cmd_validate, command_parser=p)
