@@ -22,6 +22,7 @@ from influent.cli.demo import add_demo_parser
 from influent.cli.explain import add_explain_parser, add_train_parser
 from influent.cli.index import add_index_parser
 from influent.cli.report import add_report_parser
+from influent.cli.review import add_review_parser
 from influent.cli.trace import add_trace_parser
 from influent.cli.validate import add_validate_parser
 from influent.errors import CacheCorruptError, NumericalError, UserError
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_train_parser, add_explain_parser, add_validate_parser, add_audit_parser, add_attack_parser,
-                add_demo_parser, add_index_parser, add_trace_parser, add_report_parser):
+                add_demo_parser, add_index_parser, add_trace_parser, add_report_parser, add_review_parser):
         add(sub)
     return parser
 

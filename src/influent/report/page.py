@@ -12,26 +12,25 @@ import json
 import math
 
 CSS = """
-:root { --fg:#1d2330; --muted:#5c6474; --line:#d9dde5; --pos:#1f77b4; --neg:#d62728; --bg:#fff; }
 * { box-sizing: border-box; }
-body { margin:0; font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif; color:var(--fg);
-       background:var(--bg); }
+body { margin:0; font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif; color:#1d2330;
+       background:#fff; }
 main { max-width:1180px; margin:0 auto; padding:16px 20px 48px; }
 h1 { font-size:1.6em; margin:.4em 0 .2em; } h2 { font-size:1.3em; margin:1.6em 0 .4em;
-     border-bottom:1px solid var(--line); padding-bottom:.2em; } h3 { font-size:1.05em; margin:1.2em 0 .3em; }
-p.meta, .muted { color:var(--muted); }
-.table-wrap { overflow-x:auto; max-width:100%; border:1px solid var(--line); border-radius:6px; margin:.5em 0 1em; }
+     border-bottom:1px solid #d9dde5; padding-bottom:.2em; } h3 { font-size:1.05em; margin:1.2em 0 .3em; }
+p.meta, .muted { color:#5c6474; }
+.table-wrap { overflow-x:auto; max-width:100%; border:1px solid #d9dde5; border-radius:6px; margin:.5em 0 1em; }
 table { border-collapse:collapse; width:100%; font-size:.92em; }
-th, td { padding:5px 8px; border-bottom:1px solid var(--line); text-align:left; vertical-align:top; }
+th, td { padding:5px 8px; border-bottom:1px solid #d9dde5; text-align:left; vertical-align:top; }
 th { background:#f4f6f9; white-space:nowrap; } td.num { text-align:right; font-variant-numeric:tabular-nums;
      white-space:nowrap; }
 td.text { min-width:16em; max-width:40em; }
 figure { margin:.8em 0 1.2em; overflow-x:auto; } figure svg { width:100%; max-width:1100px; height:auto; display:block; }
-figcaption { color:var(--muted); font-size:.9em; }
+figcaption { color:#5c6474; font-size:.9em; }
 .bar { display:flex; align-items:center; gap:6px; min-width:9em; }
 .bar span.fill { display:inline-block; height:.8em; border-radius:2px; }
-.bar span.fill.pos { background:var(--pos); } .bar span.fill.neg { background:var(--neg); }
-.query { background:#f7f8fb; border-left:4px solid var(--pos); padding:8px 12px; margin:.6em 0; }
+.bar span.fill.pos { background:#1f77b4; } .bar span.fill.neg { background:#d62728; }
+.query { background:#f7f8fb; border-left:4px solid #1f77b4; padding:8px 12px; margin:.6em 0; }
 .tok { border-radius:3px; padding:0 1px; }
 .grid { display:grid; grid-template-columns:repeat(auto-fit,minmax(320px,1fr)); gap:12px; }
 @media (max-width:600px) { main { padding:10px 10px 32px; } body { font-size:14px; }
