@@ -85,7 +85,7 @@ def _is_terminal(stream) -> bool:
         return False
 
 
-def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0, unit: str = "it"):
+def progress_bar(total: int | None, desc: str, enabled: bool = True, initial: int = 0, unit: str = "it"):
     """A progress display over ``total`` steps (``enabled=False`` or quiet: a silent one, same interface).
 
     Args:
@@ -107,8 +107,9 @@ def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0, 
 
 def progress_iter(items: Iterable[T], desc: str, enabled: bool = True, total: int | None = None,
                   unit: str = "it") -> Iterator[T]:
-    """``items``, one at a time, with a :func:`progress_bar` over them (``total`` defaults to ``len(items)``)."""
-    if total is None:
+    """``items``, one at a time, with a :func:`progress_bar` over them (``total`` defaults to ``len(items)``;
+    an iterable without a length gets a count without a share)."""
+    if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
     bar = progress_bar(total, desc, enabled=enabled, unit=unit)
     try:

@@ -33,6 +33,7 @@ from torch import nn
 
 from influent import store
 from influent.errors import NumericalError, UserError
+from influent.progress import progress_iter
 from influent.task import Task
 
 DEFAULT_LM = "smollm2-135m-instruct"
@@ -199,8 +200,6 @@ def fine_tune(
     Raises:
         NumericalError: the loss became non-finite (before anything is saved).
     """
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -214,7 +213,7 @@ def fine_tune(
         for epoch in range(epochs):
             total, count = 0.0, 0
             batches = batches_for_epoch(gen)
-            for batch in tqdm(batches, desc=f"fine-tune {epoch + 1}/{epochs}", disable=not progress, leave=False):
+            for batch in progress_iter(batches, f"fine-tune {epoch + 1}/{epochs}", enabled=progress, unit="batch"):
                 losses = task.per_example_loss(model, batch)
                 loss = losses.mean()
                 if not math.isfinite(loss.item()):
