@@ -362,6 +362,7 @@ def test_contentless_corpus_texts_are_named_by_their_file_rows(encoder, tmp_path
     corpus = load_corpus(str(tmp_path / "d.csv"))
     assert corpus.rows == [1, 3, 5, 6, 7]
     assert corpus.subset([4, 0]).rows == [7, 1]
-    with pytest.raises(UserError, match=r"2 corpus texts have no content .*rows 5, 7 ") as err:
-        encoder.embed(corpus.texts, progress=False, what="corpus text", rows=corpus.rows)
-    _one_line(err.value)
+    for cache in (None, EmbeddingCache(tmp_path / "cache")):  # with a cache too: its reads must not mix in
+        with pytest.raises(UserError, match=r"2 corpus texts have no content .*rows 5, 7 ") as err:
+            encoder.embed(corpus.texts, cache=cache, progress=False, what="corpus text", source_rows=corpus.rows)
+        _one_line(err.value)

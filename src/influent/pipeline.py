@@ -169,7 +169,7 @@ def prepare_head(
     corpus, split = load_corpus_and_split(data, text_column, label_column, hf_split, test_fraction, seed, cache)
     enc = TextEncoder(encoder, pooling=pooling, max_length=max_length)
     x = enc.embed(corpus.texts, cache=EmbeddingCache(cache / "embeddings"), progress=progress,
-                  what="corpus text", field="data", rows=corpus.rows).double()
+                  what="corpus text", field="data", source_rows=corpus.rows).double()
     y = torch.as_tensor(corpus.labels, dtype=torch.long)
     tr, te = torch.as_tensor(split.train_idx), torch.as_tensor(split.test_idx)
     key = fingerprint(corpus.fingerprint(), enc.key(), split.train_idx.tolist(), l2)

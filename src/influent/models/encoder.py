@@ -229,7 +229,7 @@ class TextEncoder:
         progress: bool = True,
         what: str = "text",
         field: str | None = None,
-        rows: Sequence[int] | None = None,
+        source_rows: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Embed ``texts`` into a float32 CPU tensor ``[N, d]``, row ``i`` for ``texts[i]``.
 
@@ -244,7 +244,8 @@ class TextEncoder:
             progress: show a tqdm progress bar.
             what: what a text is, for error messages (``"corpus text"``, ``"query text"``).
             field: the option the texts came from, for the UserError (``"data"`` for a corpus).
-            rows: each text's source row (:attr:`~influent.data.Corpus.rows`), to name contentless texts by.
+            source_rows: each text's source row (:attr:`~influent.data.Corpus.rows`), to name contentless
+                texts by.
 
         Raises:
             UserError: a text has no real tokens (its source row, else its 1-based position, is named).
@@ -264,7 +265,7 @@ class TextEncoder:
             token_ids = self.tokenizer(
                 [texts[i] for i in todo], truncation=True, max_length=self.max_length
             )["input_ids"]
-            self._reject_contentless(texts, todo, token_ids, what, field, rows)
+            self._reject_contentless(texts, todo, token_ids, what, field, source_rows)
             order = todo[np.argsort(-np.asarray([len(x) for x in token_ids]), kind="stable")]
             self._embed_in_order(texts, order, out, ids, cache, progress)
         return out
