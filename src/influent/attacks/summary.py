@@ -23,3 +23,18 @@ def summarise(rows: list[dict], keys: Iterable[str], values: Iterable[str]) -> l
             row[f"{v}_sd"] = float(a.std(ddof=1)) if len(a) > 1 else 0.0
         out.append(row)
     return out
+
+
+def summary_columns(summary: list[dict]) -> tuple[list[str], list[str]]:
+    """The grouping keys and the value names (``x`` of ``x_mean`` / ``x_sd``) of a :func:`summarise` table,
+    in first-seen order."""
+    keys: list[str] = []
+    values: list[str] = []
+    for row in summary:
+        for col in row:
+            if col.endswith("_mean"):
+                if col[:-5] not in values:
+                    values.append(col[:-5])
+            elif not col.endswith("_sd") and col != "runs" and col not in keys:
+                keys.append(col)
+    return keys, values

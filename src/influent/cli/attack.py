@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from influent.attacks.summary import summary_columns
 from influent.cli.common import add_data_options, check_data_args, check_output_dir, flag, head_setup
 from influent.cli.report import add_report_option, check_report_path, maybe_write_report
 from influent.errors import UserError
@@ -68,14 +69,7 @@ def _cell(value) -> str:
 def attack_markdown(result: dict) -> str:
     """Markdown table of ``result['summary']``: one row per group, each value as mean ± sd over its runs."""
     summary = result["summary"]
-    keys, values = [], []
-    for row in summary:
-        for col in row:
-            if col.endswith("_mean"):
-                if col[:-5] not in values:
-                    values.append(col[:-5])
-            elif not col.endswith("_sd") and col != "runs" and col not in keys:
-                keys.append(col)
+    keys, values = summary_columns(summary)
     lines = [
         f"# influent attack {result['kind']}",
         "",

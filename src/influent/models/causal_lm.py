@@ -33,6 +33,7 @@ from torch import nn
 
 from influent import store
 from influent.errors import NumericalError, UserError
+from influent.models.pretrained import module_list_at
 from influent.progress import progress_iter
 from influent.task import Task
 
@@ -126,14 +127,9 @@ def mlp_pattern(model: nn.Module) -> str:
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     """The list of transformer blocks (``model.layers`` for LLaMA-style, ``transformer.h`` for GPT-2)."""
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
+    blocks = module_list_at(model, ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"))
+    if blocks is not None:
+        return blocks
     raise UserError(f"cannot find the transformer blocks of {type(model).__name__}", field="last_k")
 
 

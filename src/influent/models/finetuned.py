@@ -21,7 +21,7 @@ from torch import nn
 from influent import store
 from influent.errors import CacheCorruptError, NumericalError, UserError
 from influent.models.classifier import fraction_correct
-from influent.models.pretrained import check_max_length, load_pretrained
+from influent.models.pretrained import check_max_length, load_pretrained, module_list_at
 from influent.progress import progress_bar
 from influent.quiet import expected_load_notes_hidden
 from influent.task import Task
@@ -87,14 +87,9 @@ def make_batches(
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
     """The transformer block list of a Hugging Face encoder (``encoder.layer``, ``layers``, ...)."""
     base = getattr(model, "base_model", model)
-    for path in ("encoder.layer", "encoder.layers", "layers", "transformer.layer", "layer"):
-        obj = base
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
+    layers = module_list_at(base, ("encoder.layer", "encoder.layers", "layers", "transformer.layer", "layer"))
+    if layers is not None:
+        return layers
     raise UserError(f"cannot find the encoder layers of {type(model).__name__} to fine-tune the last k", field="encoder")
 
 

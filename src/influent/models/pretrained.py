@@ -97,3 +97,19 @@ def check_max_length(max_length: int, model, tokenizer, name: str) -> None:
         raise UserError(
             f"max_length {max_length} is more than encoder {name} can take ({limit} positions)", field="max_length"
         )
+
+
+def module_list_at(root, paths: tuple[str, ...]):
+    """The first ``torch.nn.ModuleList`` found at one of the dotted attribute ``paths`` of ``root``, or None
+    (where a Hugging Face model keeps its transformer blocks: ``encoder.layer``, ``model.layers``, ...)."""
+    from torch import nn
+
+    for path in paths:
+        obj = root
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    return None

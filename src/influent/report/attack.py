@@ -5,21 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from influent.attacks.summary import summary_columns
 from influent.report.page import esc, figure_svg, fmt, pyplot, table
 
 BUDGET_KEYS = ("budget", "n_poison", "size", "k", "eps")
-
-
-def _columns(summary: list[dict]) -> tuple[list[str], list[str]]:
-    keys, values = [], []
-    for row in summary:
-        for col in row:
-            if col.endswith("_mean"):
-                if col[:-5] not in values:
-                    values.append(col[:-5])
-            elif not col.endswith("_sd") and col != "runs" and col not in keys:
-                keys.append(col)
-    return keys, values
 
 
 def _budget_plot(rows: list[dict], budget: str, series: list[str], metrics: list[str], title: str) -> str:
@@ -49,7 +38,7 @@ def _budget_plot(rows: list[dict], budget: str, series: list[str], metrics: list
 def attack_sections(data: dict) -> list[str]:
     """Per mode (targeted / untargeted, when present): the plots against the budget; then the summary table."""
     summary = data.get("summary", [])
-    keys, values = _columns(summary)
+    keys, values = summary_columns(summary)
     budget = next((k for k in BUDGET_KEYS if k in keys), None)
     out = [f"<h2>Attack: {esc(data.get('kind', ''))}</h2>",
            (f"<p>Attack seeds {esc(', '.join(map(str, data.get('seeds', []))))}; split seed "
