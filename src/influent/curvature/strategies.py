@@ -88,6 +88,14 @@ class Strategy(ABC):
         or ``[d_out, d_in(+1)]``)."""
 
 
+def squared_gradient_sums(shapes: dict[str, tuple[int, int]], what: str) -> Tensors:
+    """Zeroed partial sums of a pass that adds up squared per-example gradients: per module a
+    ``[d_out, d_in(+1)]`` sum stored as ``what`` and an example counter (float64)."""
+    sums = {keys.tensor_key(k, what): torch.zeros(v, dtype=torch.float64) for k, v in shapes.items()}
+    sums.update({keys.tensor_key(k, keys.N_EXAMPLES): torch.zeros((), dtype=torch.float64) for k in shapes})
+    return sums
+
+
 def check_finite(t: torch.Tensor, name: str) -> None:
     """Raise :class:`~influent.errors.NumericalError` unless every entry of fitted tensor ``t`` is finite."""
     if not torch.isfinite(t).all():
@@ -119,17 +127,7 @@ class Diagonal(Strategy):
         buffers = GradBuffers()
 
         def init():
-            s = {
-                keys.tensor_key(k, keys.DIAG_SUM): torch.zeros(v, dtype=torch.float64)
-                for k, v in ctx.shapes.items()
-            }
-            s.update(
-                {
-                    keys.tensor_key(k, keys.N_EXAMPLES): torch.zeros((), dtype=torch.float64)
-                    for k in ctx.shapes
-                }
-            )
-            return s
+            return squared_gradient_sums(ctx.shapes, keys.DIAG_SUM)
 
         def update(sums, name, a, g, tokens, rows):
             if a.shape[1] == 1:
@@ -268,17 +266,7 @@ class Ekfac(Kfac):
             return bases[key]
 
         def init():
-            s = {
-                keys.tensor_key(k, keys.LAMBDA_SUM): torch.zeros(v, dtype=torch.float64)
-                for k, v in ctx.shapes.items()
-            }
-            s.update(
-                {
-                    keys.tensor_key(k, keys.N_EXAMPLES): torch.zeros((), dtype=torch.float64)
-                    for k in ctx.shapes
-                }
-            )
-            return s
+            return squared_gradient_sums(ctx.shapes, keys.LAMBDA_SUM)
 
         def update(sums, name, a, g, tokens, rows):
             qa = basis(name, keys.EIGVEC_A, a)
