@@ -63,3 +63,16 @@ def reviews_csv(tmp_path_factory):
         writer.writerow(["review", "sentiment"])
         writer.writerows(make_reviews(80))
     return path
+
+
+@pytest.fixture()
+def data_args(tiny_encoder_dir, reviews_csv, tmp_path):
+    """The CLI's data and model options for the tiny encoder and the review CSV, with a fresh cache."""
+    return ["--data", str(reviews_csv), "--text-column", "review", "--label-column", "sentiment",
+            "--encoder", str(tiny_encoder_dir), "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+
+
+@pytest.fixture()
+def base_args(data_args):
+    """:func:`data_args` with the head's ridge coefficient of the CLI tests."""
+    return [*data_args, "--l2", "0.01"]

@@ -9,21 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import run_cli
 
-from influent.cli import main
 from influent.pipeline import prepare_head
-
-
-@pytest.fixture()
-def base_args(tiny_encoder_dir, reviews_csv, tmp_path):
-    return ["--data", str(reviews_csv), "--text-column", "review", "--label-column", "sentiment",
-            "--encoder", str(tiny_encoder_dir), "--cache-dir", str(tmp_path / "cache"), "--quiet", "--l2", "0.01"]
-
-
-def run_cli(capsys, argv):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_explain_json_matches_a_dense_solve(capsys, base_args, tiny_encoder_dir, reviews_csv, tmp_path):

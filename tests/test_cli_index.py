@@ -5,22 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from influent.cli import main
+from cli_helpers import run_cli
 
 FT = ["--model", "finetuned", "--last-k", "1", "--epochs", "1", "--lr", "1e-3", "--batch-size", "8"]
 
 
 @pytest.fixture()
-def base_args(tiny_encoder_dir, reviews_csv, tmp_path):
-    return ["--data", str(reviews_csv), "--text-column", "review", "--label-column", "sentiment",
-            "--encoder", str(tiny_encoder_dir), "--cache-dir", str(tmp_path / "cache"), "--quiet"]
-
-
-def run_cli(capsys, argv):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
+def base_args(data_args):
+    return data_args
 
 
 def test_index_build_then_explain_from_it(capsys, base_args, tmp_path):

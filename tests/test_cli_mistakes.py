@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
+from cli_helpers import run_cli
 
 from influent.attacks.options import AttackOptions
-from influent.cli import main
 from influent.cli.common import user_message
 from influent.curvature.solvers import conjugate_gradient, lissa
 from influent.data.loaders import load_local
@@ -22,18 +22,6 @@ from influent.errors import UserError
 from influent.evaluation.options import ValidateOptions
 from influent.models.head import HeadTask, LogisticHead
 from influent.models.newton import fit_newton
-
-
-@pytest.fixture()
-def base_args(tiny_encoder_dir, reviews_csv, tmp_path):
-    return ["--data", str(reviews_csv), "--text-column", "review", "--label-column", "sentiment",
-            "--encoder", str(tiny_encoder_dir), "--cache-dir", str(tmp_path / "cache"), "--quiet", "--l2", "0.01"]
-
-
-def run_cli(capsys, argv):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code, err, needle, status=2):

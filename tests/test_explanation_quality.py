@@ -115,7 +115,7 @@ def test_head_driver_end_to_end(tmp_path):
 def test_validate_explain_writes_the_table(capsys, tmp_path, tiny_encoder_dir, reviews_csv):
     import json
 
-    from test_cli import run_cli
+    from cli_helpers import run_cli
 
     out = tmp_path / "out"
     args = ["validate", "--explain", "--queries", "4", "--out", str(out), "--data", str(reviews_csv),

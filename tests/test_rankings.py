@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_cli import base_args, run_cli  # noqa: F401  (fixture)
+from cli_helpers import run_cli
 from test_explain import _finetuned_setup, _head_setup
 
 from influent.explain import Query, explain
@@ -129,7 +129,7 @@ def test_proponent_order_keeps_positive_values_only():
     assert proponent_order(values, 4, positive_only=False).tolist() == [2, 0, 4, 3]
 
 
-def test_rank_reaches_the_json(capsys, base_args, tiny_encoder_dir, reviews_csv, tmp_path):  # noqa: F811
+def test_rank_reaches_the_json(capsys, base_args, tiny_encoder_dir, reviews_csv, tmp_path):
     from influent.cli.explain import DEFAULT_RANK, RANK_CHOICES
     from influent.explain import DEFAULT_RANKING
     from influent.pipeline import prepare_head
