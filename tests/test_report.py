@@ -6,7 +6,9 @@ with the reason, the HTML checks still run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import re
 import shutil
@@ -16,6 +18,7 @@ import tempfile
 import numpy as np
 import pytest
 from conftest import make_reviews
+from lm_fixtures import FACTS, tiny_lm_folder
 
 from influent.cli import main
 from influent.report.audit import precision_recall
@@ -61,7 +64,27 @@ def reports(tmp_path_factory, reviews_csv, tiny_encoder_dir):
     out["audit"] = root / "audit.html"
     out["audit-plain"] = root / "audit-plain.html"
     out["ranking"] = ranking
+    out["trace"], out["trace_json"] = trace_report(root)
     return out
+
+
+def trace_report(root) -> tuple:
+    """A tiny LLaMA (built in code) fine-tuned on ten facts; ``trace --tokens --json --report`` of a completion,
+    and ``influent report`` of the saved JSON. Returns (the report from the saved JSON, the JSON)."""
+    data = root / "facts.txt"
+    data.write_text("\n\n".join(FACTS))
+    base = ["--data", str(data), "--base-model", str(tiny_lm_folder(root / "lm", "llama")), "--cache-dir",
+            str(root / "lm-cache"), "--last-k", "-1", "--epochs", "2", "--lr", "1e-2", "--batch-size", "4", "--quiet"]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["trace", *base, "--prompt", "the capital of italy", "--completion", "is rome", "--tokens",
+                     "--top", "10", "--json", "--report", str(root / "trace-direct.html")]) == 0
+    result = json.loads(stdout.getvalue())  # under --json stdout is the JSON alone (the report note: stderr)
+    (root / "trace.json").write_text(json.dumps(result))
+    assert main(["report", str(root / "trace.json"), "--out", str(root / "trace.html")]) == 0
+    direct = (root / "trace-direct.html").read_text()
+    assert direct.replace("trace report;", "trace report of trace.json;") == (root / "trace.html").read_text()
+    return root / "trace.html", result
 
 
 def test_precision_recall_hand_computed():
@@ -92,13 +115,33 @@ def test_token_highlighting_for_language_model_items():
     assert 'title="-1" style="background:rgba(214,39,40,1.00)">cat</span>' in page
 
 
+def test_trace_tokens_are_aligned_escaped_and_coloured_by_sign():
+    from influent.report.trace import aligned_tokens
+
+    assert aligned_tokens("the cat  sat", ["the", "cat", "sat"]) == [("", "the"), (" ", "cat"), ("  ", "sat")]
+    assert aligned_tokens(" a b", [" a", "<eos>", " b"]) == [("", " a"), ("", "<eos>"), ("", " b")]
+    assert aligned_tokens("x y", ["y", "x"]) == [("", "y"), ("", "x")]  # no skipping over text: "y" is not next
+    data = {"query": {"prompt": "<b>p</b>", "completion": "c & d", "loss": 1.5},
+            "results": [{"id": "a", "text": "<script>x</script> ok", "score": 2.0, "loss_change": 0.2,
+                         "tokens": [{"token": "<script>x</script>", "score": -3.0}, {"token": "ok", "score": 1.5}]},
+                        {"id": "b", "text": "plain", "score": -0.5, "loss_change": -0.05}],
+            "candidates": {"method": "all", "kept": 2, "of": 2}}
+    assert report_kind(data) == "trace"
+    page = build_report(data)
+    body = page.split('<script type="application/json"')[0]
+    assert "<script>x" not in body and "&lt;script&gt;x&lt;/script&gt;" in body and "&lt;b&gt;p" in body
+    assert 'title="-3" style="background:rgba(214,39,40,1.00);color:#fff;">&lt;script&gt;' in body  # largest |share|
+    assert 'title="+1.5" style="background:rgba(31,119,180,0.50);">ok</span>' in body  # half of it, blue
+    assert "Proponents (1)" in body and "Opponents (1)" in body and "token share:" in body
+
+
 def test_reports_are_self_contained(reports):
-    for kind in ("explain", "validate", "attack", "audit"):
+    for kind in ("explain", "validate", "attack", "audit", "trace"):
         text = reports[kind].read_text()
         assert re.search(r"(src|href)=[\"']?(https?:)?//", text) is None, kind  # nothing fetched
         block = re.search(r'<script type="application/json" id="influent-data">(.*?)</script>', text, re.DOTALL)
         assert json.loads(block.group(1).replace("<\\/", "</")), kind
-        assert "<svg" in text or kind == "explain", kind
+        assert "<svg" in text or kind in ("explain", "trace"), kind
 
 
 def _browser(args: list[str], timeout: int = 90) -> subprocess.CompletedProcess:
@@ -125,6 +168,8 @@ EXPECTED = {  # headings and numbers each report must show in the browser's DOM
                "Summary (mean ± sd over runs)"],
     "audit": ["Audit: training examples ranked by", "Score distributions", "Precision and recall (",
               "precision @5%"],
+    "trace": ["Trace: the training sequences behind a completion", "is rome", "token share:", "Proponents (",
+              "Opponents (", "strongest token"],
 }
 
 
@@ -147,6 +192,14 @@ def test_report_in_a_real_browser(reports, kind, tmp_path):
         assert f"Precision and recall ({flagged} of {len(rows)} examples flagged)" in dom
         first = min(rows, key=lambda r: r["rank"])
         assert f"{first[reports['ranking']['primary']]:.4g}" in dom
+    if kind == "trace":  # the loss, the top score, and its strongest token's share on that token's span
+        result = reports["trace_json"]
+        top = max(result["results"], key=lambda r: r["score"])
+        best = max(top["tokens"], key=lambda t: abs(t["score"]))
+        assert f"Completion loss <b>{result['query']['loss']:.4g}</b> nats" in dom
+        assert f"{top['score']:+.4g}</span>" in dom
+        assert re.search(rf'title="{re.escape(format(best["score"], "+.4g"))}" style="[^"]*">{best["token"]}</span>',
+                         dom)
     for width, height in ((1280, 900), (390, 844)):
         shot = tmp_path / f"{kind}-{width}.png"
         done = _browser([f"--screenshot={shot}", f"--window-size={width},{height}", url])

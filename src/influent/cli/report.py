@@ -1,10 +1,10 @@
 """``influent report FILE.json``: one self-contained HTML page from any influent JSON output; and the
-``--report PATH`` option that explain, audit, validate and attack share (trace: call :func:`add_report_option`
-and :func:`maybe_write_report` the same way)."""
+``--report PATH`` option that explain, trace, audit, validate and attack share."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from influent.cli.common import check_output_dir
 
@@ -24,13 +24,14 @@ def check_report_path(args: argparse.Namespace) -> None:
 
 
 def maybe_write_report(args: argparse.Namespace, data: dict, kind: str) -> None:
-    """Write the report of ``data`` to ``--report`` when it was given, and say where."""
+    """Write the report of ``data`` to ``--report`` when it was given, and say where (stderr under ``--json``)."""
     if not getattr(args, "report", None):
         return
     from influent.report.build import write_report
 
     path = write_report(data, args.report, kind)
-    print(f"report: {path}")
+    # under --json stdout holds only the JSON object, so the note goes to stderr
+    print(f"report: {path}", file=sys.stderr if getattr(args, "json", False) else sys.stdout)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -42,10 +43,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def add_report_parser(sub) -> None:
-    p = sub.add_parser("report", help="a self-contained HTML report of an explain/audit/validate/attack JSON file")
+    p = sub.add_parser("report", help="a self-contained HTML report of an explain/trace/audit/validate/attack JSON file")
     p.add_argument("input", metavar="FILE.json",
-                   help="explain --json output, demo_explanations.json, ranking.json, validate.json or "
-                        "attack_KIND.json (the kind is read from its contents)")
+                   help="explain --json output, demo_explanations.json, trace --json output, ranking.json, "
+                        "validate.json or attack_KIND.json (the kind is read from its contents)")
     p.add_argument("--out", default=None, help="HTML file to write (default: FILE.html beside the input)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_report)

@@ -8,6 +8,7 @@ import json
 import re
 
 from influent.cli.common import add_data_options, add_finetune_options, check_finetune_args, checked
+from influent.cli.report import add_report_option, check_report_path, maybe_write_report
 from influent.errors import UserError
 
 
@@ -104,6 +105,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         checked("damping", args.damping, low=0)
     if not args.prompt.strip():
         raise UserError("--prompt is empty")
+    check_report_path(args)
     setup = lm_setup(args)
     if args.candidates is not None and args.candidates > len(setup.sequences):
         raise UserError(f"--candidates {args.candidates} exceeds the {len(setup.sequences)} training sequences")
@@ -115,6 +117,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     result = trace(method, setup.sequences, query, setup.tokenizer, top=args.top, tokens=args.tokens,
                    candidates=args.candidates, candidates_method=args.candidates_method,
                    batch_size=setup.settings.batch_size)
+    maybe_write_report(args, result, "trace")
     print(json.dumps(result) if args.json else format_trace(result))
     return 0
 
@@ -136,6 +139,7 @@ def add_trace_parser(sub) -> None:
     p.add_argument("--damping", type=float, default=None,
                    help="added to the curvature (default: 0.1 x the mean eigenvalue per module)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_report_option(p)
     add_data_options(p)
     add_finetune_options(p)
     add_lm_options(p)

@@ -1,9 +1,9 @@
 """``influent report``: one self-contained HTML page from any of influent's JSON outputs.
 
 The kind is read from the JSON's shape: ``explain --json`` / the demo's explanations, ``audit``'s
-``ranking.json``, ``validate.json``, ``attack_KIND.json``. A ``trace`` output (language-model explanations,
-built elsewhere) is an explanation whose items carry ``tokens`` and ``token_scores``: it renders with token
-highlighting through the same explanation section (the hook: :data:`KINDS`).
+``ranking.json``, ``validate.json``, ``attack_KIND.json``, ``trace --json`` (a causal LM's completion traced to
+its training sequences, with token highlighting when it has token shares). An explanation whose items carry
+``tokens`` and ``token_scores`` renders with token highlighting too.
 """
 
 from __future__ import annotations
@@ -17,7 +17,12 @@ from influent.report.attack import attack_sections
 from influent.report.audit import audit_sections
 from influent.report.explanations import explain_sections
 from influent.report.page import page
+from influent.report.trace import trace_sections
 from influent.report.validation import validate_sections
+
+
+def _is_trace(d: dict) -> bool:
+    return isinstance(d.get("query"), dict) and "completion" in d["query"] and isinstance(d.get("results"), list)
 
 
 def _is_explain(d: dict) -> bool:
@@ -26,6 +31,7 @@ def _is_explain(d: dict) -> bool:
 
 # kind -> (recognises the JSON, builds its sections, page title); first match wins.
 KINDS: dict[str, tuple[Callable[[dict], bool], Callable[[dict], list[str]], str]] = {
+    "trace": (_is_trace, trace_sections, "influent trace"),
     "explain": (_is_explain, explain_sections, "influent explain"),
     "audit": (lambda d: "rows" in d and "rankers" in d, audit_sections, "influent audit"),
     "validate": (lambda d: "estimates" in d and "ground_truth" in d, validate_sections, "influent validate"),
@@ -39,7 +45,7 @@ def report_kind(data) -> str:
         for kind, (matches, _, _) in KINDS.items():
             if matches(data):
                 return kind
-    raise UserError("input is not an influent JSON output (explain, audit, validate or attack)", field="input")
+    raise UserError("input is not an influent JSON output (explain, trace, audit, validate or attack)", field="input")
 
 
 def build_report(data: dict, kind: str | None = None, source: str = "") -> str:

@@ -32,6 +32,10 @@ figcaption { color:#5c6474; font-size:.9em; }
 .bar span.fill.pos { background:#1f77b4; } .bar span.fill.neg { background:#d62728; }
 .query { background:#f7f8fb; border-left:4px solid #1f77b4; padding:8px 12px; margin:.6em 0; }
 .tok { border-radius:3px; padding:0 1px; }
+.seq { white-space:pre-wrap; overflow-wrap:anywhere; } .completion { background:#e8f0fa; padding:0 3px; }
+.legend { display:flex; flex-wrap:wrap; align-items:center; gap:8px; margin:.4em 0 0; font-size:.92em; }
+.legend .scale { display:inline-flex; align-items:center; gap:6px; white-space:nowrap; }
+.legend .ramp { display:inline-block; width:120px; height:.9em; border:1px solid #d9dde5; border-radius:2px; }
 .grid { display:grid; grid-template-columns:repeat(auto-fit,minmax(320px,1fr)); gap:12px; }
 @media (max-width:600px) { main { padding:10px 10px 32px; } body { font-size:14px; }
   td.text { min-width:12em; } h1 { font-size:1.3em; }
