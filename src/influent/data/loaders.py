@@ -221,6 +221,12 @@ def _read_table(path: Path) -> pd.DataFrame:
         raise UserError(f"{path}: cannot read as {fmt[1:]}: {_one_line(exc)}") from None
 
 
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Every row and column of a local data file, read as :func:`load_local` reads it (row ``r`` of a corpus's
+    ``rows`` is ``iloc[r - 1]``). Raises UserError for an unknown format or an unreadable file."""
+    return _read_table(Path(path))
+
+
 def load_local(path: str | Path, text_column: str = "text", label_column: str = "label") -> Corpus:
     """Load a labelled corpus from a ``.csv``, ``.tsv``, ``.jsonl`` / ``.json`` (JSON lines) or
     ``.parquet`` file (optionally compressed, e.g. ``.csv.gz``).

@@ -17,12 +17,15 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
+from influent.data import load_corpus
 from influent.data.text_edits import insert_trigger
 from influent.defenses.inputs import head_audit_inputs
 from influent.defenses.rankers import QUERY_RANKERS, RANKERS, AuditInputs, available_rankers, score_all
+from influent.defenses.truth import found_when_checking, known_bad
 from influent.errors import UserError
 from influent.evaluation.detection import ranking
 from influent.models.head import predict
@@ -143,6 +146,7 @@ def run_audit(
     top: int | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    truth: str | None = None,
 ) -> dict:
     """Rank every training example of ``data`` (default: bundled Rotten Tomatoes) by suspicion.
 
@@ -162,14 +166,20 @@ def run_audit(
         damping: added to the Hessian before inverting.
         folds: k of the out-of-fold baselines.
         top: write only the ``top`` most suspicious rows (default: all).
+        truth: the known-bad examples, a file of ids or a column of ``data``
+            (:mod:`influent.defenses.truth`): the rows get a ``truth`` column and the settings a ``truth``
+            summary (counts; precision and recall of the primary ranking at 5 / 10 / 20 % checked).
 
     Returns:
-        ``{'csv', 'json', 'primary', 'rankers', 'n', 'queries'}``.
+        ``{'csv', 'json', 'primary', 'rankers', 'n', 'queries', 'truth'}`` (``truth``: the summary or None).
     """
     from influent.pipeline import prepare_head
 
+    # the truth is checked before any model work (the corpus loads again, unchanged, inside prepare_head)
+    bad = None if truth is None else known_bad(truth, data, load_corpus(data, text_column, label_column))
     setup = prepare_head(data, text_column=text_column, label_column=label_column, seed=seed, cache_dir=cache_dir,
                          progress=progress, l2=l2, encoder=encoder)
+    train_bad = None if bad is None else bad[np.asarray(setup.train_idx)]
     qx, qy, qdesc = build_queries(setup, queries_from, trigger, query_file, text_column, label_column)
     audit = head_audit_inputs(
         setup.train_x, setup.train_y, len(setup.corpus.label_names), float(setup.task.l2), model=setup.model,
@@ -190,8 +200,13 @@ def run_audit(
         "rankers": names,
         "queries": qdesc,
     }
-    paths = write_ranking(Path(out), setup, scores, names, order, settings)
-    return {**paths, "primary": primary, "rankers": names, "n": len(setup.train_y), "queries": qdesc}
+    if bad is not None:
+        settings["truth"] = {"source": truth, "known_bad": int(bad.sum()), "in_training": int(train_bad.sum()),
+                             "held_out": int(bad.sum() - train_bad.sum()),
+                             "by_primary": found_when_checking(order, train_bad)}
+    paths = write_ranking(Path(out), setup, scores, names, order, settings, train_bad)
+    return {**paths, "primary": primary, "rankers": names, "n": len(setup.train_y), "queries": qdesc,
+            "truth": settings.get("truth")}
 
 
 def choose_rankers(
@@ -219,17 +234,19 @@ def choose_rankers(
     return names, primary
 
 
-def write_ranking(out: Path, setup, scores: dict, names: list[str], order, settings: dict) -> dict:
-    """``out/ranking.csv`` (rank, index, id, label, one column per ranker, text) and ``out/ranking.json``
-    (``settings`` + the same rows), in ``order`` (most suspicious first); returns their paths."""
+def write_ranking(out: Path, setup, scores: dict, names: list[str], order, settings: dict, truth=None) -> dict:
+    """``out/ranking.csv`` (rank, index, id, label, one column per ranker, ``truth`` when known, text) and
+    ``out/ranking.json`` (``settings`` + the same rows), in ``order`` (most suspicious first); returns their
+    paths. ``truth``: one bool per training example (known bad) or None."""
     label_names = list(setup.corpus.label_names)
-    header = ["rank", "index", "id", "label"] + names + ["text"]
+    header = ["rank", "index", "id", "label"] + names + (["truth"] if truth is not None else []) + ["text"]
     rows = []
     for r, i in enumerate(order, start=1):
         corpus_i = int(setup.train_idx[i])
         rows.append(
             [r, int(i), setup.corpus.ids[corpus_i], label_names[int(setup.train_y[i])]]
             + [float(scores[nm][i]) for nm in names]
+            + ([bool(truth[i])] if truth is not None else [])
             + [setup.corpus.texts[corpus_i]]
         )
     _atomic_csv(out / "ranking.csv", header, rows)

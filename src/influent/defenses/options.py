@@ -28,6 +28,8 @@ class AuditOptions:
         top: write only the ``top`` most suspicious rows (>= 1) or None (all).
         l2: the head's ridge coefficient (> 0) or None (the default).
         seed: seeds the split, folds and tie-breaking (>= 0).
+        truth: the known-bad examples (a file of ids or a column of the data), or None; needs every row
+            written (no ``top``).
     """
 
     rankers: tuple[str, ...] | list[str] | None = None
@@ -40,6 +42,7 @@ class AuditOptions:
     top: int | None = None
     l2: float | None = None
     seed: int = 0
+    truth: str | None = None
 
     def __post_init__(self) -> None:
         if self.rankers is not None:
@@ -60,6 +63,10 @@ class AuditOptions:
         check_number("seed", self.seed, low=0, integer=True)
         if self.top is not None:
             check_number("top", self.top, low=1, integer=True)
+        check_text("truth", self.truth)
+        if self.truth is not None and self.top is not None:
+            raise UserError("truth needs every example ranked (precision and recall against the share checked); "
+                            "drop top", field="truth")
         if self.l2 is not None:
             check_number("l2", self.l2, low=0, low_open=True)
 

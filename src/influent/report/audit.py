@@ -1,14 +1,16 @@
 """Report section for ``audit`` output: the ranked table, a score histogram per ranker and, when the rows carry
-the truth (a ``poison`` / ``is_poison`` / ``mislabeled`` / ``corrupted`` flag, as benchmark and attack runs
-know it), each ranker's precision and recall against the share of the data checked in its order."""
+the truth (the ``truth`` column of ``audit --truth``, or a ``poison`` / ``is_poison`` / ``mislabeled`` /
+``corrupted`` flag, as benchmark and attack runs know it), each ranker's precision and recall against the share
+of the data checked in its order."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from influent.defenses.truth import CHECKED_SHARES, checked_count
 from influent.report.page import esc, figure_svg, pyplot, table
 
-TRUTH_KEYS = ("poison", "is_poison", "poisoned", "mislabeled", "corrupted")
+TRUTH_KEYS = ("truth", "poison", "is_poison", "poisoned", "mislabeled", "corrupted")
 SHOWN_ROWS = 25
 
 
@@ -70,7 +72,7 @@ def _pr_curves(scores: dict[str, np.ndarray], truth: np.ndarray) -> tuple[str, l
         share, prec, rec = precision_recall(np.nan_to_num(values, nan=-np.inf), truth)
         ax_p.plot(share, prec, label=name, lw=1.2)
         ax_r.plot(share, rec, label=name, lw=1.2)
-        at = {f: int(np.ceil(f * len(share))) - 1 for f in (0.05, 0.1, 0.2)}
+        at = {f: checked_count(f, len(share)) - 1 for f in CHECKED_SHARES}
         summary.append([name, *(float(prec[i]) for i in at.values()), *(float(rec[i]) for i in at.values())])
     base = truth.mean()
     ax_p.axhline(base, color="grey", ls=":", lw=1)
@@ -106,6 +108,11 @@ def audit_sections(data: dict) -> list[str]:
             table(headers, body, numeric=set(range(1, 4 + len(extra))) - {2}, text_cols={len(headers) - 1})]
     if scores:
         out += ["<h3>Score distributions</h3>", _histograms(scores, truth)]
+    given = data.get("truth")
+    if given:
+        out.append(f"<p>Truth from <code>{esc(given.get('source'))}</code>: {esc(given.get('known_bad'))} known "
+                   f"bad examples, {esc(given.get('in_training'))} of them in the ranked training split "
+                   f"({esc(given.get('held_out'))} held out, not ranked).</p>")
     if truth is not None:
         fig, summary = _pr_curves(scores, truth)
         out += [f"<h3>Precision and recall ({int(truth.sum())} of {len(truth)} examples flagged)</h3>", fig,
