@@ -23,6 +23,7 @@ from influent.attacks.label_flip import targeted_attack, untargeted_attack
 from influent.attacks.perturb import perturb_attack
 from influent.attacks.summary import summarise
 from influent.attacks.trigger import make_trigger_poison, trigger_attack
+from influent.data.split import stratified_sample
 from influent.defenses.evaluate import mislabel_experiment, trigger_defense
 from influent.pipeline import prepare_head
 from influent.store import write_json
@@ -366,8 +367,8 @@ def main(argv=None) -> int:
         res = []
         for seed in args.seeds:
             exp = from_setup(setup, seed)
-            rng = np.random.default_rng(seed + 5)
-            idx = rng.choice(exp.n, args.ft_train_size, replace=False)
+            # the one training-slice sampler (#11): stratified by label, seeded as the old uniform draw was
+            idx = stratified_sample(exp.train_y.numpy(), args.ft_train_size, seed + 5)
             ev = np.arange(len(exp.eval_y))  # the whole evaluation half
             log(f"fine-tuned mislabel seed {seed}")
             res.append(
