@@ -68,7 +68,7 @@ def flags_from_column(data: str | None, column: str, corpus: Corpus) -> np.ndarr
     """One bool per corpus example from ``column`` of the local data file, row by row (``corpus.rows``)."""
     path = Path(str(data)) if data is not None else None
     if path is None or not path.is_file() or corpus.rows is None:
-        raise UserError(f"truth {column!r} is not a file, and a truth column needs a local --data file "
+        raise UserError(f"truth {column!r} is not a file, and a truth column needs a local data file "
                         "(CSV, TSV, JSONL or Parquet)", field="truth")
     frame = read_table(path)
     if column not in frame.columns:
