@@ -15,7 +15,15 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lm_fixtures import FACTS, tiny_lm_folder, tiny_tokenizer
+from lm_fixtures import (
+    FACTS,
+    dense_ekfac_inverse,
+    dense_gradients,
+    hand_loss,
+    mlp_modules,
+    tiny_lm_folder,
+    tiny_tokenizer,
+)
 
 from influent.cli import main
 from influent.data.lm_text import lm_batches, pair_ids, pair_sequence, read_documents, tokenize_documents
@@ -30,13 +38,6 @@ def lm(request, tmp_path_factory):
     folder = tiny_lm_folder(tmp_path_factory.mktemp(request.param), request.param)
     model, tokenizer = load_causal_lm(str(folder))
     return request.param, folder, model.double(), tokenizer
-
-
-def hand_loss(model, ids: list[int], targets: list[int]) -> torch.Tensor:
-    """-sum_t log p(ids[t] | ids[:t]) over the target positions, from one unpadded forward pass."""
-    x = torch.tensor([ids])
-    logp = torch.log_softmax(model(input_ids=x).logits[0], dim=-1)
-    return -sum(logp[t - 1, ids[t]] for t in targets)
 
 
 def training_sequences(tokenizer):
@@ -73,70 +74,12 @@ def test_chunking_and_masks(tmp_path):
     assert tokenizer.decode(list(pairs[1].input_ids[4:])) == "is madrid"
 
 
-def _mlp_modules(model):
-    from influent.curvature.linear_grads import select_linear_modules
-
-    return select_linear_modules(model, mlp_pattern(model))
-
-
-def dense_gradients(model, modules, seq) -> tuple[dict, dict, dict]:
-    """Per module: the example's gradient ``[d_out, d_in(+1)]`` by autograd of the hand loss (Conv1D
-    weights transposed), and its token activations ``a`` (with a ones column for a bias) and output grads."""
-    from transformers.pytorch_utils import Conv1D
-
-    acts, outs = {}, {}
-    hooks = []
-    for name, m in modules.items():
-        def hook(mod, inputs, output, name=name):
-            acts[name] = inputs[0].detach()[0]
-            output.retain_grad()
-            outs[name] = output
-        hooks.append(m.register_forward_hook(hook))
-    ids = list(seq.input_ids)
-    targets = [t for t, k in enumerate(seq.loss_mask) if k]
-    model.zero_grad()
-    params = [p for m in modules.values() for p in m.parameters()]
-    loss = hand_loss(model, ids, targets)
-    grads = torch.autograd.grad(loss, params, retain_graph=True)
-    loss.backward()
-    for h in hooks:
-        h.remove()
-    out, a_tok, g_tok, k = {}, {}, {}, 0
-    for name, m in modules.items():
-        w = grads[k].T if isinstance(m, Conv1D) else grads[k]
-        k += 1
-        a = acts[name]
-        if m.bias is not None:
-            w = torch.cat([w, grads[k][:, None]], dim=1)
-            k += 1
-            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
-        out[name], a_tok[name], g_tok[name] = w.detach(), a, outs[name].grad[0].detach()
-    return out, a_tok, g_tok
-
-
-def dense_ekfac_inverse(grads, acts, outs, damping: float) -> dict[str, torch.Tensor]:
-    """``(Q diag(Lambda) Q^T + damping I)^-1`` per module, formed densely (``[p, p]``), from per-example data:
-    A = mean over tokens of a a^T, S = sum over tokens / examples of g g^T, Lambda = mean_i (Q_S^T G_i Q_A)^2."""
-    inverses = {}
-    n = len(grads)
-    for name in grads[0]:
-        a = torch.cat([x[name] for x in acts])
-        g = torch.cat([x[name] for x in outs])
-        _, qa = torch.linalg.eigh(a.T @ a / a.shape[0])
-        _, qs = torch.linalg.eigh(g.T @ g / n)
-        lam = torch.stack([(qs.T @ x[name] @ qa) ** 2 for x in grads]).mean(0)
-        basis = torch.kron(qs, qa)  # vec (row-major) of q_s_j q_a_k^T is column j * d_in + k
-        dense = basis @ torch.diag(lam.reshape(-1)) @ basis.T
-        inverses[name] = torch.linalg.inv(dense + damping * torch.eye(dense.shape[0], dtype=dense.dtype))
-    return inverses
-
-
 @pytest.mark.parametrize("strategy", ["identity", "ekfac"])
 def test_scores_equal_dense_definition(lm, strategy):
     _, _, model, tokenizer = lm
     seqs = training_sequences(tokenizer)
     query = pair_sequence(*pair_ids(tokenizer, "the capital of italy", "is rome"), tokenizer)
-    modules = _mlp_modules(model)
+    modules = mlp_modules(model)
     damping = 0.05
     method = FactoredInfluence(model, CausalLMTask(), lm_batches(seqs, 3, tokenizer.pad_token_id),
                                FactorConfig(strategy=strategy, modules=mlp_pattern(model), damping=damping),

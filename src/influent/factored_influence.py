@@ -337,6 +337,9 @@ class FactoredInfluence(InfluenceMethod):
         query_rank: optional rank of the preconditioned query gradients (SVD truncation).
         progress: show progress bars.
         bucket: run the passes over the training examples re-formed by length (same scores, less padding).
+        fit_batches: the batches the curvature is fitted on (e.g. a seeded sample of the training data;
+            the factors' cache key follows them); None: ``train_batches``. Scores are still over
+            ``train_batches``, and the fit then writes no training token cache.
 
     Raises:
         UserError: (field ``query_rank``) for a rank below 1; (field ``config.<name>``) for a bad setting.
@@ -355,9 +358,11 @@ class FactoredInfluence(InfluenceMethod):
         query_rank: int | None = None,
         progress: bool = True,
         bucket: bool = True,
+        fit_batches: Sequence[Batch] | None = None,
     ):
         self.model, self.task = model, task
         self.train_batches = list(train_batches)
+        self.fit_batches = None if fit_batches is None else list(fit_batches)
         self.config = config or FactorConfig()
         self.config.validate()
         if query_rank is not None and query_rank < 1:
@@ -383,10 +388,11 @@ class FactoredInfluence(InfluenceMethod):
 
     def fit(self) -> FactoredInfluence:
         if self._factors is None:
+            sample = self.fit_batches is not None
             self._factors = fit_factors(
-                self.model, self.task, self.train_batches, self.config, cache_dir=self.cache_dir,
-                progress=self.progress, bucket=self.bucket, train_cache=self.tokens,
-                train_cache_max_bytes=self.max_bytes,
+                self.model, self.task, self.fit_batches if sample else self.train_batches, self.config,
+                cache_dir=self.cache_dir, progress=self.progress, bucket=self.bucket,
+                train_cache=None if sample else self.tokens, train_cache_max_bytes=self.max_bytes,
             )  # fmt: skip
         return self
 

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -78,6 +79,22 @@ class LMSetup:
         """Right-padded batches of ``sequences`` (default: every training sequence, in order)."""
         seqs = self.sequences if sequences is None else sequences
         return lm_batches(seqs, self.settings.batch_size, self.pad_id)
+
+
+def fit_sample(sequences: list[LMSequence], size: int | None, seed: int) -> list[LMSequence]:
+    """The sequences the curvature is fitted on: every one (``size`` None or the corpus size), else ``size``
+    of them drawn without replacement by ``numpy.random.default_rng(seed)``, kept in corpus order.
+
+    Raises:
+        UserError: (field ``fit_size``) ``size`` below 1 or above the number of sequences.
+    """
+    n = len(sequences)
+    if size is None:
+        return list(sequences)
+    if not 1 <= size <= n:
+        raise UserError(f"fit_size must be between 1 and the {n} training sequences, got {size}", field="fit_size")
+    chosen = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+    return [sequences[int(i)] for i in chosen]
 
 
 def prepare_lm(settings: LMSettings, *, cache_dir: str | Path | None = None, retrain: bool = False,

@@ -93,30 +93,50 @@ def query_sequence(setup, prompt: str, completion: str | None, max_new_tokens: i
     return pair_sequence(prompt_ids, completion_ids, setup.tokenizer)
 
 
-def cmd_trace(args: argparse.Namespace) -> int:
+def trace_method(args: argparse.Namespace, setup):
+    """The :class:`~influent.factored_influence.FactoredInfluence` of ``trace``: the measurement, modules,
+    strategy and damping the options name, factors fitted on every training sequence or ``--fit-size`` of them."""
     from influent.factored_influence import FactorConfig, FactoredInfluence
+    from influent.lm_pipeline import fit_sample
+    from influent.models.causal_lm import CausalLMTask
+
+    fit = None
+    if args.fit_size is not None and args.fit_size != len(setup.sequences):
+        fit = setup.batches(fit_sample(setup.sequences, args.fit_size, args.seed))
+    config = FactorConfig(strategy=args.strategy, modules=tracked_modules(setup.model, args.modules),
+                          damping=args.damping, seed=args.seed)
+    return FactoredInfluence(setup.model, CausalLMTask(args.measurement), setup.batches(), config,
+                             cache_dir=setup.folder / "factors", progress=not args.quiet, fit_batches=fit)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from influent.retrieval import CandidateFilter
+    from influent.store import default_cache_dir
     from influent.trace import format_trace, trace
 
     checked("top", args.top, low=1, integer=True)
     checked("max_new_tokens", args.max_new_tokens, low=1, integer=True)
-    if args.candidates is not None:
-        checked("candidates", args.candidates, low=1, integer=True)
+    for name in ("candidates", "fit_size"):
+        if getattr(args, name) is not None:
+            checked(name, getattr(args, name), low=1, integer=True)
     if args.damping is not None:
         checked("damping", args.damping, low=0)
     if not args.prompt.strip():
         raise UserError("--prompt is empty")
     check_report_path(args)
     setup = lm_setup(args)
-    if args.candidates is not None and args.candidates > len(setup.sequences):
-        raise UserError(f"--candidates {args.candidates} exceeds the {len(setup.sequences)} training sequences")
+    n = len(setup.sequences)
+    if args.candidates is not None and args.candidates > n:
+        raise UserError(f"--candidates {args.candidates} exceeds the {n} training sequences")
+    if args.fit_size is not None and args.fit_size > n:
+        raise UserError(f"--fit-size {args.fit_size} exceeds the {n} training sequences")
     query = query_sequence(setup, args.prompt, args.completion, args.max_new_tokens)
-    config = FactorConfig(strategy=args.strategy, modules=tracked_modules(setup.model, args.modules),
-                          damping=args.damping, seed=args.seed)
-    method = FactoredInfluence(setup.model, setup.task, setup.batches(), config,
-                               cache_dir=setup.folder / "factors", progress=not args.quiet)
+    method = trace_method(args, setup)
+    root = args.cache_dir if args.cache_dir is not None else default_cache_dir()
+    ranker = CandidateFilter([s.text for s in setup.sequences], cache_dir=root)
     result = trace(method, setup.sequences, query, setup.tokenizer, top=args.top, tokens=args.tokens,
-                   candidates=args.candidates, candidates_method=args.candidates_method,
-                   batch_size=setup.settings.batch_size)
+                   candidates=args.candidates, candidates_method=args.candidates_method, candidate_filter=ranker,
+                   batch_size=setup.settings.batch_size, rank=args.rank)
     maybe_write_report(args, result, "trace")
     print(json.dumps(result) if args.json else format_trace(result))
     return 0
@@ -133,6 +153,14 @@ def add_trace_parser(sub) -> None:
     p.add_argument("--candidates", type=int, default=None,
                    help="score only the N training sequences most related to the query (default: all)")
     p.add_argument("--candidates-method", choices=["tfidf", "bm25", "all"], default="tfidf")
+    p.add_argument("--measurement", choices=["loss", "margin"], default="loss",
+                   help="loss (default): the completion's summed NLL; margin: minus its summed logit margin "
+                        "(target logit - logsumexp of the others), see docs/lm.md")
+    p.add_argument("--rank", choices=["influence", "relatif", "cosine"], default="influence",
+                   help="order of the results: influence (default, the raw score), relatif (score / "
+                        "sqrt(self-influence)) or cosine (the H^-1 cosine of the two gradients)")
+    p.add_argument("--fit-size", type=int, default=None,
+                   help="fit the curvature on a seeded sample of N training sequences (default: all)")
     p.add_argument("--strategy", choices=["ekfac", "kfac", "diagonal", "identity"], default="ekfac")
     p.add_argument("--modules", default="mlp",
                    help="tracked linear modules: mlp (default: the fine-tuned blocks' MLP), all, or a name regex")

@@ -159,10 +159,53 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([nll.new_zeros(nll.shape[0], 1), nll], dim=1)
 
 
+def token_margin(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """``m_t = z_t[y_t] - logsumexp_{v != y_t} z_t[v]`` at every position ``t >= 1`` (``[B, T]``; position 0 is 0).
+
+    ``z_t`` are the logits that predict token ``y_t`` (those of position ``t - 1``); ``m_t > 0`` exactly when
+    the target token is more probable than all other tokens together. Nats (a log-odds).
+    """
+    logits = logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    targets = input_ids[:, 1:, None]
+    target_logit = logits.gather(-1, targets).squeeze(-1)
+    others = torch.logsumexp(logits.scatter(-1, targets, float("-inf")), dim=-1)
+    margin = target_logit - others
+    return torch.cat([margin.new_zeros(margin.shape[0], 1), margin], dim=1)
+
+
+MEASUREMENTS = ("loss", "margin")
+"""Query measurements of :class:`CausalLMTask`: ``loss`` (summed completion NLL) or ``margin`` (minus the
+summed completion margin); both in nats, both lower when the completion is more likely."""
+
+
 class CausalLMTask(Task):
-    """Summed token NLL over a sequence's target tokens (``loss_mask``), nats per sequence; no L2 term."""
+    """Summed token NLL over a sequence's target tokens (``loss_mask``), nats per sequence; no L2 term.
+
+    Args:
+        measurement: what a query's influence is measured on, over its target (completion) tokens ``t``:
+            ``loss`` (default): ``f = sum_t -log p(y_t | y_<t)``, the per-example loss itself;
+            ``margin``: ``f = -sum_t m_t`` with :func:`token_margin` ``m_t = z_t[y_t] - logsumexp_{v != y_t}
+            z_t[v]`` (kronfluence's language-modelling margin, summed). Both decrease as the completion
+            becomes more likely, so with either a positive score is a proponent (up-weighting the training
+            sequence lowers ``f``). The training loss, hence the curvature, is the same for both.
+    """
 
     l2 = 0.0
+
+    def __init__(self, measurement: str = "loss"):
+        if measurement not in MEASUREMENTS:
+            raise UserError(f"unknown measurement {measurement!r} (expected one of {', '.join(MEASUREMENTS)})",
+                            field="measurement")
+        self.measurement = measurement
+
+    def query_measurement(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """``f`` per query sequence (``[B]``, nats): the summed loss, or minus the summed margin."""
+        if self.measurement == "loss":
+            return self.per_example_loss(model, batch)
+        logits = self.model_output(model, batch)
+        mask = (batch["loss_mask"] * batch["attention_mask"]).to(logits.dtype)
+        return -(token_margin(logits, batch["input_ids"]) * mask).sum(1)
 
     def model_output(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
