@@ -7,9 +7,12 @@ import time
 from pathlib import Path
 
 from influent.cli.common import add_data_options, check_data_args, check_output_dir, checked, head_setup
+from influent.cli.demo_lm import cmd_demo_lm
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.kind == "lm":
+        return cmd_demo_lm(args)
     from influent.explain import Query, explain, format_explanation
     from influent.store import write_json
 
@@ -37,8 +40,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="the main job on the bundled data: train, evaluate, explain")
+    p = sub.add_parser("demo", help="the main job on the bundled data: train, evaluate, explain "
+                                    "(demo lm: trace a fine-tuned causal LM)")
+    p.add_argument("kind", nargs="?", choices=["head", "lm"], default="head",
+                   help="head (default): the sentiment classifier; lm: fine-tune and trace the default causal LM")
     p.add_argument("--out", default="influent-out", help="output folder (default influent-out)")
     p.add_argument("--top", type=int, default=3)
+    p.add_argument("--lm-pairs", type=int, default=64,
+                   help="demo lm: instruction pairs drawn from the bundled corpus (2 held out as queries; default 64)")
     add_data_options(p)
     p.set_defaults(func=cmd_demo)
