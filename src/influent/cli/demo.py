@@ -46,7 +46,7 @@ def add_demo_parser(sub) -> None:
                    help="head (default): the sentiment classifier; lm: fine-tune and trace the default causal LM")
     p.add_argument("--out", default="influent-out", help="output folder (default influent-out)")
     p.add_argument("--top", type=int, default=3)
-    p.add_argument("--lm-pairs", type=int, default=64,
-                   help="demo lm: instruction pairs drawn from the bundled corpus (2 held out as queries; default 64)")
+    p.add_argument("--lm-pairs", type=int, default=48,
+                   help="demo lm: instruction pairs drawn from the bundled corpus (2 held out as queries; default 48)")
     add_data_options(p)
     p.set_defaults(func=cmd_demo)

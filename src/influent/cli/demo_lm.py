@@ -1,11 +1,11 @@
 """``influent demo lm``: fine-tune the default causal LM briefly on an instruction set built from the bundled
 Rotten Tomatoes snippets, then trace two queries (one completion given, one generated) and write the JSON.
 
-Sized for 2 busy CPU cores: ``--lm-pairs`` (default 64; 2 held out as queries) short reviews (at most 120
+Sized for 2 busy CPU cores: ``--lm-pairs`` (default 48; 2 held out as queries) short reviews (at most 120
 characters) as ``Review: ... Is this review positive or negative? Answer:`` -> ``positive`` / ``negative``
 pairs, sequences of at most 64 tokens, the last 2 blocks fine-tuned for 1 epoch, EK-FAC over their MLP
 modules fitted on every training pair. The fit's last pass writes the training token cache
-(:mod:`influent.curvature.token_cache`, about 46 KB per token, some 100 MB), so both queries are scored
+(:mod:`influent.curvature.token_cache`, about 46 KB per token, some 70 MB), so both queries are scored
 without another pass over the training data; the checkpoint, the factors and that cache are kept, so a
 second run only loads the model, generates and scores.
 """
