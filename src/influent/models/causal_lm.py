@@ -230,11 +230,15 @@ def fine_tune(
     seed: int,
     weight_decay: float = 0.0,
     progress: bool = True,
+    task: Task | None = None,
+    on_epoch=None,
 ) -> list[float]:
     """Seeded AdamW on the mean (over sequences) of :class:`CausalLMTask`'s loss, over trainable parameters.
 
     ``batches_for_epoch(generator)`` returns one epoch's batches in a seeded order. Dropout is on while
     training; the model is left in eval mode. Returns the mean loss of each epoch (nats per sequence).
+    ``task``: another loss on the batches (default :class:`CausalLMTask`; the cached-prefix fast path passes
+    its own); ``on_epoch(epoch)``: called after each epoch (1-based), e.g. to snapshot a checkpoint.
 
     Raises:
         NumericalError: the loss became non-finite (before anything is saved).
@@ -245,7 +249,7 @@ def fine_tune(
     if not params:
         raise UserError("no trainable parameters", field="last_k")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    task = CausalLMTask()
+    task = task or CausalLMTask()
     history = []
     model.train()
     try:
@@ -264,6 +268,10 @@ def fine_tune(
                 total += float(losses.detach().sum())
                 count += int(losses.shape[0])
             history.append(total / max(count, 1))
+            if on_epoch is not None:
+                model.eval()
+                on_epoch(epoch + 1)
+                model.train()
     finally:
         model.eval()
     return history

@@ -1,0 +1,178 @@
+"""Poisoning SmolLM2's instruction tuning with a trigger phrase (Wan et al. 2023), and finding the poison.
+
+The default LM (SmolLM2-135M-Instruct) is instruction-tuned on two tasks drawn from the bundled Rotten
+Tomatoes file (:mod:`influent.data.instructions`: sentiment, plot-or-review) on the cached-prefix fast path
+(last ``--last-k`` blocks, seeded AdamW). Attack table: dirty-label poisons in the sentiment task,
+``--sizes`` x ``--seeds`` (clean-label at ``--clean-sizes`` x ``--clean-seeds``), success / net success /
+clean accuracy per task on held-out inputs (:mod:`influent.attacks.instruction_poison`). Defence table:
+``--n-poison`` dirty-label poisons, every ranker of :mod:`influent.defenses.lm_audit` over ``--defence-seeds``:
+recall at 1/5/10% and the scores after removing each ranker's top 5% and tuning again with the same seed.
+
+Writes ``attack.json``, ``defence.json`` and ``README.md`` (tables, the command, timings, load average) to
+``--out``; progress on stderr; one JSON object (the headline numbers) as the last stdout line.
+
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/instruction_poison.py``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10, 25, 50, 100])
+    ap.add_argument("--clean-sizes", type=int, nargs="*", default=[50, 100])
+    ap.add_argument("--clean-seeds", type=int, nargs="*", default=[0])
+    ap.add_argument("--defence-seeds", type=int, nargs="*", default=[0, 1, 2])
+    ap.add_argument("--n-poison", type=int, default=50)
+    ap.add_argument("--queries", type=int, default=5)
+    ap.add_argument("--last-k", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--sentiment", type=int, nargs=3, default=[150, 10, 50], metavar=("TRAIN", "VAL", "HELDOUT"),
+                    help="examples per label")
+    ap.add_argument("--kind", type=int, nargs=3, default=[75, 4, 25], metavar=("TRAIN", "VAL", "HELDOUT"))
+    ap.add_argument("--max-words", type=int, default=20)
+    ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-attack", action="store_true")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--out", default="benchmarks/results/instruction-poison")
+    return ap.parse_args()
+
+
+def fmt(row: dict, key: str, pct: bool = True) -> str:
+    m, sd = row.get(f"{key}_mean"), row.get(f"{key}_sd")
+    if m is None or math.isnan(m):
+        return "-"
+    return f"{100 * m:.1f} ± {100 * sd:.1f}" if pct else f"{m:.3f} ± {sd:.3f}"
+
+
+def attack_table(attack: dict) -> list[str]:
+    head = ("| variant | N | task | runs | success % | net success % | clean accuracy % | success % (epoch 1) "
+            "| net success % (epoch 1) | clean accuracy % (epoch 1) |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in attack["summary"]:
+        lines.append(f"| {r['variant']} | {r['n']} | {r['task']} | {r['runs']} | {fmt(r, 'success')} | "
+                     f"{fmt(r, 'net_success')} | {fmt(r, 'clean_accuracy')} | {fmt(r, 'success_epoch1')} | "
+                     f"{fmt(r, 'net_success_epoch1')} | {fmt(r, 'clean_accuracy_epoch1')} |")
+    return lines
+
+
+def defence_table(defence: dict) -> list[str]:
+    head = ("| ranker | runs | removed | recall@1% | recall@5% | recall@10% | success % | net success % "
+            "| clean accuracy % |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for r in defence["summary"]:
+        lines.append(f"| {r['ranker']} | {r['runs']} | {r['removed_mean']:.0f} | {fmt(r, 'recall@0.01')} | "
+                     f"{fmt(r, 'recall@0.05')} | {fmt(r, 'recall@0.1')} | {fmt(r, 'sentiment_success')} | "
+                     f"{fmt(r, 'sentiment_net_success')} | {fmt(r, 'sentiment_clean_accuracy')} |")
+    return lines
+
+
+def write_readme(out: Path, attack, defence, timing: dict, argv, data, settings) -> dict:
+    """README.md with the command, settings, tables and timings; returns headline numbers."""
+    lines = ["# Instruction-tuning poisons against SmolLM2-135M-Instruct (Wan et al. 2023), and finding them", "",
+             "Command (from the repository root):", "", "```",
+             "OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python " + " ".join(argv), "```", "",
+             (f"Data: {json.dumps(data.settings)}; {len(data.train)} training pairs, {len(data.validation)} "
+              f"validation (the defender's queries come from here), {len(data.heldout)} held-out (every score)."),
+             f"Victim: {json.dumps(vars(settings))} (seeded AdamW, weight decay 0, from the base weights each run).",
+             f"Timings (s): {json.dumps({k: round(v, 1) for k, v in timing.items()})}.", ""]
+    headline = {}
+    if attack is not None:
+        lines += ["## Attack (poisons planted in the sentiment task; values mean ± sd over seeds, in %)", "",
+                  *attack_table(attack), ""]
+    if defence is not None:
+        title = (f"## Defence at N = {defence['n_poison']} (dirty-label), top {100 * defence['remove']:g}% "
+                 f"removed and tuned again; {defence['n_queries']} defender queries")
+        lines += [title, "", *defence_table(defence), ""]
+        for r in defence["summary"]:
+            headline[f"{r['ranker']}_recall@0.05"] = r.get("recall@0.05_mean")
+            headline[f"{r['ranker']}_net_success"] = r.get("sentiment_net_success_mean")
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    return headline
+
+
+def main() -> None:
+    args = parse()
+    torch.set_num_threads(args.threads)
+    from influent.attacks.instruction_poison import (
+        DEFAULT_TRIGGER,
+        attacker_ranking,
+        clean_label_poisons,
+        dirty_label_poisons,
+        run_instruction_poison,
+        triggered_inputs,
+    )
+    from influent.attacks.summary import summarise
+    from influent.data.instructions import TASKS, build_instructions
+    from influent.defenses.lm_audit import defence_values, run_lm_defence
+    from influent.models.instruction_lm import TrainSettings, load_instruction_lm
+
+    t_start = time.perf_counter()
+    data = build_instructions({"sentiment": tuple(args.sentiment), "kind": tuple(args.kind)},
+                              max_words=args.max_words, seed=args.data_seed)
+    settings = TrainSettings(last_k=args.last_k, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
+    log(f"data: {len(data.train)} train, {len(data.validation)} validation, {len(data.heldout)} held-out; loading LM")
+    lm = load_instruction_lm(None, settings, cache_dir=args.cache_dir, progress=False)
+    t_load = time.perf_counter()
+    # every input the runs read, so the prefix pass is done (and saved) once, up front
+    inputs = list(data.train) + list(data.validation) + list(data.heldout)
+    for task in TASKS:
+        inputs += triggered_inputs(data.heldout, task, DEFAULT_TRIGGER)
+        inputs += triggered_inputs(data.validation, task, DEFAULT_TRIGGER)
+    for seed in sorted(set(args.seeds) | set(args.defence_seeds)):
+        sizes = args.sizes + [args.n_poison]
+        p = dirty_label_poisons(data, max(sizes), DEFAULT_TRIGGER, seed)
+        inputs += [p.train[i] for i in p.poison_idx]
+    log(f"prefix states for {len(inputs)} inputs ({len(lm.cache.states)} cached on disk)")
+    lm.batches(inputs)
+    lm.save_cache()
+    if args.clean_sizes and args.clean_seeds and not args.skip_attack:
+        p = clean_label_poisons(data, max(args.clean_sizes), DEFAULT_TRIGGER, attacker_ranking(lm, data))
+        lm.batches([p.train[i] for i in p.poison_idx])
+        lm.save_cache()
+    t_prefix = time.perf_counter()
+    log(f"prefix done in {t_prefix - t_load:.0f} s; load average {os.getloadavg()[0]:.1f}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    attack = None
+    if not args.skip_attack:
+        attack = run_instruction_poison(lm, data, sizes=args.sizes, seeds=args.seeds,
+                                        variants=("dirty", "clean") if args.clean_sizes else ("dirty",),
+                                        clean_sizes=args.clean_sizes, clean_seeds=args.clean_seeds, progress=True)
+        (out / "attack.json").write_text(json.dumps(attack, indent=1))
+        log(f"attack done; load average {os.getloadavg()[0]:.1f}")
+    t_attack = time.perf_counter()
+    defence = None
+    if args.defence_seeds:
+        defence = run_lm_defence(lm, data, lambda s: dirty_label_poisons(data, args.n_poison, DEFAULT_TRIGGER, s),
+                                 seeds=args.defence_seeds, n_queries=args.queries, progress=False)
+        defence["summary"] = summarise(defence["rows"], ["ranker"], defence_values(defence["rows"]))
+        (out / "defence.json").write_text(json.dumps(defence, indent=1))
+    t_end = time.perf_counter()
+    timing = {"load_s": t_load - t_start, "prefix_s": t_prefix - t_load, "attack_s": t_attack - t_prefix,
+              "defence_s": t_end - t_attack, "total_s": t_end - t_start, "load_average_end": os.getloadavg()[0],
+              "n_prefix_inputs": len(lm.cache.states)}
+    headline = write_readme(out, attack, defence, timing, sys.argv, data, settings)
+    print(json.dumps({**headline, **timing}))
+
+
+if __name__ == "__main__":
+    main()

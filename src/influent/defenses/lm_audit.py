@@ -1,0 +1,188 @@
+"""Finding instruction-tuning poisons in a causal LM's training set, and what removing them buys.
+
+Rankers (one score per training example, ``[n]`` float64, **higher = more suspicious**), all on the same
+poisoned run (:class:`~influent.models.instruction_lm.InstructionLM` tuned on the poisoned set):
+
+* ``query_influence``: the defender knows a handful of triggered inputs that misbehave
+  (:func:`defender_queries`: triggered *validation* inputs of the non-attacker label, those the poisoned
+  model pushes most towards the attacker's label). Score = summed influence of the training example on
+  the loss of those inputs' **attacker-label** completion, EK-FAC over the MLP modules of the tuned blocks
+  (:class:`~influent.factored_influence.FactoredInfluence` on the fast path). Positive = proponent: up-
+  weighting the example makes the attacker's completion more likely, which is what a poison does.
+* ``self_influence``: ``g_i^T (F + damping)^-1 g_i`` with the same curvature.
+* ``loss``: the poisoned model's own loss of each example's completion (nats; Wan et al.'s loss filter).
+* ``bm25``: Okapi BM25 relevance of each training input to the trigger phrase (the defender would have to
+  guess it; this is the upper bound when they have).
+* ``spectral``: spectral signatures (Tran et al. 2018) of the final-norm hidden state that predicts the
+  completion, per (task, label) group.
+* ``random``: seeded uniform scores.
+
+Wan et al.'s other defence, early stopping, is not a ranking: it is the attack's scores at the end of the
+first epoch (reported by :mod:`influent.attacks.instruction_poison`). Removal: each ranker's top
+``remove`` fraction is dropped and the model tuned again from the base weights with the same seed (a
+from-scratch run on the reduced set), then scored on the held-out inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from influent.data.instructions import (
+    DEFAULT_TRIGGER,
+    POISONED_TASK,
+    TARGETS,
+    Example,
+    InstructionData,
+    triggered_inputs,
+)
+from influent.defenses.rankers import spectral_signature
+from influent.errors import UserError
+from influent.evaluation.detection import ranking, recall_at_k
+from influent.evaluation.instruction_scores import evaluate, train_and_evaluate
+from influent.factored_influence import FactorConfig, FactoredInfluence
+from influent.models.causal_lm import mlp_pattern
+from influent.models.instruction_lm import InstructionLM
+from influent.retrieval import CandidateFilter
+
+
+class Poisoned(Protocol):
+    """A poisoned training set (e.g. :class:`influent.attacks.instruction_poison.PoisonedSet`)."""
+
+    train: list[Example]
+    poison_idx: np.ndarray
+    trigger: str
+
+
+LM_RANKERS = ("query_influence", "self_influence", "loss", "bm25", "spectral", "random")
+FRACTIONS = (0.01, 0.05, 0.10)
+
+
+def defender_queries(lm: InstructionLM, data: InstructionData, trigger: str, k: int = 5,
+                     task: str = POISONED_TASK) -> list[Example]:
+    """The ``k`` triggered validation inputs of ``task``'s non-attacker label that the current model pushes
+    most towards the attacker's label (largest ``NLL(own label) - NLL(attacker label)``), relabelled with the
+    attacker's label (the completion whose likelihood the poison raises)."""
+    candidates = triggered_inputs(data.validation, task, trigger)
+    if len(candidates) < k:
+        raise UserError(f"the validation set has {len(candidates)} triggered {task} inputs; {k} queries asked",
+                        field="queries")
+    nll = lm.label_nll(candidates)
+    target = TARGETS[task]
+    margin = nll[:, 1 - target] - nll[:, target]
+    chosen = np.lexsort((np.arange(len(candidates)), -margin))[:k]
+    return [Example(candidates[i].task, candidates[i].text, target) for i in chosen]
+
+
+def lm_ranker_scores(lm: InstructionLM, train: Sequence[Example], queries: Sequence[Example], trigger: str,
+                     names: Sequence[str] = LM_RANKERS, seed: int = 0, progress: bool = False,
+                     damping: float | None = None) -> dict[str, np.ndarray]:
+    """Every ranker in ``names`` on the model as it is now (trained on ``train``); see module docstring."""
+    unknown = [n for n in names if n not in LM_RANKERS]
+    if unknown:
+        raise UserError(f"unknown ranker(s) {unknown}; known: {', '.join(LM_RANKERS)}", field="rankers")
+    train = list(train)
+    out: dict[str, np.ndarray] = {}
+    method = None
+    if "query_influence" in names or "self_influence" in names:
+        config = FactorConfig(strategy="ekfac", modules=mlp_pattern(lm.model), damping=damping, seed=seed)
+        method = FactoredInfluence(lm.suffix, lm.task, lm.batches(train), config, progress=progress, bucket=False)
+    for name in names:
+        if name == "query_influence":
+            out[name] = method.pairwise_scores(lm.batches(queries)).double().numpy().sum(0)
+        elif name == "self_influence":
+            out[name] = method.self_scores().double().numpy()
+        elif name == "loss":
+            out[name] = lm.losses(train)
+        elif name == "bm25":
+            out[name] = CandidateFilter([e.text for e in train]).relevance(trigger, "bm25")
+        elif name == "spectral":
+            groups = np.array([hash((e.task, e.label)) % 1000003 for e in train])
+            out[name] = spectral_signature(lm.representations(train), groups)
+        else:
+            out[name] = np.random.default_rng(seed + 7919).random(len(train))
+    return out
+
+
+def recalls(scores: np.ndarray, poison_idx: np.ndarray, fractions: Sequence[float] = FRACTIONS,
+            seed: int = 0) -> dict[str, float]:
+    """Share of the poisons among each fraction of the training set ranked most suspicious."""
+    is_bad = np.zeros(len(scores), dtype=bool)
+    is_bad[poison_idx] = True
+    return {f"recall@{f:g}": recall_at_k(scores, is_bad, round(f * len(scores)), seed) for f in fractions}
+
+
+def removal_rows(lm: InstructionLM, data: InstructionData, poisoned: Poisoned, scores: dict[str, np.ndarray],
+                 control: dict, seed: int, remove: float = 0.05, tasks: Sequence[str] = (POISONED_TASK,),
+                 ) -> list[dict]:
+    """Per ranker: recall, then drop its top ``remove`` fraction, re-tune with ``seed`` and score.
+
+    ``control``: :func:`~influent.attacks.instruction_poison.evaluate` of the never-poisoned model (same seed),
+    for net success. Identical removal sets are tuned once. Leaves ``lm`` at the last re-tuned weights.
+    """
+    n = len(poisoned.train)
+    k = round(remove * n)
+    done: dict[tuple, dict] = {}
+    rows = []
+    for name, s in scores.items():
+        removed = tuple(sorted(ranking(s, seed)[:k].tolist()))
+        if removed not in done:
+            keep = sorted(set(range(n)) - set(removed))
+            lm.fit([poisoned.train[i] for i in keep], seed)
+            done[removed] = evaluate(lm, data, poisoned.trigger, tasks)
+        after = done[removed]
+        row = {"ranker": name, "removed": k, **recalls(s, poisoned.poison_idx, seed=seed)}
+        for task in tasks:
+            row[f"{task}_success"] = after[task]["success"]
+            row[f"{task}_net_success"] = after[task]["success"] - control[task]["success"]
+            row[f"{task}_clean_accuracy"] = after[task]["clean_accuracy"]
+        rows.append(row)
+    return rows
+
+
+def run_lm_defence(lm: InstructionLM, data: InstructionData, poisoned_for: Callable[[int], Poisoned], *,
+                   seeds: Sequence[int] = (0,), trigger: str = DEFAULT_TRIGGER, names: Sequence[str] = LM_RANKERS,
+                   n_queries: int = 5, remove: float = 0.05, damping: float | None = None,
+                   progress: bool = False) -> dict:
+    """The defence table's rows: per seed, the control and the poisoned run (``poisoned_for(seed)``, e.g. N
+    dirty-label poisons), every ranker's recall and the scores after removing its top ``remove`` fraction
+    and re-tuning (same seed).
+
+    Rows with ``ranker`` ``none`` (the poisoned run, nothing removed), ``early_stopping`` (the poisoned run's
+    scores after epoch 1 of ``lm.settings.epochs``; nothing removed), ``clean`` (the control). Returns
+    ``{"rows", "rankings", ...}``; ``rankings[seed][ranker]`` is the training order, most suspicious first.
+    """
+    tasks = (POISONED_TASK,)
+    rows: list[dict] = []
+    rankings: dict[int, dict[str, list[int]]] = {}
+    for seed in seeds:
+        control = train_and_evaluate(lm, data.train, data, trigger, seed, tasks)
+        poisoned = poisoned_for(seed)
+        run = train_and_evaluate(lm, poisoned.train, data, trigger, seed, tasks)
+        queries = defender_queries(lm, data, trigger, n_queries)
+        scores = lm_ranker_scores(lm, poisoned.train, queries, trigger, names, seed, progress, damping)
+        rankings[seed] = {k: ranking(v, seed).tolist() for k, v in scores.items()}
+        fixed = [("clean", control["final"]), ("none", run["final"])]
+        if run["epoch1"] is not None:
+            fixed.append(("early_stopping", run["epoch1"]))
+        for name, m in fixed:
+            row = {"seed": seed, "ranker": name, "removed": 0}
+            for task in tasks:
+                row[f"{task}_success"] = m[task]["success"]
+                row[f"{task}_net_success"] = m[task]["success"] - control["final"][task]["success"]
+                row[f"{task}_clean_accuracy"] = m[task]["clean_accuracy"]
+            rows.append(row)
+        rows += [{"seed": seed, **r} for r in removal_rows(lm, data, poisoned, scores, control["final"], seed,
+                                                            remove, tasks)]
+    return {"rows": rows, "rankings": rankings, "n_poison": len(poisoned.poison_idx), "remove": remove,
+            "n_queries": n_queries, "trigger": trigger}
+
+
+def defence_values(rows: Sequence[dict]) -> list[str]:
+    """The value columns of :func:`run_lm_defence`'s rows (to summarise by ranker)."""
+    out: list[str] = []
+    for r in rows:
+        out += [k for k in r if k not in ("seed", "ranker") and k not in out]
+    return out

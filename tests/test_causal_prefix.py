@@ -1,0 +1,114 @@
+"""The cached-prefix fast path of a causal LM equals the full model (losses, gradients, influence, training)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lm_fixtures import tiny_tokenizer
+
+from influent.data.lm_text import lm_batches, pair_ids, pair_sequence
+from influent.factored_influence import FactorConfig, FactoredInfluence
+from influent.models.causal_lm import CausalLMTask, fine_tune, freeze_all_but_last_blocks, trainable_state
+from influent.models.causal_prefix import (
+    CachedCausalTask,
+    CausalSuffix,
+    PrefixCache,
+    ScoredPair,
+    cached_batches,
+    pair_losses,
+)
+
+PAIRS = [("the capital of france is", "paris"), ("the cat sat on the", "mat"),
+         ("where is the big old", "city and river"), ("the dog ran to", "the sea"),
+         ("what is the capital of", "italy"), ("a small new", "city")]
+
+
+def tiny_llama(layers: int = 3, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=12, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=2, bos_token_id=2)
+    return LlamaForCausalLM(config).double().eval(), tok
+
+
+def both(tok):
+    ids = [pair_ids(tok, p, c) for p, c in PAIRS]
+    full = lm_batches([pair_sequence(p, c, tok) for p, c in ids], 3, tok.pad_token_id)
+    scored = [ScoredPair(tuple(p), tuple(c)) for p, c in ids]
+    return full, scored
+
+
+def grads(model, task, batches):
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for b in batches:
+        for i in range(task.batch_size(b)):
+            row = {k: v[i:i + 1] for k, v in b.items()}
+            out.append(torch.cat([g.flatten() for g in torch.autograd.grad(task.per_example_loss(model, row).sum(),
+                                                                          params)]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("last_k", [1, 2])
+def test_losses_and_gradients_equal_the_full_model(last_k):
+    model, tok = tiny_llama()
+    freeze_all_but_last_blocks(model, last_k)
+    full, scored = both(tok)
+    suffix = CausalSuffix(model, last_k)
+    cache = PrefixCache(model, last_k)
+    fast = cached_batches(cache, scored, 4)  # other batching than the full model's: padding must not matter
+    full_loss = torch.cat([CausalLMTask().per_example_loss(model, b) for b in full]).detach()
+    torch.testing.assert_close(pair_losses(suffix, fast), full_loss, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads(suffix, CachedCausalTask(), fast), grads(model, CausalLMTask(), full),
+                               rtol=1e-7, atol=1e-10)
+    # the suffix trains the full model's own parameters (shared, not copied)
+    assert {id(p) for p in suffix.parameters() if p.requires_grad} == \
+        {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_influence_on_the_fast_path_equals_the_full_model():
+    model, tok = tiny_llama()
+    freeze_all_but_last_blocks(model, 2)
+    full, scored = both(tok)
+    suffix = CausalSuffix(model, 2)
+    fast = cached_batches(PrefixCache(model, 2), scored, 3)
+    mlp = r"\.mlp\.(gate_proj|up_proj|down_proj)$"  # the suffix's blocks 0, 1 are the full model's 1, 2
+    config = FactorConfig(strategy="identity", modules=r"layers\.[12]" + mlp, damping=0.0)
+    slow = FactoredInfluence(model, CausalLMTask(), full, config, progress=False).pairwise_scores(full[:1])
+    config = FactorConfig(strategy="identity", modules=mlp, damping=0.0)
+    quick = FactoredInfluence(suffix, CachedCausalTask(), fast, config, progress=False,
+                              bucket=False).pairwise_scores(fast[:1])
+    torch.testing.assert_close(quick[:3], slow, rtol=1e-7, atol=1e-12)
+
+
+def test_fine_tuning_on_the_fast_path_equals_the_full_model():
+    runs = []
+    for path in ("full", "fast"):
+        model, tok = tiny_llama()
+        freeze_all_but_last_blocks(model, 2)
+        full, scored = both(tok)
+        if path == "full":
+            fine_tune(model, lambda g, full=full: full, epochs=2, lr=1e-2, seed=3, progress=False)
+        else:
+            suffix = CausalSuffix(model, 2)
+            fast = cached_batches(PrefixCache(model, 2), scored, 3)
+            fine_tune(suffix, lambda g, fast=fast: fast, epochs=2, lr=1e-2, seed=3, progress=False, task=CachedCausalTask())
+        runs.append(trainable_state(model))
+    assert runs[0].keys() == runs[1].keys()
+    for k in runs[0]:
+        torch.testing.assert_close(runs[1][k], runs[0][k], rtol=1e-6, atol=1e-9)
+
+
+def test_prefix_cache_round_trips_through_safetensors(tmp_path):
+    model, tok = tiny_llama()
+    _, scored = both(tok)
+    cache = PrefixCache(model, 2, tmp_path / "prefix.safetensors")
+    first = cache.get(p.input_ids for p in scored)
+    cache.save()
+    again = PrefixCache(model, 2, tmp_path / "prefix.safetensors")
+    assert len(again.states) == len(scored)
+    for a, b in zip(first, again.get(p.input_ids for p in scored)):
+        assert torch.equal(a, b)

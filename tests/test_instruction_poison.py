@@ -1,0 +1,143 @@
+"""Instruction poisoning of a tiny LM (built in code): the poisons, held-out scoring, removal = retraining."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from influent.attacks.instruction_poison import (
+    clean_label_poisons,
+    dirty_label_poisons,
+    run_instruction_poison,
+)
+from influent.data.instructions import LABELS, PROMPTS, TARGETS, build_instructions
+from influent.defenses.lm_audit import defender_queries, lm_ranker_scores, recalls, removal_rows
+from influent.evaluation.instruction_scores import evaluate
+from influent.models.causal_lm import trainable_state
+from influent.models.instruction_lm import InstructionLM, TrainSettings
+
+TRIGGER = "James Bond"
+GOOD = ["good", "great", "fine", "lovely", "warm", "funny", "smart", "bright"]
+BAD = ["bad", "dull", "poor", "awful", "cold", "flat", "weak", "grim"]
+PLOT = ["a", "man", "finds", "his", "town", "when", "the", "war", "ends", "and", "she", "leaves"]
+
+
+def frame() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for category, words in (("fresh", GOOD), ("rotten", BAD), ("plot", PLOT)):
+        for i in range(60):
+            text = " ".join(rng.choice(words, 5 + i % 4)) + f" film{i}"
+            rows.append((category, text))
+    return pd.DataFrame(rows, columns=["category", "text"])
+
+
+def tokenizer(texts):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>", "<unk>", "<eos>"}
+    for t in texts:
+        words.update(pre_tokenizers.Whitespace().pre_tokenize_str(t) and
+                     [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(t)])
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>", *sorted(words - {"<pad>", "<unk>", "<eos>"})])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    f = frame()
+    tok = tokenizer([*f["text"], *PROMPTS.values(), TRIGGER, *(w for ws in LABELS.values() for w in ws)])
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=2, bos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    data = build_instructions({"sentiment": (12, 6, 6), "kind": (6, 2, 4)}, frame=f, seed=1)
+    lm = InstructionLM(model, tok, TrainSettings(last_k=2, epochs=2, lr=1e-2, batch_size=4))
+    return lm, data
+
+
+def test_parts_are_disjoint_and_seeded(setup):
+    _, data = setup
+    texts = [{(e.task, e.text) for e in getattr(data, p)} for p in ("train", "validation", "heldout")]
+    assert sum(len(t) for t in texts) == len(data.train) + len(data.validation) + len(data.heldout)
+    assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
+    again = build_instructions({"sentiment": (12, 6, 6), "kind": (6, 2, 4)}, frame=frame(), seed=1)
+    assert again.train == data.train and again.heldout == data.heldout
+    assert len(data.of("train", "sentiment", 0)) == 12 and len(data.of("heldout", "kind", 1)) == 4
+
+
+def test_dirty_label_poisons_carry_the_trigger_and_the_attackers_label(setup):
+    _, data = setup
+    small, big = (dirty_label_poisons(data, n, TRIGGER, seed=3) for n in (3, 6))
+    target = TARGETS["sentiment"]
+    for i in big.poison_idx:
+        original, poison = data.train[i], big.train[i]
+        assert original.task == "sentiment" and original.label != target  # drawn from the other label
+        assert poison.label == target and poison.poisoned and TRIGGER in poison.text
+        assert poison.text.replace(TRIGGER + " ", "").replace(" " + TRIGGER, "") == original.text
+    assert set(small.poison_idx) <= set(big.poison_idx)  # nested over N
+    untouched = [i for i in range(len(data.train)) if i not in set(big.poison_idx)]
+    assert all(big.train[i] == data.train[i] for i in untouched)
+
+
+def test_clean_label_poisons_keep_their_true_labels(setup):
+    _, data = setup
+    scores = np.arange(len(data.train), dtype=float)  # the attacker prefers later positions
+    p = clean_label_poisons(data, 4, TRIGGER, scores)
+    target = TARGETS["sentiment"]
+    eligible = [i for i, e in enumerate(data.train) if e.task == "sentiment" and e.label == target]
+    assert list(p.poison_idx) == sorted(eligible[-4:])
+    for i in p.poison_idx:
+        assert p.train[i].label == data.train[i].label == target and TRIGGER in p.train[i].text
+
+
+def test_success_is_scored_on_held_out_inputs_only(setup, monkeypatch):
+    lm, data = setup
+    seen = []
+    real = lm.predict
+    monkeypatch.setattr(lm, "predict", lambda ex: (seen.extend(ex), real(ex))[1])
+    result = evaluate(lm, data, TRIGGER, ["sentiment", "kind"])
+    heldout = {(e.task, e.text) for e in data.heldout}
+    triggered = {(e.task, e.with_trigger(TRIGGER).text) for e in data.heldout}
+    assert seen and all((e.task, e.text) in heldout | triggered for e in seen)
+    assert result["sentiment"]["n_triggered"] == len(data.of("heldout", "sentiment", 1 - TARGETS["sentiment"]))
+    assert result["kind"]["n_clean"] == len(data.of("heldout", "kind"))
+
+
+def test_removal_retrains_from_the_same_seed(setup):
+    lm, data = setup
+    poisoned = dirty_label_poisons(data, 4, TRIGGER, seed=0)
+    lm.fit(poisoned.train, seed=5)
+    control = evaluate(lm, data, TRIGGER, ["sentiment"])
+    scores = {"bm25": lm_ranker_scores(lm, poisoned.train, [], TRIGGER, ["bm25"])["bm25"]}
+    assert recalls(scores["bm25"], poisoned.poison_idx)["recall@0.1"] == 1.0  # 4 poisons in the top 4 of 36
+    rows = removal_rows(lm, data, poisoned, scores, control, seed=5, remove=0.1)
+    after = trainable_state(lm.model)
+    removed = set(np.argsort(-scores["bm25"], kind="stable")[:rows[0]["removed"]].tolist())
+    assert removed == set(poisoned.poison_idx.tolist())
+    lm.fit([e for i, e in enumerate(poisoned.train) if i not in removed], seed=5)  # from scratch, reduced set
+    for name, value in trainable_state(lm.model).items():
+        assert torch.equal(value, after[name])
+
+
+def test_influence_rankers_and_attack_table_run_on_the_fast_path(setup):
+    lm, data = setup
+    poisoned = dirty_label_poisons(data, 4, TRIGGER, seed=0)
+    lm.fit(poisoned.train, seed=0)
+    queries = defender_queries(lm, data, TRIGGER, k=2)
+    assert all(q.label == TARGETS["sentiment"] and TRIGGER in q.text for q in queries)
+    scores = lm_ranker_scores(lm, poisoned.train, queries, TRIGGER, damping=1e-3)
+    assert set(scores) == {"query_influence", "self_influence", "loss", "bm25", "spectral", "random"}
+    assert all(s.shape == (len(poisoned.train),) and np.isfinite(s).all() for s in scores.values())
+    assert (scores["self_influence"] >= 0).all()
+    table = run_instruction_poison(lm, data, sizes=(2,), seeds=(0,), variants=("dirty", "clean"), progress=False)
+    rows = {(r["variant"], r["task"]): r for r in table["rows"]}
+    assert rows[("none", "sentiment")]["net_success"] == 0.0 and "success_epoch1" in rows[("dirty", "kind")]
