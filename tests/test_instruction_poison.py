@@ -141,3 +141,45 @@ def test_influence_rankers_and_attack_table_run_on_the_fast_path(setup):
     table = run_instruction_poison(lm, data, sizes=(2,), seeds=(0,), variants=("dirty", "clean"), progress=False)
     rows = {(r["variant"], r["task"]): r for r in table["rows"]}
     assert rows[("none", "sentiment")]["net_success"] == 0.0 and "success_epoch1" in rows[("dirty", "kind")]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny LLaMA and a word-level tokenizer knowing the prompts, label words and trigger, saved to a folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tokenizer([*PROMPTS.values(), TRIGGER, *(w for ws in LABELS.values() for w in ws)])
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=2, bos_token_id=2)
+    folder = tmp_path_factory.mktemp("tiny-instruct")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_cli_attack_and_lm_audit_on_the_bundled_tasks(tiny_folder, tmp_path, capsys):
+    import json
+
+    from cli_helpers import run_cli
+
+    common = ["--base-model", str(tiny_folder), "--epochs", "1", "--last-k", "1", "--cache-dir", str(tmp_path / "c"),
+              "--quiet", "--per-label", "24", "6", "10"]
+    code, out, _ = run_cli(capsys, ["attack", "instruction-poison", "--sizes", "3", "--seeds", "0",
+                                    "--out", str(tmp_path / "a"), *common])
+    assert code == 0, out
+    result = json.loads((tmp_path / "a" / "attack_instruction-poison.json").read_text())
+    assert {(r["variant"], r["n"], r["task"]) for r in result["rows"]} == {
+        ("none", 0, "sentiment"), ("none", 0, "kind"), ("dirty", 3, "sentiment"), ("dirty", 3, "kind")}
+    assert "| dirty | 3 | sentiment |" in out
+    code, out, _ = run_cli(capsys, ["audit", "--model", "lm", "--poisons", "4", "--rankers", "bm25", "random",
+                                    "--out", str(tmp_path / "d"), *common])
+    assert code == 0, out
+    audit = json.loads((tmp_path / "d" / "audit_lm.json").read_text())
+    bm25 = next(r for r in audit["summary"] if r["ranker"] == "bm25")
+    assert bm25["recall@0.05_mean"] == 1.0  # the trigger phrase finds its 4 poisons among 72
+    code, _, err = run_cli(capsys, ["audit", "--model", "lm", "--rankers", "cleanlab", *common])
+    assert code == 2 and "unknown ranker" in err
+    code, _, err = run_cli(capsys, ["attack", "instruction-poison", "--sizes", "0", *common])
+    assert code == 2 and "--sizes" in err

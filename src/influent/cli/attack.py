@@ -89,9 +89,64 @@ def attack_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lm_settings(args: argparse.Namespace):
+    """The victim LM's fine-tuning settings from the flags (validated; defaults of ``TrainSettings``)."""
+    from influent.models.instruction_lm import TrainSettings
+
+    base = TrainSettings()
+    settings = TrainSettings(last_k=base.last_k if args.last_k is None else args.last_k,
+                             epochs=base.epochs if args.epochs is None else args.epochs,
+                             lr=base.lr if args.lm_lr is None else args.lm_lr)
+    for name, value in (("--last-k", settings.last_k), ("--epochs", settings.epochs)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if not 0 < settings.lr < float("inf"):
+        raise UserError(f"--lm-lr must be a positive finite number, got {settings.lr}")
+    return settings
+
+
+def _write_attack_table(args: argparse.Namespace, result: dict) -> None:
+    out = Path(args.out)
+    table = attack_markdown(result)
+    md = out / f"attack_{args.kind}.md"
+    tmp = out / f".{md.name}.tmp"  # atomic, like every other write
+    tmp.write_text(table)
+    tmp.replace(md)
+    print(table)
+    maybe_write_report(args, result, "attack")
+    print(f"{len(result['rows'])} runs written to {out / f'attack_{args.kind}.json'}; table in {md}")
+
+
+def cmd_instruction_poison(args: argparse.Namespace) -> int:
+    """``influent attack instruction-poison``: the causal LM instruction-tuned on the bundled tasks."""
+    from influent.attacks.instruction_poison import DEFAULT_SIZES, run_instruction_poison
+    from influent.data.instructions import DEFAULT_TRIGGER, build_instructions, task_sizes
+    from influent.models.instruction_lm import load_instruction_lm
+    from influent.store import write_json
+
+    settings = lm_settings(args)
+    sizes = DEFAULT_SIZES if args.sizes is None else args.sizes
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--sizes must be numbers of poisons >= 1, got {sizes}")
+    check_output_dir(args.out, "out")
+    check_report_path(args)
+    data = build_instructions(task_sizes(*args.per_label), seed=args.seed)
+    lm = load_instruction_lm(args.base_model, settings, cache_dir=args.cache_dir, progress=not args.quiet)
+    result = run_instruction_poison(lm, data, sizes=sizes, seeds=(0, 1, 2) if args.seeds is None else args.seeds,
+                                    variants=args.variants, trigger=args.trigger or DEFAULT_TRIGGER,
+                                    progress=not args.quiet)
+    result["split_seed"] = args.seed
+    lm.save_cache()
+    write_json(Path(args.out) / f"attack_{args.kind}.json", result)
+    _write_attack_table(args, result)
+    return 0
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
     from influent.attacks.run import run_attack
 
+    if args.kind == "instruction-poison":
+        return cmd_instruction_poison(args)
     attack = _attack_options(args)
     options = attack.as_kwargs()
     common = {"seeds": attack.seeds, "out": args.out, "progress": not args.quiet}
@@ -103,15 +158,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         setup = head_setup(args)
         _check_attack_data(args, setup, options)
         result = run_attack(args.kind, setup=setup, **common, **options)
-    out = Path(args.out)
-    table = attack_markdown(result)
-    md = out / f"attack_{args.kind}.md"
-    tmp = out / f".{md.name}.tmp"  # atomic, like every other write
-    tmp.write_text(table)
-    tmp.replace(md)
-    print(table)
-    maybe_write_report(args, result, "attack")
-    print(f"{len(result['rows'])} runs written to {out / f'attack_{args.kind}.json'}; table in {md}")
+    _write_attack_table(args, result)
     return 0
 
 
@@ -157,8 +204,8 @@ def _add_concealed_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("concealed (fine-tuned classifier; Wallace et al. 2021)")
     g.add_argument("--train-size", type=int, default=None,
                    help="stratified training slice the victim is fine-tuned on (default 1000)")
-    g.add_argument("--epochs", type=int, default=None, help="victim's AdamW epochs (default 3)")
-    g.add_argument("--last-k", type=int, default=None, help="fine-tuned encoder layers (default 1)")
+    g.add_argument("--epochs", type=int, default=None, help="victim's AdamW epochs (concealed: default 3; instruction-poison: 2)")
+    g.add_argument("--last-k", type=int, default=None, help="fine-tuned encoder layers (concealed: default 1) or LM blocks (instruction-poison: 2)")
     g.add_argument("--n-adv", type=int, default=None,
                    help="triggered validation reviews in the attacker's objective, and as many disjoint ones as "
                         "the audit's queries (default 50)")
@@ -169,13 +216,31 @@ def _add_concealed_options(p: argparse.ArgumentParser) -> None:
 
 
 
+def _add_instruction_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("instruction-poison (causal LM instruction-tuned on the bundled tasks; Wan et al. 2023)")
+    g.add_argument("--variants", nargs="+", choices=["dirty", "clean"], default=["dirty"],
+                   help="dirty-label poisons (relabelled) and/or clean-label ones (labels kept); default dirty")
+    g.add_argument("--base-model", default=None,
+                   help="causal LM: Hugging Face name (local cache), folder or .gguf (default SmolLM2-135M-Instruct)")
+    g.add_argument("--lm-lr", type=float, default=None, help="AdamW learning rate of the LM (default 2e-4)")
+    add_per_label_option(g)
+
+
+def add_per_label_option(g) -> None:
+    """``--per-label TRAIN VALIDATION HELDOUT`` (shared with ``audit --model lm``)."""
+    g.add_argument("--per-label", type=int, nargs=3, default=[300, 20, 100], metavar=("TRAIN", "VAL", "HELDOUT"),
+                   help="sentiment examples per label in training, validation, held-out (the plot-or-review "
+                        "task gets half of each); default 300 20 100")
+
+
 def add_attack_parser(sub) -> None:
     p = sub.add_parser("attack", help="poison the head's training data and measure the damage on clean labels",
                        description="Run a poisoning attack on the frozen-encoder head over several seeds. Writes "
                                    "attack_KIND.json (every run + summary) and attack_KIND.md (summary table) "
                                    "in --out and prints the table.")
     p.add_argument("kind", metavar="KIND",
-                   help="label-flip | perturb | trigger (frozen-encoder head) | concealed (fine-tuned model)")
+                   help="label-flip | perturb | trigger (frozen-encoder head) | concealed (fine-tuned model) | "
+                        "instruction-poison (causal LM)")
     p.add_argument("--seeds", type=int, nargs="*", default=None, metavar="S",
                    help="attack seeds, a list (default 0 1 2); each re-divides the held-out split into the "
                         "attacker's validation half and the scoring half and re-draws targets and poisons")
@@ -188,5 +253,6 @@ def add_attack_parser(sub) -> None:
     _add_perturb_options(p)
     _add_trigger_options(p)
     _add_concealed_options(p)
+    _add_instruction_options(p)
     add_data_options(p)
     p.set_defaults(func=cmd_attack)

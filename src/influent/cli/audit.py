@@ -4,14 +4,76 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
+from influent.cli.attack import add_per_label_option
 from influent.cli.common import add_data_options, check_data_args, check_output_dir
 from influent.cli.report import add_report_option, check_report_path, maybe_write_report
 
 
+def _lm_audit_markdown(result: dict) -> str:
+    """Markdown table of the LM audit's summary (mean ± sd over seeds; rates in [0, 1])."""
+    cols = ["recall@0.01", "recall@0.05", "recall@0.1", "sentiment_success", "sentiment_net_success",
+            "sentiment_clean_accuracy"]
+    lines = [(f"# influent audit --model lm ({result['n_poison']} dirty-label poisons, trigger "
+             f"{result['trigger']!r}, seeds {', '.join(map(str, result['seeds']))})"), "",
+             (f"Top {100 * result['remove']:g}% of each ranking removed, then tuned again with the same seed; "
+             "success and accuracy on held-out inputs."), "",
+             "| ranker | runs | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for row in result["summary"]:
+        cells = []
+        for c in cols:
+            m = row.get(f"{c}_mean")
+            cells.append("" if m is None or math.isnan(m) else f"{m:.3f} ± {row[f'{c}_sd']:.3f}")
+        lines.append(f"| {row['ranker']} | {row['runs']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_lm_audit(args: argparse.Namespace) -> int:
+    """``influent audit --model lm``: plant dirty-label poisons in the bundled instruction data, rank, remove."""
+    from influent.attacks.instruction_poison import dirty_label_poisons
+    from influent.attacks.summary import summarise
+    from influent.cli.attack import lm_settings
+    from influent.data.instructions import DEFAULT_TRIGGER, build_instructions, task_sizes
+    from influent.defenses.lm_audit import LM_RANKERS, defence_values, run_lm_defence
+    from influent.errors import UserError
+    from influent.models.instruction_lm import load_instruction_lm
+    from influent.store import write_json
+
+    settings = lm_settings(args)
+    names = args.rankers or list(LM_RANKERS)
+    unknown = [n for n in names if n not in LM_RANKERS]
+    if unknown:
+        raise UserError(f"unknown ranker(s) for --model lm: {', '.join(unknown)}; known: {', '.join(LM_RANKERS)}")
+    if args.poisons < 1:
+        raise UserError(f"--poisons must be at least 1, got {args.poisons}")
+    check_output_dir(args.out, "out")
+    trigger = args.trigger or DEFAULT_TRIGGER
+    data = build_instructions(task_sizes(*args.per_label), seed=args.seed)
+    lm = load_instruction_lm(args.base_model, settings, cache_dir=args.cache_dir, progress=not args.quiet)
+    result = run_lm_defence(lm, data, lambda s: dirty_label_poisons(data, args.poisons, trigger, s),
+                            seeds=args.lm_seeds, trigger=trigger, names=names, n_queries=args.n_queries,
+                            damping=args.damping, progress=not args.quiet)
+    lm.save_cache()
+    result["summary"] = summarise(result["rows"], ["ranker"], defence_values(result["rows"]))
+    result["seeds"] = list(args.lm_seeds)
+    out = Path(args.out)
+    write_json(out / "audit_lm.json", result)
+    table = _lm_audit_markdown(result)
+    tmp = out / ".audit_lm.md.tmp"
+    tmp.write_text(table)
+    tmp.replace(out / "audit_lm.md")
+    print(table)
+    print(f"rankings and rows written to {out / 'audit_lm.json'}; table in {out / 'audit_lm.md'}")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from influent.defenses.audit import run_audit
+
+    if args.model == "lm":
+        return cmd_lm_audit(args)
     from influent.defenses.options import AuditOptions
 
     options = AuditOptions(
@@ -59,6 +121,17 @@ def add_audit_parser(sub) -> None:
     p.add_argument("--truth", default=None, metavar="FILE|COLUMN",
                    help="the known-bad examples: a file of their ids (ranking.csv's id column, one per line) or "
                         "a column of --data marking them (1/true/yes); adds a truth column, precision and recall")
+    g = p.add_argument_group("--model lm (poisons planted in the bundled instruction data; Wan et al. 2023)")
+    g.add_argument("--model", choices=["head", "lm"], default="head",
+                   help="head: audit --data with the frozen-encoder head (default); lm: the causal-LM experiment")
+    g.add_argument("--poisons", type=int, default=50, help="dirty-label poisons planted (default 50)")
+    g.add_argument("--lm-seeds", type=int, nargs="+", default=[0], help="victim seeds (default 0)")
+    g.add_argument("--n-queries", type=int, default=5, help="triggered inputs the defender knows (default 5)")
+    g.add_argument("--base-model", default=None, help="causal LM (default SmolLM2-135M-Instruct)")
+    g.add_argument("--last-k", type=int, default=None, help="trained LM blocks (default 2)")
+    g.add_argument("--epochs", type=int, default=None, help="LM epochs (default 2)")
+    g.add_argument("--lm-lr", type=float, default=None, help="LM AdamW learning rate (default 2e-4)")
+    add_per_label_option(g)
     add_report_option(p)
     add_data_options(p, embedding_options=False)  # the audit embeds with the encoder's defaults
     p.set_defaults(func=cmd_audit)

@@ -118,6 +118,13 @@ def _draw(pool: list[str], sizes: tuple[int, int, int], rng: np.random.Generator
     return [[pool[i] for i in picked[bounds[j]:bounds[j + 1]]] for j in range(3)]
 
 
+def task_sizes(train: int, validation: int, heldout: int) -> dict[str, tuple[int, int, int]]:
+    """``build_instructions``' ``per_label`` from the sentiment task's sizes per label; the kind task gets half
+    of each (at least 1)."""
+    half = tuple(max(1, v // 2) for v in (train, validation, heldout))
+    return {"sentiment": (train, validation, heldout), "kind": half}
+
+
 def build_instructions(
     per_label: dict[str, tuple[int, int, int]] | None = None,
     *,
