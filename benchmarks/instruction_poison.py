@@ -33,16 +33,17 @@ def log(msg: str) -> None:
 
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10, 25, 50, 100])
-    ap.add_argument("--clean-sizes", type=int, nargs="*", default=[50, 100])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the attack table's --sizes")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[10, 25, 100],
+                    help="attack-table sizes besides --n-poison (whose rows come from the defence runs)")
+    ap.add_argument("--clean-sizes", type=int, nargs="*", default=[50])
     ap.add_argument("--clean-seeds", type=int, nargs="*", default=[0])
     ap.add_argument("--defence-seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--n-poison", type=int, default=50)
     ap.add_argument("--queries", type=int, default=5)
     ap.add_argument("--last-k", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--sentiment", type=int, nargs=3, default=[150, 10, 50], metavar=("TRAIN", "VAL", "HELDOUT"),
                     help="examples per label")
@@ -52,6 +53,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-attack", action="store_true")
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--base-model", default=None, help="default SmolLM2-135M-Instruct (a folder: smoke tests)")
     ap.add_argument("--out", default="benchmarks/results/instruction-poison")
     return ap.parse_args()
 
@@ -103,25 +105,55 @@ def write_readme(out: Path, attack, defence, timing: dict, argv, data, settings)
                  f"removed and tuned again; {defence['n_queries']} defender queries")
         lines += [title, "", *defence_table(defence), ""]
         for r in defence["summary"]:
-            headline[f"{r['ranker']}_recall@0.05"] = r.get("recall@0.05_mean")
-            headline[f"{r['ranker']}_net_success"] = r.get("sentiment_net_success_mean")
+            for key, name in (("recall@0.05", "recall@0.05"), ("sentiment_net_success", "net_success")):
+                value = r.get(f"{key}_mean")
+                if value is not None and not math.isnan(value):
+                    headline[f"{r['ranker']}_{name}"] = value
     (out / "README.md").write_text("\n".join(lines) + "\n")
     return headline
+
+
+def attack_rows_from_defence(defence: dict, n: int, skip_control: set) -> list[dict]:
+    """Attack-table rows (dirty-label, ``n`` poisons; and the control, except for seeds in ``skip_control``,
+    whose control the attack table already has: the same run) from the defence's rows; net success at
+    epoch 1 against the control at epoch 1, as in the attack's own rows."""
+    from influent.data.instructions import TASKS
+
+    by = {(r["seed"], r["ranker"]): r for r in defence["rows"]}
+    rows = []
+    for seed in sorted({r["seed"] for r in defence["rows"]}):
+        control, early = by[(seed, "clean")], by.get((seed, "early_stopping"))
+        runs = [("dirty", n, by[(seed, "none")])] + ([] if seed in skip_control else [("none", 0, control)])
+        for variant, k, r in runs:
+            for task in TASKS:
+                row = {"seed": seed, "variant": variant, "n": k, "task": task, "success": r[f"{task}_success"],
+                       "net_success": r[f"{task}_net_success"], "clean_accuracy": r[f"{task}_clean_accuracy"],
+                       "from": "defence run"}
+                rows.append(row)
+        if early is not None:
+            for task in TASKS:
+                base = by[(seed, "clean_epoch1")]
+                for row in rows:
+                    if row["seed"] != seed or row["task"] != task:
+                        continue
+                    r = early if row["variant"] == "dirty" else base
+                    row.update(success_epoch1=r[f"{task}_success"],
+                               net_success_epoch1=r[f"{task}_success"] - base[f"{task}_success"],
+                               clean_accuracy_epoch1=r[f"{task}_clean_accuracy"])
+    return rows
 
 
 def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
     from influent.attacks.instruction_poison import (
-        DEFAULT_TRIGGER,
         attacker_ranking,
         clean_label_poisons,
         dirty_label_poisons,
         run_instruction_poison,
-        triggered_inputs,
     )
     from influent.attacks.summary import summarise
-    from influent.data.instructions import TASKS, build_instructions
+    from influent.data.instructions import DEFAULT_TRIGGER, TASKS, build_instructions, triggered_inputs
     from influent.defenses.lm_audit import defence_values, run_lm_defence
     from influent.models.instruction_lm import TrainSettings, load_instruction_lm
 
@@ -130,7 +162,7 @@ def main() -> None:
                               max_words=args.max_words, seed=args.data_seed)
     settings = TrainSettings(last_k=args.last_k, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
     log(f"data: {len(data.train)} train, {len(data.validation)} validation, {len(data.heldout)} held-out; loading LM")
-    lm = load_instruction_lm(None, settings, cache_dir=args.cache_dir, progress=False)
+    lm = load_instruction_lm(args.base_model, settings, cache_dir=args.cache_dir, progress=False)
     t_load = time.perf_counter()
     # every input the runs read, so the prefix pass is done (and saved) once, up front
     inputs = list(data.train) + list(data.validation) + list(data.heldout)
@@ -152,23 +184,30 @@ def main() -> None:
     log(f"prefix done in {t_prefix - t_load:.0f} s; load average {os.getloadavg()[0]:.1f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    defence = None
+    if args.defence_seeds:
+        defence = run_lm_defence(lm, data, lambda s: dirty_label_poisons(data, args.n_poison, DEFAULT_TRIGGER, s),
+                                 seeds=args.defence_seeds, n_queries=args.queries, tasks=TASKS, progress=False)
+        defence["summary"] = summarise(defence["rows"], ["ranker"], defence_values(defence["rows"]))
+        (out / "defence.json").write_text(json.dumps(defence, indent=1))
+        log(f"defence done; load average {os.getloadavg()[0]:.1f}")
+    t_defence = time.perf_counter()
     attack = None
     if not args.skip_attack:
         attack = run_instruction_poison(lm, data, sizes=args.sizes, seeds=args.seeds,
                                         variants=("dirty", "clean") if args.clean_sizes else ("dirty",),
                                         clean_sizes=args.clean_sizes, clean_seeds=args.clean_seeds, progress=True)
+        if defence is not None:  # the N = n_poison rows, every defence seed
+            attack["rows"] += attack_rows_from_defence(defence, args.n_poison, set(args.seeds))
+        values = [k[:-5] for k in attack["summary"][0] if k.endswith("_mean")]
+        attack["summary"] = summarise(attack["rows"], ["variant", "n", "task"], values)
+        attack["summary"].sort(key=lambda r: (r["variant"] != "none", r["variant"], r["n"], r["task"]))
         (out / "attack.json").write_text(json.dumps(attack, indent=1))
         log(f"attack done; load average {os.getloadavg()[0]:.1f}")
     t_attack = time.perf_counter()
-    defence = None
-    if args.defence_seeds:
-        defence = run_lm_defence(lm, data, lambda s: dirty_label_poisons(data, args.n_poison, DEFAULT_TRIGGER, s),
-                                 seeds=args.defence_seeds, n_queries=args.queries, progress=False)
-        defence["summary"] = summarise(defence["rows"], ["ranker"], defence_values(defence["rows"]))
-        (out / "defence.json").write_text(json.dumps(defence, indent=1))
     t_end = time.perf_counter()
-    timing = {"load_s": t_load - t_start, "prefix_s": t_prefix - t_load, "attack_s": t_attack - t_prefix,
-              "defence_s": t_end - t_attack, "total_s": t_end - t_start, "load_average_end": os.getloadavg()[0],
+    timing = {"load_s": t_load - t_start, "prefix_s": t_prefix - t_load, "defence_s": t_defence - t_prefix,
+              "attack_s": t_attack - t_defence, "total_s": t_end - t_start, "load_average_end": os.getloadavg()[0],
               "n_prefix_inputs": len(lm.cache.states)}
     headline = write_readme(out, attack, defence, timing, sys.argv, data, settings)
     print(json.dumps({**headline, **timing}))

@@ -145,16 +145,18 @@ def removal_rows(lm: InstructionLM, data: InstructionData, poisoned: Poisoned, s
 def run_lm_defence(lm: InstructionLM, data: InstructionData, poisoned_for: Callable[[int], Poisoned], *,
                    seeds: Sequence[int] = (0,), trigger: str = DEFAULT_TRIGGER, names: Sequence[str] = LM_RANKERS,
                    n_queries: int = 5, remove: float = 0.05, damping: float | None = None,
-                   progress: bool = False) -> dict:
+                   tasks: Sequence[str] = (POISONED_TASK,), progress: bool = False) -> dict:
     """The defence table's rows: per seed, the control and the poisoned run (``poisoned_for(seed)``, e.g. N
     dirty-label poisons), every ranker's recall and the scores after removing its top ``remove`` fraction
     and re-tuning (same seed).
 
     Rows with ``ranker`` ``none`` (the poisoned run, nothing removed), ``early_stopping`` (the poisoned run's
-    scores after epoch 1 of ``lm.settings.epochs``; nothing removed), ``clean`` (the control). Returns
+    scores after epoch 1 of ``lm.settings.epochs``; nothing removed), ``clean`` (the control) and
+    ``clean_epoch1`` (the control after epoch 1); net success is always against the fully tuned control. Returns
     ``{"rows", "rankings", ...}``; ``rankings[seed][ranker]`` is the training order, most suspicious first.
+    Every score is reported per task of ``tasks`` (``<task>_success``, ``<task>_net_success``,
+    ``<task>_clean_accuracy``).
     """
-    tasks = (POISONED_TASK,)
     rows: list[dict] = []
     rankings: dict[int, dict[str, list[int]]] = {}
     for seed in seeds:
@@ -166,7 +168,7 @@ def run_lm_defence(lm: InstructionLM, data: InstructionData, poisoned_for: Calla
         rankings[seed] = {k: ranking(v, seed).tolist() for k, v in scores.items()}
         fixed = [("clean", control["final"]), ("none", run["final"])]
         if run["epoch1"] is not None:
-            fixed.append(("early_stopping", run["epoch1"]))
+            fixed += [("early_stopping", run["epoch1"]), ("clean_epoch1", control["epoch1"])]
         for name, m in fixed:
             row = {"seed": seed, "ranker": name, "removed": 0}
             for task in tasks:
