@@ -36,11 +36,16 @@ from influent.models.causal_prefix import (
 
 @dataclass
 class TrainSettings:
-    """Fine-tuning settings of the victim (all of a run but the data and the seed)."""
+    """Fine-tuning settings of the victim (all of a run but the data and the seed).
 
-    last_k: int = 2
+    Defaults are the benchmark's measured configuration (``benchmarks/instruction_poison.py``): the last
+    block only (on the shared 2-core machine K = 2 cost 4.5x more per step and a second prefix pass), lr
+    1e-3 (of 3e-4, 1e-3, 3e-3 the one with the best clean accuracy in a seed-0 pilot).
+    """
+
+    last_k: int = 1
     epochs: int = 2
-    lr: float = 2e-4
+    lr: float = 1e-3
     batch_size: int = 8
 
 
