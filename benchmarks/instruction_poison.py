@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -52,6 +53,10 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-attack", action="store_true")
+    ap.add_argument("--removal-from", default=None, metavar="DEFENCE_JSON",
+                    help="only re-run the removal step: the rankings of an earlier defence.json, top --remove of "
+                         "each removed, tuned again with the same seed; writes removal_<remove>.json")
+    ap.add_argument("--remove", type=float, default=0.05)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--base-model", default=None, help="default SmolLM2-135M-Instruct (a folder: smoke tests)")
     ap.add_argument("--out", default="benchmarks/results/instruction-poison")
@@ -143,6 +148,35 @@ def attack_rows_from_defence(defence: dict, n: int, skip_control: set) -> list[d
     return rows
 
 
+def removal_only(lm, data, args, out: Path) -> dict:
+    """Removal at another fraction from saved rankings (same poisons, seeds, control scores)."""
+    from influent.attacks.instruction_poison import dirty_label_poisons
+    from influent.attacks.summary import summarise
+    from influent.data.instructions import DEFAULT_TRIGGER, TASKS
+    from influent.defenses.lm_audit import defence_values, removal_rows
+
+    saved = json.loads(Path(args.removal_from).read_text())
+    rows = []
+    for seed_key, ranks in saved["rankings"].items():
+        seed = int(seed_key)
+        poisoned = dirty_label_poisons(data, saved["n_poison"], DEFAULT_TRIGGER, seed)
+        clean = next(r for r in saved["rows"] if r["seed"] == seed and r["ranker"] == "clean")
+        control = {t: {"success": clean[f"{t}_success"], "clean_accuracy": clean[f"{t}_clean_accuracy"]}
+                   for t in TASKS}
+        scores = {}
+        for name, order in ranks.items():  # position -> score, so the saved order is the ranking again
+            s = np.zeros(len(order))
+            s[np.asarray(order)] = -np.arange(len(order), dtype=float)
+            scores[name] = s
+        rows += [{"seed": seed, **r} for r in removal_rows(lm, data, poisoned, scores, control, seed,
+                                                            args.remove, TASKS)]
+        log(f"removal seed {seed} done")
+    result = {"rows": rows, "summary": summarise(rows, ["ranker"], defence_values(rows)), "remove": args.remove,
+              "n_poison": saved["n_poison"], "from": args.removal_from}
+    (out / f"removal_{args.remove:g}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
@@ -184,6 +218,14 @@ def main() -> None:
     log(f"prefix done in {t_prefix - t_load:.0f} s; load average {os.getloadavg()[0]:.1f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.removal_from:
+        result = removal_only(lm, data, args, out)
+        lines = defence_table(result)
+        (out / f"removal_{args.remove:g}.md").write_text(
+            f"Command: OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python {' '.join(sys.argv)}\n\n"
+            + "\n".join(lines) + "\n")
+        print(json.dumps({"removal_s": time.perf_counter() - t_prefix, "load_average_end": os.getloadavg()[0]}))
+        return
     defence = None
     if args.defence_seeds:
         defence = run_lm_defence(lm, data, lambda s: dirty_label_poisons(data, args.n_poison, DEFAULT_TRIGGER, s),
