@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--queries", type=int, default=300, help="held-out reviews in the panel")
     p.add_argument("--removal-queries", type=int, default=None, help="of which through remove-and-retrain")
     p.add_argument("--ks", type=int, nargs="+", default=list(REMOVAL_KS))
+    p.add_argument("--reference-ks", type=int, nargs="+", default=None,
+                   help="k removed for the comparators (nearest neighbours, random); default: --ks")
     p.add_argument("--max-seconds", type=float, default=None, help="stop remove-and-retrain after this long")
     p.add_argument("--train-size", type=int, default=1000, help="fine-tuned: training slice")
     p.add_argument("--last-k", type=int, default=1)
@@ -58,7 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     setup = prepare_head(seed=args.seed, cache_dir=args.cache_dir, progress=not args.quiet)
-    common = {"ks": tuple(args.ks), "removal_queries": args.removal_queries, "seed": args.seed,
+    ref_ks = tuple(args.reference_ks) if args.reference_ks else None
+    all_ks = tuple(sorted(set(args.ks) | set(ref_ks or ())))
+    common = {"ks": tuple(args.ks), "reference_ks": ref_ks, "removal_queries": args.removal_queries, "seed": args.seed,
               "records_path": out / "records.jsonl", "max_seconds": args.max_seconds, "progress": not args.quiet}
     if args.model == "head":
         result = head_explanation_quality(setup, args.queries, **common)
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = finetuned_explanation_quality(setup, args.queries, train_size=args.train_size, last_k=args.last_k,
                                                epochs=args.epochs, max_length=args.max_length, **common)
     result["command"] = "benchmarks/explain_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    table = markdown_table(result["summary"], tuple(args.ks))
+    table = markdown_table(result["summary"], all_ks)
     write_json(out / "explain_quality.json", result)
     (out / "explain_quality.md").write_text(table + "\n")
     print(table)

@@ -112,6 +112,25 @@ def test_head_driver_end_to_end(tmp_path):
     assert "| tfidf_nn |" in table and "loss change k=3" in table
 
 
+def test_comparators_can_be_measured_at_fewer_k(tmp_path):
+    setup = _head_setup(tmp_path, n=60, d=3, seed=0)
+    setup.test_x = torch.randn(12, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    setup.test_idx = np.arange(60, 70).tolist() + [60, 61]
+    result = head_explanation_quality(setup, n_queries=6, ks=(1, 3), reference_ks=(3,), removal_queries=2,
+                                      seed=0, progress=False)
+    s = result["summary"]
+    for name in ("influence", "relatif"):
+        assert s[name]["loss_change@1"]["m"] == 2 and s[name]["loss_change@3"]["m"] == 2
+    for name in ("embedding_nn", "tfidf_nn", "random"):
+        assert "loss_change@1" not in s[name] and s[name]["loss_change@3"]["m"] == 2
+    # per query at most 2 + 2 (influence, relatif = cosine) + 3 (references, random) distinct removals
+    assert 0 < result["retrains"] <= 2 * 7 and result["retrain_seconds_per_replay"] > 0
+    assert result["full_panel_retrains"] == 6 * 5 * 2  # queries x (influence, relatif, 2 references, random) x k
+    table = markdown_table(s, (1, 3))
+    assert "| random | - | - | " in table
+    assert choose_default(s, k=3)["faithfulness_measured"]
+
+
 def test_validate_explain_writes_the_table(capsys, tmp_path, tiny_encoder_dir, reviews_csv):
     import json
 
@@ -134,3 +153,78 @@ def test_choose_default_without_removals_names_no_default():
     summary = {"influence": {"top10_same_class": {"mean": 0.99}}, "relatif": {"top10_same_class": {"mean": 0.98}}}
     got = choose_default(summary)
     assert got["default"] is None and not got["faithfulness_measured"] and got["passing"] == ["influence", "relatif"]
+
+
+def _dropout_free_encoder(folder):
+    """A tiny 2-layer BERT without dropout (so a seeded replay is a deterministic function of its data)."""
+    from test_finetuned import WORDS
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])})
+    cfg = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def _fine_tune_from_scratch(encoder, texts, labels, removed, *, seed, epochs, lr, batch_size, max_length):
+    """Independent of the package's trainer: the full Hugging Face classifier (every layer run, texts tokenized
+    per minibatch), last layer + pooler + head trained by a hand-written AdamW loop on the kept texts only, in
+    the replay's order (the seeded permutation of all rows with the removed ones left out)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(encoder)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(encoder, num_labels=2, attn_implementation="eager")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(("bert.encoder.layer.1.", "bert.pooler.", "classifier.")))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    gone = {int(i) for i in removed}
+    model.train()
+    for _ in range(epochs):
+        order = [int(i) for i in torch.randperm(len(texts), generator=gen) if int(i) not in gone]
+        for s in range(0, len(order), batch_size):
+            rows = order[s : s + batch_size]
+            enc = tok([texts[i] for i in rows], padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
+            out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+            loss = torch.nn.functional.cross_entropy(out, torch.tensor([labels[i] for i in rows]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model, tok
+
+
+def test_suffix_removal_matches_a_from_scratch_fine_tune_on_the_reduced_set(tmp_path):
+    from test_finetuned import toy_data
+
+    from influent.evaluation.explanations import SuffixRemoval
+    from influent.models.suffix_classifier import SuffixClassifier
+
+    enc = _dropout_free_encoder(tmp_path / "enc")
+    texts, labels = toy_data(40, 0)
+    q_texts, _ = toy_data(3, 1)
+    opts = {"seed": 0, "epochs": 2, "lr": 3e-3, "batch_size": 8, "max_length": 16}
+    clf = SuffixClassifier(enc, 2, last_k=1, **opts)
+    batch = clf.cache(texts, labels)
+    theta, _ = clf.fit(batch)
+    q_batch = clf.cache(q_texts, [0, 0, 0])
+    q_batch = dict(q_batch, labels=clf.predict(theta, q_batch))
+    removal = SuffixRemoval(clf, batch, q_batch, theta)
+    removed = np.array([1, 7, 8, 20, 33])
+    for gone in (np.zeros(0, dtype=np.int64), removed):
+        model, tok = _fine_tune_from_scratch(enc, texts, labels, gone, **opts)
+        with torch.no_grad():
+            logits = model(**tok(q_texts, padding=True, return_tensors="pt")).logits.double()
+        for q in range(3):
+            label = int(q_batch["labels"][q])
+            want = float(-logits.log_softmax(-1)[q, label])
+            loss, pred = removal.without(q, gone) if len(gone) else removal.base(q)
+            assert loss == pytest.approx(want, abs=1e-6) and pred == int(logits[q].argmax())
+    # the removal moved the replay: the check above compares two different trainings, not one twice
+    assert abs(removal.without(0, removed)[0] - removal.base(0)[0]) > 1e-4

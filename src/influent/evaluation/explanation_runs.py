@@ -58,24 +58,37 @@ def collect(
         if path is not None:
             with path.open("a") as f:
                 row = {name: {str(k): list(v) for k, v in by_k.items()} for name, by_k in rec.results.items()}
-                f.write(json.dumps({"query": rec.query, "seconds": rec.seconds, "results": row}) + "\n")
+                f.write(json.dumps({"query": rec.query, "seconds": rec.seconds, "retrains": rec.retrains,
+                                    "results": row}) + "\n")
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
             break
     return out
 
 
 def report(model: str, panel: RankingPanel, records: list[RemovalRecord], ks: tuple[int, ...], seed: int,
-           settings: dict) -> dict:
-    """The JSON-ready result: settings, counts, per-ranking summary and the default's choice."""
-    summary = summarise(panel, records, ks, seed)
+           settings: dict, reference_ks: tuple[int, ...] | None = None) -> dict:
+    """The JSON-ready result: settings, counts, per-ranking summary and the default's choice.
+
+    ``retrain_seconds_per_replay`` is the removal experiment's wall time over its retrainings (distinct
+    removal sets); ``full_panel_retrains`` counts those a removal run over every query with every k for every
+    ranking would need (RelatIF and cosine share theirs), so ``full_panel_retrains x
+    retrain_seconds_per_replay`` is its cost in seconds."""
+    all_ks = tuple(sorted(set(ks) | set(reference_ks or ())))
+    summary = summarise(panel, records, all_ks, seed)
     secs = [r.seconds for r in records]
+    retrains = sum(r.retrains for r in records)
+    conditions = len({*panel.values, "random"} - ({"cosine"} if "relatif" in panel.values else set()))
     return {
         "model": model,
         "n_train": len(panel.train_labels),
         "n_queries": panel.n_queries,
         "n_queries_removal": len(records),
         "ks": list(ks),
+        "reference_ks": list(reference_ks) if reference_ks is not None else list(ks),
         "retrain_seconds_per_query": float(np.mean(secs)) if secs else None,
+        "retrains": retrains,
+        "retrain_seconds_per_replay": float(np.sum(secs) / retrains) if retrains else None,
+        "full_panel_retrains": panel.n_queries * conditions * len(all_ks),
         "settings": settings,
         "summary": summary,
         "choice": choose_default(summary),
@@ -87,6 +100,7 @@ def head_explanation_quality(
     n_queries: int = 300,
     *,
     ks: tuple[int, ...] = REMOVAL_KS,
+    reference_ks: tuple[int, ...] | None = None,
     removal_queries: int | None = None,
     seed: int = 0,
     records_path: str | Path | None = None,
@@ -99,7 +113,8 @@ def head_explanation_quality(
         setup: a :class:`~influent.pipeline.HeadSetup` (trained head, embeddings, corpus, split).
         n_queries: held-out reviews in the panel; removal_queries: how many of them (the first) go through
             the removal experiment (None: all).
-        ks: numbers of proponents removed; seed: seeds the query sample and the random removals.
+        ks: numbers of proponents removed; reference_ks: those for the comparators (similarity references
+            and random; None: ``ks``); seed: seeds the query sample and the random removals.
     """
     pos = sample_queries(len(setup.test_idx), n_queries, seed)
     xq = setup.test_x[torch.as_tensor(pos)]
@@ -114,12 +129,12 @@ def head_explanation_quality(
     panel = influence_panel(setup.influence(), (xq, pred), pred.numpy(), setup.train_y.numpy(), refs)
     removal = HeadRemoval(setup.model, setup.train_x, setup.train_y, setup.task.l2, xq, pred)
     m = len(pos) if removal_queries is None else min(removal_queries, len(pos))
-    records = collect(removal_experiment(panel, removal, list(range(m)), ks, seed=seed),
+    records = collect(removal_experiment(panel, removal, list(range(m)), ks, seed=seed, reference_ks=reference_ks),
                       Path(records_path) if records_path else None, max_seconds, progress, m)
     settings = {"influence": "exact Hessian, direct solve, damping 0", "retraining": "Newton from the optimum "
                 "(models.refit.fit_head, tol 1e-9): exact", "l2": setup.task.l2, "seed": seed,
                 "query_positions": pos.tolist()}
-    return report("head", panel, records, ks, seed, settings)
+    return report("head", panel, records, ks, seed, settings, reference_ks)
 
 
 def finetuned_explanation_quality(
@@ -133,6 +148,7 @@ def finetuned_explanation_quality(
     max_length: int = 48,
     strategy: str = "ekfac",
     ks: tuple[int, ...] = REMOVAL_KS,
+    reference_ks: tuple[int, ...] | None = None,
     removal_queries: int | None = None,
     seed: int = 0,
     records_path: str | Path | None = None,
@@ -149,7 +165,7 @@ def finetuned_explanation_quality(
         strategy: curvature of the factored influence over the trainable linear modules.
         Other arguments as :func:`head_explanation_quality`.
     """
-    from influent.curvature.ekfac import FactorConfig
+    from influent.curvature.config import FactorConfig
     from influent.data import stratified_sample
     from influent.factored_influence import FactoredInfluence
     from influent.models.suffix_classifier import SuffixClassifier
@@ -187,11 +203,11 @@ def finetuned_explanation_quality(
     panel = influence_panel(method, q_chunks, pred.numpy(), np.asarray(labels), refs)
     removal = SuffixRemoval(clf, batch, q_batch, theta)
     m = len(pos) if removal_queries is None else min(removal_queries, len(pos))
-    records = collect(removal_experiment(panel, removal, list(range(m)), ks, seed=seed),
+    records = collect(removal_experiment(panel, removal, list(range(m)), ks, seed=seed, reference_ks=reference_ks),
                       Path(records_path) if records_path else None, max_seconds, progress, m)
     settings = {"classifier": f"SuffixClassifier: packaged MiniLM, last {last_k} layer(s) + pooler + head, "
                 f"AdamW lr {lr}, {epochs} epochs, batch 32, dropout on, max_length {max_length}, seed {seed}",
                 "train_size": n, "influence": f"{strategy} over the trainable linear modules",
                 "retraining": "seeded AdamW replay from the same initialisation without the removed rows",
                 "fine_tune_seconds": fit_seconds, "seed": seed, "query_positions": pos.tolist()}
-    return report("finetuned", panel, records, ks, seed, settings)
+    return report("finetuned", panel, records, ks, seed, settings, reference_ks)

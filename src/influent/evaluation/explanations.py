@@ -233,11 +233,13 @@ class SuffixRemoval:
 
 @dataclass
 class RemovalRecord:
-    """One query's removal results: ranking -> k -> (loss change in nats, flipped 0/1, examples removed)."""
+    """One query's removal results: ranking -> k -> (loss change in nats, flipped 0/1, examples removed);
+    ``seconds`` for the query's retrainings (and its base evaluation), ``retrains`` how many there were."""
 
     query: int
     results: dict[str, dict[int, tuple[float, float, int]]] = field(default_factory=dict)
     seconds: float = 0.0
+    retrains: int = 0
 
 
 def removal_experiment(
@@ -247,10 +249,15 @@ def removal_experiment(
     ks: tuple[int, ...] = REMOVAL_KS,
     rankings: list[str] | None = None,
     seed: int = 0,
+    reference_ks: tuple[int, ...] | None = None,
 ) -> Iterator[RemovalRecord]:
     """For each query, remove its top-k proponents under each ranking (and k random examples), retrain, and
     yield the query's loss change and whether its prediction flipped. Identical removal sets (e.g. RelatIF
-    and cosine order each query's examples the same way) are retrained once."""
+    and cosine order each query's examples the same way) are retrained once.
+
+    ``ks`` are used for the influence rankings (:data:`INFLUENCE_RANKINGS`); the comparators (the similarity
+    references and ``random``) use ``reference_ks`` (default: ``ks``), which lets a costly retraining measure
+    them at fewer k."""
     names = list(rankings or panel.values)
     n = len(panel.train_labels)
     for q in queries:
@@ -261,14 +268,14 @@ def removal_experiment(
         record = RemovalRecord(q)
         for name in [*names, "random"]:
             record.results[name] = {}
-            for k in ks:
+            for k in ks if name in INFLUENCE_RANKINGS or reference_ks is None else reference_ks:
                 idx = rng.choice(n, size=k, replace=False) if name == "random" else panel.top(name, q, k)
                 key = tuple(sorted(int(i) for i in idx))
                 if key not in done:
                     loss, pred = removal.without(q, np.asarray(key, dtype=np.int64))
                     done[key] = (loss - loss0, float(pred != pred0))
                 record.results[name][k] = (*done[key], len(key))
-        record.seconds = time.perf_counter() - t
+        record.seconds, record.retrains = time.perf_counter() - t, len(done)
         yield record
 
 
@@ -298,7 +305,7 @@ def summarise(
             row["distinct_top10"] = rel[name]["distinct_top10"]
             row["seconds_per_query"] = panel.seconds_per_query[name]
         for k in ks:
-            got = [r.results[name][k] for r in records if name in r.results]
+            got = [r.results[name][k] for r in records if k in r.results.get(name, {})]
             if got:
                 row[f"loss_change@{k}"] = interval(np.array([g[0] for g in got]), seed)
                 row[f"flipped@{k}"] = interval(np.array([g[1] for g in got]), seed)
@@ -346,12 +353,16 @@ def markdown_table(summary: dict, ks: tuple[int, ...] = REMOVAL_KS) -> str:
         if "top1_same_class" in row:
             lines.append(f"| {name} | {_cell(row['top1_same_class'])} | {_cell(row['top10_same_class'])} | "
                          f"{row['distinct_top10']} | {row['seconds_per_query']:.2g} |")
-    if not any(f"loss_change@{ks[0]}" in row for row in summary.values()):
+    def measured(row: dict) -> bool:
+        return any(f"loss_change@{k}" in row for k in ks)
+
+    if not any(measured(row) for row in summary.values()):
         return "\n".join([*lines, "", "(faithfulness: no removal measured)"])
     head = " | ".join(f"loss change k={k} | flipped k={k}" for k in ks)
     lines += ["", f"| ranking | {head} |", "|---|" + "---|" * (2 * len(ks))]
     for name, row in summary.items():
-        if f"loss_change@{ks[0]}" in row:
-            cells = " | ".join(f"{_cell(row[f'loss_change@{k}'], 4)} | {_cell(row[f'flipped@{k}'], 3)}" for k in ks)
+        if measured(row):
+            cells = " | ".join(f"{_cell(row[f'loss_change@{k}'], 4)} | {_cell(row[f'flipped@{k}'], 3)}"
+                               if f"loss_change@{k}" in row else "- | -" for k in ks)
             lines.append(f"| {name} | {cells} |")
     return "\n".join(lines)
