@@ -57,11 +57,20 @@ class ExplainedModel(Protocol):
         """The queries as the influence method's query data, each with the label whose loss is explained."""
 
 
-DEFAULT_RANKING = "relatif"
-"""The ranking :func:`explain` uses unless told otherwise, chosen by the rule of
-:func:`influent.evaluation.explanations.choose_default` on benchmarks/results/explain-quality/head: raw influence
-fails the identical-class test (0.75 of the top-10 proponents share the predicted class on 300 held-out
-reviews), RelatIF and cosine pass (0.98) and order each query's examples identically (README, "Which ranking")."""
+DEFAULT_RANKINGS: dict[str, str] = {"head": "relatif", "finetuned": "relatif"}
+"""Per model kind, the ranking :func:`explain` should use, chosen by the rule of
+:func:`influent.evaluation.explanations.choose_default` on that kind's table under
+benchmarks/results/explain-quality/ (README, "Which ranking"): among the rankings whose top-10 proponents share
+the predicted class at least 95% of the time, the one whose top-10 removal raises the query loss the most.
+``"both"`` for a kind whose table has no passing ranking: show :data:`SIDE_BY_SIDE` instead. Head: raw
+influence fails (0.75), RelatIF and cosine pass (0.98) and order each query's examples identically."""
+
+SIDE_BY_SIDE: dict[str, tuple[str, str]] = {"head": ("relatif", "influence"), "finetuned": ("relatif", "influence")}
+"""Per model kind, (the most relevant ranking, the most faithful ranking) on its table: the two lists shown
+side by side (``influent explain --rank both``, and by default where no ranking passes)."""
+
+DEFAULT_RANKING = DEFAULT_RANKINGS["head"]
+"""The library's default for :func:`explain` (the head's)."""
 
 SETTINGS_BLOCKS = {
     "exact": ("solver", {"method": "solver", "residual": "residual", "iterations": "iterations",
@@ -99,15 +108,23 @@ def explain(
         influence, ``loss_change`` = score / n in the query loss's units, ``rank_value`` = the ranking's
         value) and the method's settings block (``solver`` for exact methods, ``curvature`` for factored ones).
     """
-    if rank not in RANKINGS:
-        raise UserError(f"unknown ranking {rank!r}; choose {', '.join(RANKINGS)}", field="rank")
+    return [by_rank[rank] for by_rank in explain_rankings(method, model, queries, (rank,), top)]
+
+
+def explain_rankings(
+    method: InfluenceMethod, model: ExplainedModel, queries: list[Query], ranks: Sequence[str], top: int = 5
+) -> list[dict[str, dict]]:
+    """:func:`explain` under several rankings from one scoring pass: per query, ranking name -> its result."""
+    for rank in ranks:
+        if rank not in RANKINGS:
+            raise UserError(f"unknown ranking {rank!r}; choose {', '.join(RANKINGS)}", field="rank")
     names = model.corpus.label_names
     probs = model.probabilities(queries)
     pred = probs.argmax(1)
     explained = [q.label if q.label is not None else int(p) for q, p in zip(queries, pred)]
     batches = model.query_batches(queries, explained)
     scores = method.pairwise_scores(batches)
-    values = RANKINGS[rank](method, scores, batches)
+    values = {rank: RANKINGS[rank](method, scores, batches) for rank in ranks}
     changes = method.loss_change(scores)
     train = [int(i) for i in model.train_idx]
     examples = (
@@ -118,18 +135,16 @@ def explain(
     block = settings_block(method.describe())
     out = []
     for k, q in enumerate(queries):
-        out.append({
-            "ranking": rank,
-            "query": {
-                "text": q.text,
-                "prediction": names[int(pred[k])],
-                "probability": float(probs[k, pred[k]]),
-                "explained_label": names[explained[k]],
-                "true_label": names[q.true_label] if q.true_label is not None else None,
-            },
-            **rank_influential(values[k], scores[k], changes[k], *examples, names, top),
-            **block,
-        })
+        query = {
+            "text": q.text,
+            "prediction": names[int(pred[k])],
+            "probability": float(probs[k, pred[k]]),
+            "explained_label": names[explained[k]],
+            "true_label": names[q.true_label] if q.true_label is not None else None,
+        }
+        out.append({rank: {"ranking": rank, "query": query,
+                           **rank_influential(values[rank][k], scores[k], changes[k], *examples, names, top),
+                           **block} for rank in ranks})
     return out
 
 
@@ -198,6 +213,39 @@ def format_explanation(result: dict, width: int = 100) -> str:
             lines.append(f"  {rank:2d}. [{r['label']}]{value} score={r['score']:+.4g} "
                          f"loss_change={r['loss_change']:+.3g}  {_clip(r['text'], width)}")
     return "\n".join(lines)
+
+
+def format_side_by_side(left: dict, right: dict, note: str, width: int = 140) -> str:
+    """Two explanations of the same query (e.g. the most relevant and the most faithful ranking) as two
+    text columns, proponents then opponents; ``note`` says why both are shown. Each row: position, label,
+    the ranking's value (the raw ``score`` for ``influence``) and the clipped text; ``*`` marks an example
+    that is in both columns."""
+    q = left["query"]
+    gold = f" (true label: {q['true_label']})" if q.get("true_label") is not None else ""
+    lines = [f"Query: {_clip(q['text'], width)}",
+             f"Prediction: {q['prediction']} with probability {q['probability']:.3f}{gold}",
+             f"Scores explain the loss of label '{q['explained_label']}'.", note,
+             "Rows marked * are in both lists; score is the raw influence (loss_change = score / n)."]
+    col = (width - 3) // 2
+    titles = [f"{r['ranking']}" + (" (raw influence)" if r["ranking"] == "influence" else "") for r in (left, right)]
+    for kind, title in (("proponents", "Proponents (helped this prediction)"),
+                        ("opponents", "Opponents (pushed against it)")):
+        shared = {r["id"] for r in left[kind]} & {r["id"] for r in right[kind]}
+        columns = [[_clip(t, col), *([_side_row(i, r, side["ranking"], r["id"] in shared, col)
+                                      for i, r in enumerate(side[kind], 1)] or ["  (none)"])]
+                   for t, side in zip(titles, (left, right))]
+        lines.append(f"\n{title}:")
+        rows = max(len(c) for c in columns)
+        for i in range(rows):
+            a, b = (c[i] if i < len(c) else "" for c in columns)
+            lines.append(f"{a:<{col}} | {b}".rstrip())
+    return "\n".join(lines)
+
+
+def _side_row(position: int, record: dict, ranking: str, shared: bool, width: int) -> str:
+    value = f"score={record['score']:+.3g}" if ranking == "influence" else f"{ranking}={record['rank_value']:+.3g}"
+    head = f"{position:2d}.{'*' if shared else ' '}[{record['label']}] {value} "
+    return head + _clip(record["text"], max(width - len(head), 1))
 
 
 def _clip(text: str, width: int) -> str:

@@ -25,9 +25,11 @@ from influent.cli.trace import add_lm_options, cmd_train_lm
 from influent.errors import UserError
 
 RANK_CHOICES = ("influence", "relatif", "cosine")
-"""``--rank`` choices: the names of :data:`influent.rankings.RANKINGS` (kept here so ``--help`` needs no torch)."""
-DEFAULT_RANK = "relatif"
-"""``--rank`` default: :data:`influent.explain.DEFAULT_RANKING`."""
+"""``--rank`` choices besides ``both``: the names of :data:`influent.rankings.RANKINGS` (kept here so ``--help``
+needs no torch)."""
+DEFAULT_RANKS = {"head": "relatif", "finetuned": "relatif"}
+"""``--rank`` default per ``--model``: :data:`influent.explain.DEFAULT_RANKINGS` (kept here for ``--help``)."""
+DEFAULT_RANK = DEFAULT_RANKS["head"]
 
 
 def dropped_note(corpus) -> str:
@@ -61,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from influent.explain import Query, explain, format_explanation
+    from influent.explain import Query, explain_rankings, format_explanation, format_side_by_side
 
     if (args.text is None) == (args.test_index is None):
         raise UserError("give exactly one of --text or --test-index")
@@ -93,7 +95,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
         text, gold = setup.corpus.texts[row], int(setup.corpus.labels[row])
     else:
         text, gold = args.text, None
+    rank, pair, note = resolve_rank(args)
     if args.index is not None:
+        if pair:
+            raise UserError("--rank both compares two rankings of the exact scores; without --index, or pick one")
+        args.rank = rank
         result = explain_from_index(args, setup, Query(text, None, label, gold))
         if result is not None:
             maybe_write_report(args, result, "explain")
@@ -106,17 +112,43 @@ def cmd_explain(args: argparse.Namespace) -> int:
     else:
         method = setup.influence(solver=args.solver, damping=args.damping or 0.0)
     features = setup.held_out_features(args.test_index) if args.test_index is not None else None
-    result = explain(method, setup, [Query(text, features, label, gold)], top=args.top, rank=args.rank)[0]
+    query = Query(text, features, label, gold)
+    results = explain_rankings(method, setup, [query], pair or (rank,), top=args.top)[0]
+    result = results[pair[0] if pair else rank]
     solve = result.get("solver") or {}
     if solve.get("converged") is False:
         warn(f"the {solve.get('method')} solve did not converge ({solve.get('iterations')} iterations, relative "
              f"residual {solve.get('residual'):.3g}); scores are approximate (try --solver exact)")
-    maybe_write_report(args, result, "explain")
-    if args.json:
+    maybe_write_report(args, result, "explain")  # with both: the most relevant ranking's
+    if pair and args.json:
+        print(json.dumps({"rankings": list(pair), "note": note, "explanations": results}))
+    elif pair:
+        print(format_side_by_side(results[pair[0]], results[pair[1]], note))
+    elif args.json:
         print(json.dumps(result))
     else:
         print(format_explanation(result))
     return 0
+
+
+def resolve_rank(args: argparse.Namespace) -> tuple[str, tuple[str, str] | None, str]:
+    """``(ranking, pair, note)`` for ``--rank``: the model kind's default when not given; ``pair`` = (most
+    relevant, most faithful) of the kind's table when the ranking is ``both`` (asked for, or the default
+    where no ranking passes the identical-class test), else None; ``note`` says why both are shown."""
+    from influent.explain import DEFAULT_RANKINGS, SIDE_BY_SIDE
+
+    rank = args.rank or DEFAULT_RANKINGS[args.model]
+    if rank != "both":
+        return rank, None, ""
+    pair = SIDE_BY_SIDE[args.model]
+    if args.rank is None:
+        note = (f"No ranking passes the identical-class test on the {args.model} model's table (top-10 "
+                f"proponents sharing the predicted class >= 0.95; README, 'Which ranking'): the most relevant "
+                f"({pair[0]}) and the most faithful ({pair[1]}) side by side.")
+    else:
+        note = (f"The most relevant ranking ({pair[0]}) and the most faithful ({pair[1]}) on the "
+                f"{args.model} model's table (README, 'Which ranking'), side by side.")
+    return pair[0], pair, note
 
 
 def add_train_parser(sub) -> None:
@@ -137,10 +169,12 @@ def add_explain_parser(sub) -> None:
     p.add_argument("--test-index", type=int, help="explain the I-th review of the held-out split")
     p.add_argument("--label", help="explain the loss of this class (default: the predicted class)")
     p.add_argument("--top", type=int, default=5, help="proponents and opponents shown (default 5)")
-    p.add_argument("--rank", choices=RANK_CHOICES, default=DEFAULT_RANK,
+    defaults = ", ".join(f"{v} for --model {k}" for k, v in DEFAULT_RANKS.items())
+    p.add_argument("--rank", choices=(*RANK_CHOICES, "both"), default=None,
                    help="order of the training examples: influence (raw score), relatif (score / sqrt of the "
-                        "example's self-influence) or cosine (H^-1-cosine of the two gradients); "
-                        f"default {DEFAULT_RANK} (see README, 'Which ranking')")
+                        "example's self-influence), cosine (H^-1-cosine of the two gradients), or both: the "
+                        "most relevant and the most faithful ranking of the model kind's table side by side; "
+                        f"default: the rule's choice on that table ({defaults}; see README, 'Which ranking')")
     p.add_argument("--model", choices=["head", "finetuned"], default="head")
     p.add_argument("--solver", choices=["exact", "cg", "lissa"], default="exact", help="head only")
     p.add_argument("--damping", type=float, default=None,
