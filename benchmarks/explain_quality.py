@@ -15,11 +15,18 @@ query. Means with 95% bootstrap intervals; a markdown table; one JSON line last.
   (SuffixClassifier: last ``--last-k`` layers + pooler + head, AdamW, dropout on, seeded), EK-FAC influence
   over the trainable linear modules, retrained by seeded replay.
 
-Run::
+Run (the committed results; README "Which ranking")::
 
-    .venv/bin/python benchmarks/explain_quality.py --model head --queries 300 --threads 1 --out benchmarks/results/explain-quality/head
-    .venv/bin/python benchmarks/explain_quality.py --model finetuned --queries 100 --train-size 1000 \
-        --out benchmarks/results/explain-quality/finetuned
+    .venv/bin/python benchmarks/explain_quality.py --model head --queries 300 --max-seconds 2100 --threads 1 \
+        --out benchmarks/results/explain-quality/head
+    .venv/bin/python benchmarks/explain_quality.py --model finetuned --queries 100 --train-size 500 --epochs 3 \
+        --ks 1 10 50 --reference-ks 10 --max-seconds 2700 --threads 1 --out benchmarks/results/explain-quality/finetuned
+
+A fine-tuned replay costs about 4 s on one thread of an idle core (500 examples, 3 epochs, last layer at the
+first token on cached prefix hidden states) and several times that on a loaded machine: ``--reference-ks``
+measures the comparators at fewer k and ``--max-seconds`` stops the removal experiment after that long (the
+queries go in draw order, so the covered ones are a random subset). The JSON's ``retrain_seconds_per_replay``
+and ``full_panel_retrains`` give the cost of the full panel.
 """
 
 from __future__ import annotations
