@@ -87,3 +87,15 @@ def test_each_kinds_default_is_the_rules_choice_on_its_committed_table(kind):
     assert choice["faithfulness_measured"]
     assert DEFAULT_RANKINGS[kind] == (choice["default"] or "both") == DEFAULT_RANKS[kind]
     assert SIDE_BY_SIDE[kind] == (choice["most_relevant"], choice["most_faithful"])
+
+
+def test_the_default_depends_on_the_model_kind():
+    from argparse import Namespace
+
+    from influent.cli.explain import resolve_rank
+
+    assert resolve_rank(Namespace(rank=None, model="head")) == ("relatif", None, "")
+    assert resolve_rank(Namespace(rank=None, model="finetuned")) == ("influence", None, "")
+    assert resolve_rank(Namespace(rank="cosine", model="finetuned")) == ("cosine", None, "")
+    rank, pair, note = resolve_rank(Namespace(rank="both", model="finetuned"))
+    assert (rank, pair) == ("relatif", ("relatif", "influence")) and "finetuned model's table" in note

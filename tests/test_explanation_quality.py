@@ -228,3 +228,19 @@ def test_suffix_removal_matches_a_from_scratch_fine_tune_on_the_reduced_set(tmp_
             assert loss == pytest.approx(want, abs=1e-6) and pred == int(logits[q].argmax())
     # the removal moved the replay: the check above compares two different trainings, not one twice
     assert abs(removal.without(0, removed)[0] - removal.base(0)[0]) > 1e-4
+
+
+def test_paired_difference_and_records_round_trip(tmp_path):
+    from influent.evaluation.explanation_runs import collect, paired_block, read_records
+    from influent.evaluation.explanations import RemovalRecord, paired_difference
+
+    recs = [RemovalRecord(q, {"influence": {10: (a, 0.0, 10)}, "relatif": {10: (b, 1.0, 10)}}, 2.0, 3)
+            for q, (a, b) in enumerate([(0.5, 0.2), (0.1, 0.3), (0.4, 0.4)])]
+    got = paired_difference(recs, "influence", "relatif", 10)
+    assert got["mean"] == pytest.approx((0.3 - 0.2 + 0.0) / 3) and got["m"] == 3
+    assert got["low"] <= got["mean"] <= got["high"]
+    path = tmp_path / "records.jsonl"
+    back = read_records(path) if collect(iter(recs), path, None, False, 3) else None
+    assert [(r.query, r.results, r.seconds, r.retrains) for r in back] == [
+        (r.query, r.results, r.seconds, r.retrains) for r in recs]
+    assert paired_block(back, (1, 10), 0) == {"influence - relatif@10": got}

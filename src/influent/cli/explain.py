@@ -27,7 +27,7 @@ from influent.errors import UserError
 RANK_CHOICES = ("influence", "relatif", "cosine")
 """``--rank`` choices besides ``both``: the names of :data:`influent.rankings.RANKINGS` (kept here so ``--help``
 needs no torch)."""
-DEFAULT_RANKS = {"head": "relatif", "finetuned": "relatif"}
+DEFAULT_RANKS = {"head": "relatif", "finetuned": "influence"}
 """``--rank`` default per ``--model``: :data:`influent.explain.DEFAULT_RANKINGS` (kept here for ``--help``)."""
 DEFAULT_RANK = DEFAULT_RANKS["head"]
 

@@ -30,6 +30,7 @@ from influent.evaluation.explanations import (
     SuffixRemoval,
     choose_default,
     influence_panel,
+    paired_difference,
     removal_experiment,
     summarise,
 )
@@ -65,6 +66,16 @@ def collect(
     return out
 
 
+def read_records(path: str | Path) -> list[RemovalRecord]:
+    """The removal records :func:`collect` appended to ``path`` (JSON lines), back as :class:`RemovalRecord`."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        results = {name: {int(k): tuple(v) for k, v in by_k.items()} for name, by_k in row["results"].items()}
+        out.append(RemovalRecord(row["query"], results, row["seconds"], row.get("retrains", 0)))
+    return out
+
+
 def report(model: str, panel: RankingPanel, records: list[RemovalRecord], ks: tuple[int, ...], seed: int,
            settings: dict, reference_ks: tuple[int, ...] | None = None) -> dict:
     """The JSON-ready result: settings, counts, per-ranking summary and the default's choice.
@@ -92,7 +103,14 @@ def report(model: str, panel: RankingPanel, records: list[RemovalRecord], ks: tu
         "settings": settings,
         "summary": summary,
         "choice": choose_default(summary),
+        "paired": paired_block(records, all_ks, seed),
     }
+
+
+def paired_block(records: list[RemovalRecord], ks: tuple[int, ...], seed: int) -> dict:
+    """``"influence - relatif@k"``: the paired loss-change difference of the two candidates per k (nats)."""
+    return {f"influence - relatif@{k}": paired_difference(records, "influence", "relatif", k, seed) for k in ks
+            if any(k in r.results.get("influence", {}) for r in records)}
 
 
 def head_explanation_quality(

@@ -314,6 +314,14 @@ def summarise(
     return out
 
 
+def paired_difference(records: list[RemovalRecord], a: str, b: str, k: int, seed: int = 0) -> dict:
+    """Mean and 95% bootstrap interval over queries of ``loss_change(a) - loss_change(b)`` at ``k`` (nats), the
+    two removals measured on the same query (paired, so the replay's query-to-query spread cancels)."""
+    d = [r.results[a][k][0] - r.results[b][k][0] for r in records
+         if k in r.results.get(a, {}) and k in r.results.get(b, {})]
+    return interval(np.asarray(d), seed)
+
+
 def choose_default(summary: dict, threshold: float = 0.95, k: int = RELEVANCE_TOP) -> dict:
     """The ranking ``explain`` should use: among :data:`INFLUENCE_RANKINGS` those whose ``top10_same_class``
     mean is at least ``threshold``, the one whose top-``k`` removal raises the query loss the most.
