@@ -139,14 +139,14 @@ def test_finetuned_train_then_explain_with_ekfac(capsys, base_args, monkeypatch)
     import influent.explain
 
     calls, calls_setups = [], []
-    one_function = influent.explain.explain
+    one_function = influent.explain.explain_rankings  # explain() and the CLI's --rank both go through it
 
     def spy(method, setup, *args, **kwargs):
         calls.append(method)
         calls_setups.append(setup)
         return one_function(method, setup, *args, **kwargs)
 
-    monkeypatch.setattr(influent.explain, "explain", spy)
+    monkeypatch.setattr(influent.explain, "explain_rankings", spy)
     code, out, err = run_cli(capsys, ["explain", "--text", "good", "--top", "1", "--json", *base_args])
     assert code == 0, err
     assert [type(m).__name__ for m in calls] == ["ExactInfluence"]  # the head goes through explain() too
