@@ -69,7 +69,7 @@ against 0.128 for RelatIF on 22 queries; paired difference +0.007, interval [-0.
 
 SIDE_BY_SIDE: dict[str, tuple[str, str]] = {"head": ("relatif", "influence"), "finetuned": ("relatif", "influence")}
 """Per model kind, (the most relevant ranking, the most faithful ranking) on its table: the two lists shown
-side by side (``influent explain --rank both``, and by default where no ranking passes)."""
+side by side (the CLI's ``both`` ranking, and by default where no ranking passes)."""
 
 DEFAULT_RANKING = DEFAULT_RANKINGS["head"]
 """The library's default for :func:`explain` (the head's)."""
