@@ -11,8 +11,9 @@ needs llama-cpp).
 ``[B, T]`` (1 where the token is a target whose prediction counts: every token but the first of a plain-text
 sequence, the completion tokens of a prompt/completion pair). The per-example loss is the **summed** token
 negative log-likelihood (nats) over the target tokens; the training objective is its mean over sequences.
-The query measurement is the same sum over the completion tokens given the prompt, so a positive score
-(proponent) means up-weighting the training sequence makes the completion more likely.
+The query measurement is the same sum over the completion tokens given the prompt, or (``measurement=
+"margin"``) minus the summed margin of :func:`token_margin`; either way a positive score (proponent) means
+up-weighting the training sequence makes the completion more likely.
 
 :func:`fine_tune` trains with seeded AdamW (all layers or the last ``k`` transformer blocks);
 :func:`save_checkpoint` / :func:`load_checkpoint` keep the trained parameters as safetensors with the
