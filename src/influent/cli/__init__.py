@@ -20,7 +20,7 @@ from influent.cli.audit import add_audit_parser
 from influent.cli.common import user_message
 from influent.cli.demo import add_demo_parser
 from influent.cli.explain import add_explain_parser, add_train_parser
-from influent.cli.index import add_index_parser
+from influent.cli.index import add_index_parser, extend_trace_parser
 from influent.cli.report import add_report_parser
 from influent.cli.review import add_review_parser
 from influent.cli.trace import add_trace_parser
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (add_train_parser, add_explain_parser, add_validate_parser, add_audit_parser, add_attack_parser,
                 add_demo_parser, add_index_parser, add_trace_parser, add_report_parser, add_review_parser):
         add(sub)
+    extend_trace_parser(sub.choices["trace"])  # trace --index: answered from a gradient index
     return parser
 
 

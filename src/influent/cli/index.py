@@ -1,8 +1,11 @@
-"""``influent index build`` and ``influent explain --index``: a gradient index of the fine-tuned classifier.
+"""``influent index build``, ``influent explain --index`` and ``influent trace --index``: a gradient index of
+the fine-tuned classifier or of the causal language model.
 
-``influent index build --model finetuned --index DIR`` writes the projected per-example gradients of the
-training set (:mod:`influent.index`); ``influent explain --model finetuned --index DIR`` answers from it
-(``--rerank N``: the index's N best per side rescored by the factored engine). Under
+``influent index build --model finetuned|lm --index DIR`` writes the projected per-example gradients of the
+training set (:mod:`influent.index`; ``--model lm`` takes ``influent train --model lm``'s data and model
+options and tracks the fine-tuned blocks' MLP modules by default); ``influent explain --model finetuned
+--index DIR`` and ``influent trace --index DIR`` answer from it (``--rerank N``: the index's N best rescored by
+the factored engine). Under
 ``torchrun --nproc-per-node N -m influent ...`` (or with ``--distributed``, which reads torchrun's
 environment) every rank builds and scores its share of the shards (gloo on CPU, nccl with ``--device cuda``).
 """
@@ -20,7 +23,10 @@ from influent.cli.common import (
     checked,
     finetuned_setup,
 )
+from influent.cli.trace import add_lm_options, lm_setup, query_sequence, tracked_modules
 from influent.errors import UserError
+
+MODELS = ("finetuned", "lm")
 
 
 def add_index_options(p: argparse.ArgumentParser, build: bool) -> None:
@@ -36,8 +42,9 @@ def add_index_options(p: argparse.ArgumentParser, build: bool) -> None:
         g.add_argument("--projection-seed", type=int, default=0)
         g.add_argument("--strategy", choices=["ekfac", "identity"], default="ekfac",
                        help="precondition with EK-FAC fitted in the projected space (default) or not")
-        g.add_argument("--modules", default="trainable",
-                       help="tracked nn.Linear modules: trainable (default), all, mlp, or a name regex")
+        g.add_argument("--modules", default=None,
+                       help="tracked nn.Linear modules: trainable, all, mlp, or a name regex (default: trainable "
+                            "for --model finetuned; mlp, the fine-tuned blocks' MLP, for --model lm)")
         g.add_argument("--damping", type=float, default=None,
                        help="absolute damping (default 0.1 x the mean corrected eigenvalue per module)")
         g.add_argument("--shard-size", type=int, default=4096, help="examples per shard (default 4096)")
@@ -52,8 +59,8 @@ def join_world(args: argparse.Namespace) -> None:
 
     from influent import distributed
 
-    if args.model != "finetuned":
-        raise UserError("the gradient index needs --model finetuned", field="model")
+    if args.model not in MODELS:
+        raise UserError(f"the gradient index needs --model {' or '.join(MODELS)}", field="model")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {args.device!r}: no CUDA device on this machine", field="device")
     if args.distributed or "WORLD_SIZE" in os.environ:
@@ -74,13 +81,13 @@ def on_device(setup, args: argparse.Namespace):
 
 
 def start(args: argparse.Namespace):
-    """The fine-tuned model (trained or loaded; rank 0 first under torch.distributed) on ``--device``."""
+    """The fine-tuned classifier or LM (trained or loaded; rank 0 first under torch.distributed) on ``--device``."""
     from influent import distributed
 
     join_world(args)
     if distributed.rank() != 0:
         distributed.barrier()
-    setup = finetuned_setup(args)
+    setup = lm_setup(args) if args.model == "lm" else finetuned_setup(args)
     if distributed.rank() == 0:
         distributed.barrier()
     return on_device(setup, args)
@@ -98,11 +105,15 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     if args.damping is not None:
         checked("damping", args.damping, low=0)
     setup = start(args)
-    config = IndexConfig(rank=args.rank, seed=args.projection_seed, modules=args.modules,
+    if args.model == "lm":
+        task, batches = setup.task, setup.batches()
+        modules = tracked_modules(setup.model, args.modules or "mlp")
+    else:
+        task, batches, modules = FinetunedTask(), setup.batches(setup.train_idx), args.modules or "trainable"
+    config = IndexConfig(rank=args.rank, seed=args.projection_seed, modules=modules,
                          projection=args.projection, strategy=args.strategy, damping=args.damping,
                          shard_size=args.shard_size)
-    manifest = build_index(setup.model, FinetunedTask(), setup.batches(setup.train_idx), args.index, config,
-                           progress=not args.quiet)
+    manifest = build_index(setup.model, task, batches, args.index, config, progress=not args.quiet)
     if distributed.rank() == 0:
         summary = {k: manifest[k] for k in ("n_examples", "width", "bytes_per_example", "build_seconds",
                                             "shards_built_this_run", "world_size")}
@@ -139,9 +150,69 @@ def add_index_parser(sub) -> None:
     p = sub.add_parser("index", help="a gradient index of the training set, for fast explain queries")
     isub = p.add_subparsers(dest="index_command", required=True)
     b = isub.add_parser("build", help="project every training example's gradient and write the index")
-    b.add_argument("--model", choices=["finetuned"], default="finetuned")
+    b.add_argument("--model", choices=list(MODELS), default="finetuned",
+                   help="finetuned (default): the fine-tuned classifier; lm: the causal language model")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     add_index_options(b, build=True)
     add_data_options(b)
     add_finetune_options(b)
+    add_lm_options(b)
     b.set_defaults(func=cmd_index_build)
+
+
+def cmd_trace_index(args: argparse.Namespace) -> int:
+    """``influent trace --index DIR [--rerank N]``: the completion's proponents answered from the index."""
+    from influent import distributed
+    from influent.curvature.linear_grads import select_linear_modules
+    from influent.factored_influence import FactorConfig, FactoredInfluence
+    from influent.index import GradientIndex
+    from influent.index.trace import trace_with_index
+    from influent.trace import format_trace
+
+    checked("top", args.top, low=1, integer=True)
+    checked("max_new_tokens", args.max_new_tokens, low=1, integer=True)
+    if args.rerank is not None:
+        checked("rerank", args.rerank, low=args.top, integer=True)
+    if args.damping is not None:
+        checked("damping", args.damping, low=0)
+    for flag, value in (("--candidates", args.candidates), ("--tokens", args.tokens or None)):
+        if value is not None:
+            raise UserError(f"{flag} does not apply with --index (the index scores every sequence)")
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty")
+    setup = start(args)
+    query = query_sequence(setup, args.prompt, args.completion, args.max_new_tokens)
+    index = GradientIndex(args.index)
+    method = None
+    if args.rerank is not None:
+        modules = tracked_modules(setup.model, args.modules)
+        if sorted(select_linear_modules(setup.model, modules)) != sorted(index.modules):
+            raise UserError(f"--rerank scores the modules --modules {args.modules} names, the index holds others "
+                            "(give the --modules of its build)", field="modules")
+        config = FactorConfig(strategy=args.strategy, modules=modules, damping=args.damping, seed=args.seed)
+        method = FactoredInfluence(setup.model, setup.task, setup.batches(), config,
+                                   cache_dir=setup.folder / "factors", progress=not args.quiet)
+    result = trace_with_index(index, setup.model, setup.task, setup.sequences, query, setup.tokenizer,
+                              top=args.top, rerank=args.rerank, method=method)
+    if distributed.rank() == 0:
+        print(json.dumps(result) if args.json else format_trace(result))
+    return 0
+
+
+def extend_trace_parser(p: argparse.ArgumentParser) -> None:
+    """Give ``influent trace`` the index flags (``--index``, ``--rerank``, ``--device``, ``--distributed``):
+    with ``--index`` it answers from the index (:func:`cmd_trace_index`), without it as before."""
+    add_index_options(p, build=False)
+    p.set_defaults(model="lm")
+    plain = p.get_default("func")
+
+    def dispatch(args: argparse.Namespace) -> int:
+        if args.index is not None:
+            return cmd_trace_index(args)
+        for flag, given in (("--rerank", args.rerank is not None), ("--device", args.device != "cpu"),
+                            ("--distributed", args.distributed)):
+            if given:
+                raise UserError(f"{flag} applies with --index only")
+        return plain(args)
+
+    p.set_defaults(func=dispatch)
