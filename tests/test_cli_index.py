@@ -28,16 +28,20 @@ def test_index_build_then_explain_from_it(capsys, base_args, tmp_path):
     fast = json.loads(out)
     assert fast["index"]["rank"] == 4 and fast["index"]["rerank"] is None
     assert 1 <= len(fast["proponents"]) <= 3
-    # reranking every training example with the factored engine is the factored explanation itself
-    code, out, err = run_cli(capsys, [*query, "--index", folder, "--rerank", "64"])
-    assert code == 0, err
-    reranked = json.loads(out)
-    code, out, err = run_cli(capsys, [*query, "--rank", "influence"])  # the index ranks by raw influence
-    assert code == 0, err
-    exact = json.loads(out)
-    for side in ("proponents", "opponents"):
-        assert [r["id"] for r in reranked[side]] == [r["id"] for r in exact[side]]
-        assert [r["score"] for r in reranked[side]] == pytest.approx([r["score"] for r in exact[side]], rel=1e-6)
+    # reranking every training example with the factored engine is the factored explanation itself, under
+    # explain's default ranking (relatif) and under raw influence
+    for rank in ("relatif", "influence"):
+        code, out, err = run_cli(capsys, [*query, "--index", folder, "--rerank", "64", "--rank", rank])
+        assert code == 0, err
+        reranked = json.loads(out)
+        code, out, err = run_cli(capsys, [*query, "--rank", rank])
+        assert code == 0, err
+        exact = json.loads(out)
+        assert reranked["ranking"] == exact["ranking"] == rank
+        for side in ("proponents", "opponents"):
+            assert [r["id"] for r in reranked[side]] == [r["id"] for r in exact[side]]
+            for key in ("score", "rank_value"):
+                assert [r[key] for r in reranked[side]] == pytest.approx([r[key] for r in exact[side]], rel=1e-6)
     # a second build of the same settings finds the index complete; other settings are refused
     code, out, err = run_cli(capsys, ["index", "build", "--index", folder, "--rank", "4", "--shard-size", "20",
                                       "--json", *FT, *base_args])

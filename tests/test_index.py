@@ -305,3 +305,51 @@ def test_the_causal_lm_plugs_in_full_rank_index_equals_the_factored_engine(tmp_p
     exact = FactoredInfluence(model, task, train, FactorConfig(strategy="identity", modules="mlp", damping=0.0),
                               progress=False).pairwise_scores(queries)
     torch.testing.assert_close(ours, exact, rtol=1e-4, atol=1e-6 * float(exact.abs().max()))
+
+
+@pytest.mark.parametrize("rank", ["relatif", "cosine"])
+def test_relatif_and_cosine_from_the_index_equal_the_factored_definitions(tmp_path, rank):
+    """Full-rank orthogonal index (a rotation): the stored self-influence is the factored engine's, and the
+    index's top-k under RelatIF / the cosine is a full sort of ``influent.rankings``' values; a rank-2 index
+    reranked gives those exact values."""
+    from influent.index.explain import ranked_top_k
+    from influent.rankings import RANKINGS
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    train = [(x[s: s + 8], y[s: s + 8]) for s in range(0, 40, 8)]
+    queries = [(torch.randn(3, 4), torch.randint(0, 3, (3,)))]
+    task = MLPTask()
+    cfg = IndexConfig(rank=7, modules="all", projection="orthogonal", damping=0.05, shard_size=16)
+    build_index(model, task, train, tmp_path / "full", cfg, progress=False)
+    idx = GradientIndex(tmp_path / "full")
+    method = FactoredInfluence(model, task, train, FactorConfig(modules="all", damping=0.05), progress=False)
+    torch.testing.assert_close(idx.self_influence(), method.self_scores(), rtol=2e-4, atol=1e-8)
+    values = RANKINGS[rank](method, method.pairwise_scores(queries), queries)
+    top = ranked_top_k(idx, model, task, queries, 6, rank)
+    order = torch.argsort(values, dim=1, descending=True)[:, :6]
+    assert torch.equal(top.proponent_rows, order)
+    assert torch.equal(top.opponent_rows, torch.argsort(values, dim=1)[:, :6])
+    torch.testing.assert_close(top.proponent_values, values.gather(1, order), rtol=2e-4, atol=1e-7)
+    if rank == "cosine":
+        assert float(top.proponent_values.abs().max()) <= 1 + 1e-6
+    build_index(model, task, train, tmp_path / "small", IndexConfig(rank=2, modules="all"), progress=False)
+    small = GradientIndex(tmp_path / "small")
+    again = rerank(ranked_top_k(small, model, task, queries, 12, rank), method, queries, depth=4, rank=rank)
+    torch.testing.assert_close(again.proponent_values, values.gather(1, again.proponent_rows), rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(again.opponent_values, values.gather(1, again.opponent_rows), rtol=1e-6, atol=1e-12)
+    assert bool((again.proponent_values[:, :-1] >= again.proponent_values[:, 1:]).all())
+
+
+def test_an_index_without_self_influence_refuses_relatif(tmp_path):
+    from influent.errors import UserError
+    from influent.index.explain import ranked_top_k
+
+    model, task, batches = tiny_model(), TokenTask(), token_data(20)
+    build_index(model, task, batches, tmp_path, IndexConfig(rank=2, modules="all"), progress=False)
+    (tmp_path / shards.SELF_INFLUENCE).unlink()  # as an index of format 1 has it
+    idx = GradientIndex(tmp_path)
+    assert ranked_top_k(idx, model, task, token_data(2, seed=1), 3).proponent_rows.shape == (2, 3)
+    with pytest.raises(UserError, match="self-influence"):
+        ranked_top_k(idx, model, task, token_data(2, seed=1), 3, "relatif")

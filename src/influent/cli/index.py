@@ -141,7 +141,7 @@ def explain_from_index(args: argparse.Namespace, setup, query) -> dict | None:
     if args.rerank is not None:
         method = setup.influence(args.strategy, args.modules, args.fisher, args.damping, seed=args.seed,
                                  progress=not args.quiet)
-    result = explain_with_index(index, setup, setup.model, FinetunedTask(), [query], top=args.top,
+    result = explain_with_index(index, setup, setup.model, FinetunedTask(), [query], top=args.top, rank=args.rank,
                                 rerank=args.rerank, method=method)[0]
     return result if distributed.rank() == 0 else None
 

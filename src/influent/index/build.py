@@ -33,7 +33,7 @@ from influent.index.projection import KINDS, ModuleProjection, projections
 from influent.progress import progress_bar
 from influent.task import Batch, Task, batch_to
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the self-influence of every example is stored (RelatIF, cosine)
 
 
 @dataclass(frozen=True)
@@ -149,13 +149,17 @@ def build_index(
     seconds = time.perf_counter() - started
     distributed.barrier()
     fitted = _fit_preconditioner(folder, mine, proj, config, float(task.l2 or 0.0), n)
+    own = {s: _self_influence(folder, s, proj, fitted).tolist() for s in mine}
     parts = distributed.all_gather_objects(({s: shards.file_sha256(shards.shard_path(folder, s)) for s in mine},
-                                             len(todo), seconds))
+                                             len(todo), seconds, own))
     manifest = _manifest(config, key, model, modules, proj, plan, starts, sizes, [p[0] for p in parts], fitted, n,
                          data_id, batches, max(p[2] for p in parts), sum(p[1] for p in parts))
     if distributed.rank() == 0:
         if fitted is not None:
             store.write_tensors(folder / shards.PRECONDITIONER, fitted[0])
+        by_shard = {int(s): v for part in parts for s, v in part[3].items()}
+        selfs = torch.tensor([x for s in range(len(plan)) for x in by_shard[s]], dtype=torch.float64)
+        store.write_tensors(folder / shards.SELF_INFLUENCE, {"self": selfs})
         store.write_json(existing, manifest)
     distributed.barrier()
     return manifest
@@ -237,6 +241,23 @@ def _fit_preconditioner(folder, mine, proj, config: IndexConfig, l2: float, n: i
     return tensors, damping
 
 
+def _self_influence(folder: Path, shard: int, proj: dict[str, ModuleProjection], fitted) -> torch.Tensor:
+    """``<precondition(G'_i), G'_i>`` of each row of one shard (``[rows]`` float64; ``|G'_i|^2`` for identity):
+    ``sum (Q_S^T G' Q_A)^2 / (lambda + damping)`` over the modules."""
+    grads, _ = shards.open_shard(shards.shard_path(folder, shard))
+    total = torch.zeros(grads.shape[0], dtype=torch.float64)
+    for name, (lo, hi) in module_slices(proj).items():
+        block = torch.from_numpy(grads[:, lo:hi].copy()).double()
+        if fitted is None:
+            total += block.square().sum(1)
+            continue
+        tensors, damping = fitted
+        k_out, k_in = proj[name].p_out.shape[0], proj[name].p_in.shape[0]
+        rotated = pre.rotate(block.reshape(-1, k_out, k_in), tensors[f"q_a/{name}"], tensors[f"q_s/{name}"])
+        total += (rotated.square() / (tensors[f"lambda/{name}"] + damping[name])).sum((1, 2))
+    return total
+
+
 def _manifest(config, key, model, modules, proj, plan, starts, sizes, checks, fitted, n, data_id, batches,
               seconds, built) -> dict:
     sums = {int(s): c for part in checks for s, c in part.items()}
@@ -254,6 +275,7 @@ def _manifest(config, key, model, modules, proj, plan, starts, sizes, checks, fi
         "width": width,
         "bytes_per_example": 4 * width,
         "damping_per_module": None if fitted is None else fitted[1],
+        "self_influence": shards.SELF_INFLUENCE,
         "shards": [{"file": shards.shard_path(Path("."), s).name, "start": starts[s],
                     "rows": sum(sizes[b] for b in plan[s]), "sha256": sums[s]} for s in range(len(plan))],
         "world_size": distributed.world_size(),

@@ -24,6 +24,7 @@ from influent.errors import CacheCorruptError
 
 MANIFEST = "manifest.json"
 PRECONDITIONER = "preconditioner.safetensors"
+SELF_INFLUENCE = "self_influence.safetensors"  # ``self`` [n] float64, row order
 GRADS, ROWS = "grads", "rows"
 
 
