@@ -353,3 +353,27 @@ def test_an_index_without_self_influence_refuses_relatif(tmp_path):
     assert ranked_top_k(idx, model, task, token_data(2, seed=1), 3).proponent_rows.shape == (2, 3)
     with pytest.raises(UserError, match="self-influence"):
         ranked_top_k(idx, model, task, token_data(2, seed=1), 3, "relatif")
+
+
+def test_bfloat16_storage_halves_the_rows_and_keeps_the_ranking(tmp_path):
+    """bfloat16 rows: half the bytes, the stored rows are the float32 ones rounded, and the top-k is the one
+    a full sort of the bfloat16 product gives (scores within bfloat16's 8 significant bits of float32's)."""
+    model, task, batches = tiny_model(), TokenTask(), token_data(61)
+    cfg = IndexConfig(rank=4, modules="all", shard_size=9)
+    wide = build_index(model, task, batches, tmp_path / "f32", cfg, progress=False)
+    half = build_index(model, task, batches, tmp_path / "bf16", IndexConfig(**{**cfg.__dict__, "storage": "bfloat16"}),
+                       progress=False)
+    assert half["bytes_per_example"] * 2 == wide["bytes_per_example"]
+    a, b = GradientIndex(tmp_path / "f32"), GradientIndex(tmp_path / "bf16", verify=True)
+    rows32 = torch.cat([g for _, g in a.shard_blocks()])
+    rows16 = torch.cat([g for _, g in b.shard_blocks()])
+    assert rows16.dtype == torch.bfloat16 and torch.equal(rows16, rows32.to(torch.bfloat16))
+    queries = token_data(5, seed=7)
+    vectors = b.query_vectors(model, task, queries)
+    full = b.pairwise_scores(vectors)
+    top = b.top_k(vectors, 8)
+    order = torch.argsort(full, dim=1, descending=True, stable=True)[:, :8]
+    assert torch.equal(top.proponent_rows, order)
+    exact = a.pairwise_scores(a.query_vectors(model, task, queries))
+    scale = exact.abs().amax(1, keepdim=True)
+    assert float(((full - exact).abs() / scale).max()) < 2e-2

@@ -42,7 +42,7 @@ class IndexConfig:
 
     Attributes:
         rank: ``k_in = k_out`` of every module's projection (capped at the module's widths); bytes per
-            example = 4 x sum over modules of ``k_out * k_in``.
+            example = 4 (2 with ``bfloat16`` storage) x sum over modules of ``k_out * k_in``.
         seed: seed of the projection matrices.
         modules: tracked modules (``all``, ``trainable``, ``mlp`` or a regex; ``select_linear_modules``).
         projection: ``gaussian`` (LoGra) or ``orthogonal`` (rows orthonormal).
@@ -51,6 +51,8 @@ class IndexConfig:
             (unprojected scale: ``sum(lambda) / (d_out d_in)``; :func:`~influent.index.precondition.heuristic_damping`).
         damping_fraction: the heuristic's fraction.
         shard_size: examples per shard (rounded up to whole batches).
+        storage: ``float32`` or ``bfloat16`` rows (half the bytes and a bfloat16 product at query time; 8
+            significant bits per entry). The preconditioner and self-influence come from the stored rows.
     """
 
     rank: int = 16
@@ -61,6 +63,7 @@ class IndexConfig:
     damping: float | None = None
     damping_fraction: float = 0.1
     shard_size: int = 4096
+    storage: str = "float32"
 
     def validate(self) -> None:
         """Raise :class:`~influent.errors.UserError` naming the field of the first bad setting."""
@@ -69,6 +72,9 @@ class IndexConfig:
                 raise UserError(f"{name} must be an integer >= 1, got {value!r}", field=name)
         if self.projection not in KINDS:
             raise UserError(f"projection: expected one of {', '.join(KINDS)}", field="projection")
+        if self.storage not in shards.STORAGE:
+            raise UserError(f"storage: expected one of {', '.join(shards.STORAGE)}, got {self.storage!r}",
+                            field="storage")
         if self.strategy not in pre.STRATEGIES:
             raise UserError(f"strategy: the index supports {', '.join(pre.STRATEGIES)}, got {self.strategy!r}",
                             field="strategy")
@@ -144,7 +150,7 @@ def build_index(
     for s in todo:
         grads, covs = _project_batches(model, task, [batches[b] for b in plan[s]], modules, proj, bar)
         rows = torch.arange(starts[s], starts[s] + grads.shape[0])
-        _write(folder, s, grads, rows, covs, key)
+        _write(folder, s, grads, rows, covs, key, config.storage)
     bar.close()
     seconds = time.perf_counter() - started
     distributed.barrier()
@@ -191,10 +197,10 @@ def _project_batches(model, task, batches, modules, proj: dict[str, ModuleProjec
     return torch.cat(out), covs
 
 
-def _write(folder: Path, index: int, grads, rows, covs: pre.CovarianceSums, key: str) -> None:
-    """One shard: its gradients, rows and covariance sums (``cov_a/<module>``, ``cov_s/<module>``)."""
+def _write(folder: Path, index: int, grads, rows, covs: pre.CovarianceSums, key: str, storage: str) -> None:
+    """One shard: its gradients (as ``storage``), rows and covariance sums (``cov_a/<module>``, ``cov_s/<module>``)."""
     path = shards.shard_path(folder, index)
-    tensors = {shards.GRADS: grads.float(), shards.ROWS: rows.long()}
+    tensors = {shards.GRADS: grads.to(shards.STORAGE[storage][2]), shards.ROWS: rows.long()}
     for name in covs.a:
         tensors[f"cov_a/{name}"] = covs.a[name].cpu()
         tensors[f"cov_s/{name}"] = covs.s[name].cpu()
@@ -228,7 +234,7 @@ def _fit_preconditioner(folder, mine, proj, config: IndexConfig, l2: float, n: i
         grads, _ = shards.open_shard(shards.shard_path(folder, s))
         for name, (lo, hi) in slices.items():
             k_out, k_in = lam[name].shape
-            block = torch.from_numpy(grads[:, lo:hi].copy()).reshape(-1, k_out, k_in)
+            block = shards.as_tensor(grads[:, lo:hi]).double().reshape(-1, k_out, k_in)
             lam[name] += pre.rotate(block, *bases[name]).square().sum(0)
     tensors, damping = {}, {}
     for name in proj:
@@ -247,7 +253,7 @@ def _self_influence(folder: Path, shard: int, proj: dict[str, ModuleProjection],
     grads, _ = shards.open_shard(shards.shard_path(folder, shard))
     total = torch.zeros(grads.shape[0], dtype=torch.float64)
     for name, (lo, hi) in module_slices(proj).items():
-        block = torch.from_numpy(grads[:, lo:hi].copy()).double()
+        block = shards.as_tensor(grads[:, lo:hi]).double()
         if fitted is None:
             total += block.square().sum(1)
             continue
@@ -273,7 +279,7 @@ def _manifest(config, key, model, modules, proj, plan, starts, sizes, checks, fi
                         "projected": [p.p_out.shape[0], p.p_in.shape[0]], "columns": list(module_slices(proj)[m])}
                     for m, p in proj.items()},
         "width": width,
-        "bytes_per_example": 4 * width,
+        "bytes_per_example": torch.finfo(shards.STORAGE[config.storage][2]).bits // 8 * width,
         "damping_per_module": None if fitted is None else fitted[1],
         "self_influence": shards.SELF_INFLUENCE,
         "shards": [{"file": shards.shard_path(Path("."), s).name, "start": starts[s],

@@ -13,7 +13,6 @@ held. Under torch.distributed each rank scores its own shards and the lists are 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +110,11 @@ class GradientIndex:
                 shards.verify_shard(self.folder / entry["file"], entry["sha256"])
 
     @property
+    def storage_dtype(self) -> torch.dtype:
+        """The rows' type on disk (float32, or bfloat16 with ``storage="bfloat16"``)."""
+        return shards.STORAGE[self.manifest["config"].get("storage", "float32")][2]
+
+    @property
     def bytes_per_example(self) -> int:
         """Bytes of one index row (float32 projected gradients of every module)."""
         return int(self.manifest["bytes_per_example"])
@@ -178,12 +182,12 @@ class GradientIndex:
         path = self.folder / shards.SELF_INFLUENCE
         if not path.exists():
             raise UserError(f"index {str(self.folder)!r} stores no self-influence (built by an older influent); "
-                            "build it again for --rank relatif or cosine", field="index")
+                            "build it again to rank by relatif or cosine", field="index")
         return store.read_tensors(path)["self"]
 
     def shard_blocks(self, shard_ids: Sequence[int] | None = None):
-        """Yield ``(rows [m] int64, grads [m, width] float32)`` blocks of the shards, memory-mapped (the
-        ``grads`` tensors are views of read-only pages: do not write to them)."""
+        """Yield ``(rows [m] int64, grads [m, width] float32 or bfloat16)`` blocks of the shards,
+        memory-mapped (the ``grads`` tensors are views of read-only pages: do not write to them)."""
         entries = self.manifest["shards"]
         for s in range(len(entries)) if shard_ids is None else shard_ids:
             grads, rows = shards.open_shard(self.folder / entries[s]["file"])
@@ -192,17 +196,14 @@ class GradientIndex:
                                         f"manifest says {entries[s]['rows']}")
             for lo in range(0, grads.shape[0], BLOCK_ROWS):
                 hi = min(grads.shape[0], lo + BLOCK_ROWS)
-                with warnings.catch_warnings():  # read-only mapped pages, never written: no copy needed
-                    warnings.simplefilter("ignore", UserWarning)
-                    block = torch.from_numpy(grads[lo:hi])
-                yield torch.from_numpy(rows[lo:hi]), block
+                yield torch.from_numpy(rows[lo:hi]), shards.as_tensor(grads[lo:hi])
 
     def pairwise_scores(self, vectors: torch.Tensor) -> torch.Tensor:
         """The full ``[Q, n]`` score matrix (float64) for query vectors (small n: tests, benchmarks)."""
         out = torch.zeros(vectors.shape[0], self.n, dtype=torch.float64)
-        q32 = vectors.float()
+        q = vectors.to(self.storage_dtype)
         for rows, grads in self.shard_blocks():
-            out[:, rows] = (q32 @ grads.T).double()
+            out[:, rows] = (q @ grads.T).double()
         return out
 
     def top_k(self, vectors: torch.Tensor, k: int, weights: torch.Tensor | None = None) -> TopK:
@@ -221,13 +222,13 @@ class GradientIndex:
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise UserError(f"top must be an integer >= 1, got {k!r}", field="top")
-        q32 = vectors.float()
+        q = vectors.to(self.storage_dtype)  # bfloat16 rows: a bfloat16 product (float32 accumulation)
         n_q = vectors.shape[0]
         empty = tuple(torch.empty(n_q, 0, dtype=d) for d in (torch.float64, torch.long, torch.float64))
         sides = {True: empty, False: empty}
-        buffer = torch.empty(n_q * BLOCK_ROWS, dtype=torch.float32)  # one block's scores, reused
+        buffer = torch.empty(n_q * BLOCK_ROWS, dtype=q.dtype)  # one block's scores, reused
         for rows, grads in self.shard_blocks(distributed.owned(len(self.manifest["shards"]))):
-            scores = torch.matmul(q32, grads.T, out=buffer[: n_q * grads.shape[0]].view(n_q, grads.shape[0]))
+            scores = torch.matmul(q, grads.T, out=buffer[: n_q * grads.shape[0]].view(n_q, grads.shape[0]))
             values = scores if weights is None else scores.double() * weights[rows].double()
             for largest, (v, r, s) in sides.items():
                 cols = block_candidates(values, k, largest)
