@@ -46,7 +46,8 @@ def test_lossless_index_gives_the_factored_top_k_and_rerank_the_exact_scores(cap
     # rank 64 >= every MLP width (8, 12): an orthogonal projection is a rotation, nothing is lost
     built = build(capsys, base, root / "full", "--rank", "64", "--projection", "orthogonal", "--damping", "1e-3")
     assert built["n_examples"] == 10 and built["bytes_per_example"] == 4 * 3 * (8 * 12)  # gate, up, down of block 1
-    full = trace_json(capsys, [*QUERY, "--index", str(root / "full"), *base])
+    full = trace_json(capsys, [*QUERY, "--index", str(root / "full"), "--report", str(root / "r.html"), *base])
+    assert "<html" in (root / "r.html").read_text().lower()
     assert full["candidates"] == {"method": "index", "kept": 10, "of": 10}
     assert full["query"] == exact["query"]
     assert [r["id"] for r in full["results"]] == [r["id"] for r in exact["results"][:4]]

@@ -23,6 +23,7 @@ from influent.cli.common import (
     checked,
     finetuned_setup,
 )
+from influent.cli.report import check_report_path, maybe_write_report
 from influent.cli.trace import add_lm_options, lm_setup, query_sequence, tracked_modules
 from influent.errors import UserError
 
@@ -182,6 +183,7 @@ def cmd_trace_index(args: argparse.Namespace) -> int:
             raise UserError(f"{flag} does not apply with --index (the index scores every sequence)")
     if not args.prompt.strip():
         raise UserError("--prompt is empty")
+    check_report_path(args)
     setup = start(args)
     query = query_sequence(setup, args.prompt, args.completion, args.max_new_tokens)
     index = GradientIndex(args.index)
@@ -197,6 +199,7 @@ def cmd_trace_index(args: argparse.Namespace) -> int:
     result = trace_with_index(index, setup.model, setup.task, setup.sequences, query, setup.tokenizer,
                               top=args.top, rerank=args.rerank, method=method)
     if distributed.rank() == 0:
+        maybe_write_report(args, result, "trace")
         print(json.dumps(result) if args.json else format_trace(result))
     return 0
 
