@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="benchmarks/results/explain-quality/head")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a loaded machine)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the removal records already in OUT/records.jsonl and measure the other queries")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     ref_ks = tuple(args.reference_ks) if args.reference_ks else None
     all_ks = tuple(sorted(set(args.ks) | set(ref_ks or ())))
     common = {"ks": tuple(args.ks), "reference_ks": ref_ks, "removal_queries": args.removal_queries, "seed": args.seed,
-              "records_path": out / "records.jsonl", "max_seconds": args.max_seconds, "progress": not args.quiet}
+              "records_path": out / "records.jsonl", "max_seconds": args.max_seconds, "progress": not args.quiet,
+              "resume": args.resume}
     if args.model == "head":
         result = head_explanation_quality(setup, args.queries, **common)
     else:

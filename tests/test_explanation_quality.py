@@ -244,3 +244,19 @@ def test_paired_difference_and_records_round_trip(tmp_path):
     assert [(r.query, r.results, r.seconds, r.retrains) for r in back] == [
         (r.query, r.results, r.seconds, r.retrains) for r in recs]
     assert paired_block(back, (1, 10), 0) == {"influence - relatif@10": got}
+
+
+def test_a_resumed_removal_run_equals_an_uninterrupted_one(tmp_path):
+    setup = _head_setup(tmp_path, n=60, d=3, seed=0)
+    setup.test_x = torch.randn(12, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    setup.test_idx = np.arange(60, 70).tolist() + [60, 61]
+    opts = {"n_queries": 6, "ks": (1, 3), "seed": 0, "progress": False}
+    whole = head_explanation_quality(setup, removal_queries=4, records_path=tmp_path / "a.jsonl", **opts)
+    head_explanation_quality(setup, removal_queries=2, records_path=tmp_path / "b.jsonl", **opts)
+    resumed = head_explanation_quality(setup, removal_queries=4, records_path=tmp_path / "b.jsonl", resume=True,
+                                       **opts)
+    assert resumed["n_queries_removal"] == 4
+    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 4
+    for name in ("influence", "relatif", "random"):
+        for k in (1, 3):
+            assert resumed["summary"][name][f"loss_change@{k}"] == whole["summary"][name][f"loss_change@{k}"]

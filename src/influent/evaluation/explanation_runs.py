@@ -45,13 +45,16 @@ def sample_queries(n_test: int, n_queries: int, seed: int) -> np.ndarray:
 
 
 def collect(
-    records: Iterable[RemovalRecord], path: Path | None, max_seconds: float | None, progress: bool, total: int
+    records: Iterable[RemovalRecord], path: Path | None, max_seconds: float | None, progress: bool, total: int,
+    previous: list[RemovalRecord] | None = None,
 ) -> list[RemovalRecord]:
-    """Run the removal experiment, appending each query's record to ``path`` (JSONL), until ``max_seconds``."""
+    """Run the removal experiment, appending each query's record to ``path`` (JSONL), until ``max_seconds``.
+    ``previous`` (records already in ``path``, from :func:`read_records`) are kept and come first; without
+    them ``path`` starts empty."""
     from tqdm.auto import tqdm
 
-    start, out = time.perf_counter(), []
-    if path is not None:
+    start, out = time.perf_counter(), list(previous or [])
+    if path is not None and not previous:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("")
     for rec in tqdm(records, total=total, desc="remove and retrain", disable=not progress):
@@ -64,6 +67,19 @@ def collect(
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
             break
     return out
+
+
+def removal_run(panel: RankingPanel, removal, m: int, ks: tuple[int, ...], reference_ks, seed: int,
+                records_path, max_seconds: float | None, progress: bool, resume: bool) -> list[RemovalRecord]:
+    """The removal experiment on the first ``m`` queries, recorded to ``records_path``; with ``resume`` the
+    queries already in that file are read back and skipped (the random removals are seeded per query, so a
+    resumed run measures what an uninterrupted one would)."""
+    path = Path(records_path) if records_path else None
+    previous = read_records(path) if resume and path is not None and path.exists() else []
+    seen = {r.query for r in previous}
+    todo = [q for q in range(m) if q not in seen]
+    return collect(removal_experiment(panel, removal, todo, ks, seed=seed, reference_ks=reference_ks),
+                   path, max_seconds, progress, len(todo), previous)
 
 
 def read_records(path: str | Path) -> list[RemovalRecord]:
@@ -124,6 +140,7 @@ def head_explanation_quality(
     records_path: str | Path | None = None,
     max_seconds: float | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict:
     """Relevance and faithfulness of every ranking on the head (module docstring).
 
@@ -131,6 +148,7 @@ def head_explanation_quality(
         setup: a :class:`~influent.pipeline.HeadSetup` (trained head, embeddings, corpus, split).
         n_queries: held-out reviews in the panel; removal_queries: how many of them (the first) go through
             the removal experiment (None: all).
+        resume: keep the removal records already in ``records_path`` and measure only the other queries.
         ks: numbers of proponents removed; reference_ks: those for the comparators (similarity references
             and random; None: ``ks``); seed: seeds the query sample and the random removals.
     """
@@ -147,8 +165,7 @@ def head_explanation_quality(
     panel = influence_panel(setup.influence(), (xq, pred), pred.numpy(), setup.train_y.numpy(), refs)
     removal = HeadRemoval(setup.model, setup.train_x, setup.train_y, setup.task.l2, xq, pred)
     m = len(pos) if removal_queries is None else min(removal_queries, len(pos))
-    records = collect(removal_experiment(panel, removal, list(range(m)), ks, seed=seed, reference_ks=reference_ks),
-                      Path(records_path) if records_path else None, max_seconds, progress, m)
+    records = removal_run(panel, removal, m, ks, reference_ks, seed, records_path, max_seconds, progress, resume)
     settings = {"influence": "exact Hessian, direct solve, damping 0", "retraining": "Newton from the optimum "
                 "(models.refit.fit_head, tol 1e-9): exact", "l2": setup.task.l2, "seed": seed,
                 "query_positions": pos.tolist()}
@@ -172,6 +189,7 @@ def finetuned_explanation_quality(
     records_path: str | Path | None = None,
     max_seconds: float | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict:
     """Relevance and faithfulness on the prefix-cached fine-tuned classifier (module docstring).
 
@@ -221,8 +239,7 @@ def finetuned_explanation_quality(
     panel = influence_panel(method, q_chunks, pred.numpy(), np.asarray(labels), refs)
     removal = SuffixRemoval(clf, batch, q_batch, theta)
     m = len(pos) if removal_queries is None else min(removal_queries, len(pos))
-    records = collect(removal_experiment(panel, removal, list(range(m)), ks, seed=seed, reference_ks=reference_ks),
-                      Path(records_path) if records_path else None, max_seconds, progress, m)
+    records = removal_run(panel, removal, m, ks, reference_ks, seed, records_path, max_seconds, progress, resume)
     settings = {"classifier": f"SuffixClassifier: packaged MiniLM, last {last_k} layer(s) + pooler + head, "
                 f"AdamW lr {lr}, {epochs} epochs, batch 32, dropout on, max_length {max_length}, seed {seed}",
                 "train_size": n, "influence": f"{strategy} over the trainable linear modules",
