@@ -55,6 +55,15 @@ def test_lossless_index_gives_the_factored_top_k_and_rerank_the_exact_scores(cap
     for got, want in zip(full["results"], exact["results"]):
         assert got["score"] == pytest.approx(want["score"], rel=1e-3, abs=1e-5 * top)
         assert got["loss_change"] == pytest.approx(got["score"] / 10)
+    # the margin measurement and RelatIF (the stored self-influence) through the same lossless index
+    margin = ["--measurement", "margin", "--rank", "relatif", "--damping", "1e-3"]
+    exact_m = trace_json(capsys, [*QUERY, *margin, "--top", "10", *base])
+    full_m = trace_json(capsys, [*QUERY, *margin, "--index", str(root / "full"), *base])
+    assert full_m["query"] == exact_m["query"] and full_m["ranking"] == "relatif"
+    assert [r["id"] for r in full_m["results"]] == [r["id"] for r in exact_m["results"][:4]]
+    top_m = max(abs(r["rank_value"]) for r in exact_m["results"])
+    for got, want in zip(full_m["results"], exact_m["results"]):
+        assert got["rank_value"] == pytest.approx(want["rank_value"], rel=1e-3, abs=1e-5 * top_m)
     # a lossy index (rank 2) reranked: the factored engine's own scores, re-sorted
     build(capsys, base, root / "small", "--rank", "2")
     small = trace_json(capsys, [*QUERY, "--index", str(root / "small"), "--rerank", "6", "--damping", "1e-3", *base])
@@ -62,6 +71,11 @@ def test_lossless_index_gives_the_factored_top_k_and_rerank_the_exact_scores(cap
     scores = [r["score"] for r in small["results"]]
     assert scores == sorted(scores, reverse=True) and len(scores) == 4 and small["index"]["rerank"] == 6
     assert scores == pytest.approx([by_id[r["id"]] for r in small["results"]], rel=1e-6)
+    values = {r["id"]: r["rank_value"] for r in exact_m["results"]}
+    small_m = trace_json(capsys, [*QUERY, *margin, "--index", str(root / "small"), "--rerank", "6", *base])
+    got = [r["rank_value"] for r in small_m["results"]]
+    assert got == sorted(got, reverse=True) and got == pytest.approx([values[r["id"]] for r in small_m["results"]],
+                                                                     rel=1e-6)
 
 
 def test_index_flags_are_checked(capsys, lm_files, tmp_path):

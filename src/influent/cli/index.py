@@ -24,7 +24,7 @@ from influent.cli.common import (
     finetuned_setup,
 )
 from influent.cli.report import check_report_path, maybe_write_report
-from influent.cli.trace import add_lm_options, lm_setup, query_sequence, tracked_modules
+from influent.cli.trace import add_lm_options, lm_setup, query_sequence, trace_method, tracked_modules
 from influent.errors import UserError
 
 MODELS = ("finetuned", "lm")
@@ -167,9 +167,9 @@ def cmd_trace_index(args: argparse.Namespace) -> int:
     """``influent trace --index DIR [--rerank N]``: the completion's proponents answered from the index."""
     from influent import distributed
     from influent.curvature.linear_grads import select_linear_modules
-    from influent.factored_influence import FactorConfig, FactoredInfluence
     from influent.index import GradientIndex
     from influent.index.trace import trace_with_index
+    from influent.models.causal_lm import CausalLMTask
     from influent.trace import format_trace
 
     checked("top", args.top, low=1, integer=True)
@@ -185,19 +185,23 @@ def cmd_trace_index(args: argparse.Namespace) -> int:
         raise UserError("--prompt is empty")
     check_report_path(args)
     setup = start(args)
+    if args.fit_size is not None and args.rerank is None:
+        raise UserError("--fit-size applies with --index only to the --rerank's factored engine")
     query = query_sequence(setup, args.prompt, args.completion, args.max_new_tokens)
     index = GradientIndex(args.index)
     method = None
     if args.rerank is not None:
-        modules = tracked_modules(setup.model, args.modules)
-        if sorted(select_linear_modules(setup.model, modules)) != sorted(index.modules):
+        if args.fit_size is not None:
+            checked("fit_size", args.fit_size, low=1, integer=True)
+            if args.fit_size > len(setup.sequences):
+                raise UserError(f"--fit-size {args.fit_size} exceeds the {len(setup.sequences)} training sequences")
+        if sorted(select_linear_modules(setup.model, tracked_modules(setup.model, args.modules))) != sorted(
+                index.modules):
             raise UserError(f"--rerank scores the modules --modules {args.modules} names, the index holds others "
                             "(give the --modules of its build)", field="modules")
-        config = FactorConfig(strategy=args.strategy, modules=modules, damping=args.damping, seed=args.seed)
-        method = FactoredInfluence(setup.model, setup.task, setup.batches(), config,
-                                   cache_dir=setup.folder / "factors", progress=not args.quiet)
-    result = trace_with_index(index, setup.model, setup.task, setup.sequences, query, setup.tokenizer,
-                              top=args.top, rerank=args.rerank, method=method)
+        method = trace_method(args, setup)
+    result = trace_with_index(index, setup.model, CausalLMTask(args.measurement), setup.sequences, query,
+                              setup.tokenizer, top=args.top, rerank=args.rerank, method=method, rank=args.rank)
     if distributed.rank() == 0:
         maybe_write_report(args, result, "trace")
         print(json.dumps(result) if args.json else format_trace(result))

@@ -1,10 +1,12 @@
 """Tracing a language model's completion from a gradient index: the result of :func:`influent.trace.trace`,
 answered by one backward pass on the query and one product with the index.
 
-The query's measurement is its completion's summed log-loss (``task.query_measurement``); the index's
-``top_k`` streams the shards (the ``[1, n]`` row is never held whole when n is large) and, with ``rerank``,
-the ``rerank`` best candidates are rescored by the unprojected factored engine (exact scores, re-sorted).
-Positive = proponent; ``loss_change = score / n``.
+The query's measurement is ``task.query_measurement`` (the completion's summed log-loss, or minus its
+summed margin: :class:`~influent.models.causal_lm.CausalLMTask`); the index's ``top_k`` streams the shards
+(the ``[1, n]`` row is never held whole when n is large) under a ranking of :mod:`influent.rankings`
+(:func:`~influent.index.explain.ranked_top_k`) and, with ``rerank``, the ``rerank`` best candidates are
+rescored by the unprojected factored engine (exact values, re-sorted). Positive = proponent;
+``loss_change = score / n``.
 """
 
 from __future__ import annotations
@@ -16,18 +18,20 @@ from torch import nn
 
 from influent.data.lm_text import LMSequence, lm_batches
 from influent.errors import UserError
+from influent.index.explain import ranked_top_k
 from influent.index.query import GradientIndex
 from influent.index.query import rerank as rerank_top
 from influent.task import Task
 
 
-def completion_loss(model: nn.Module, task: Task, batch: dict) -> float:
-    """The query's measurement without gradients: summed NLL of its completion tokens (nats)."""
+def query_values(model: nn.Module, task: Task, batch: dict) -> tuple[float, float]:
+    """``(loss, measurement)`` of the query without gradients: its completion's summed NLL and the task's
+    measurement (nats)."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return float(task.query_measurement(model, batch)[0])
+            return float(task.per_example_loss(model, batch)[0]), float(task.query_measurement(model, batch)[0])
     finally:
         model.train(was)
 
@@ -43,6 +47,7 @@ def trace_with_index(
     top: int = 10,
     rerank: int | None = None,
     method=None,
+    rank: str = "influence",
 ) -> dict:
     """The ``top`` proponents of ``query``'s completion among the indexed ``sequences`` (index row order).
 
@@ -54,11 +59,13 @@ def trace_with_index(
         tokenizer: decodes the prompt and completion.
         top: proponents listed (highest score first).
         rerank: rescore this many index candidates with ``method`` (>= ``top``; None: no rerank).
-        method: a :class:`~influent.factored_influence.FactoredInfluence` over ``sequences``' batches.
+        method: a :class:`~influent.factored_influence.FactoredInfluence` over ``sequences``' batches (with
+            the same measurement as ``task``).
+        rank: ``influence``, ``relatif`` or ``cosine`` (:mod:`influent.rankings`; the stored self-influence).
 
     Returns:
-        the keys of :func:`influent.trace.trace` (``query``, ``results`` with id, text, score, loss_change;
-        ``candidates``) and ``index`` (folder, rank, strategy, projection, bytes per example, rerank, seconds).
+        the keys of :func:`influent.trace.trace` (``query`` with loss, measurement and its value, ``ranking``,
+        ``results`` with id, text, score, loss_change, rank_value; ``candidates``) and ``index`` (folder, rank, strategy, projection, bytes per example, rerank, seconds).
 
     Raises:
         UserError: the index holds another number of sequences; ``rerank`` below ``top`` or without ``method``.
@@ -71,20 +78,23 @@ def trace_with_index(
         raise UserError(f"rerank must be >= top ({top}) and needs the factored engine", field="rerank")
     qbatch = lm_batches([query], 1, int(tokenizer.pad_token_id))[0]
     started = time.perf_counter()
-    found = index.top_k(index.query_vectors(model, task, [qbatch]), min(rerank or top, n))
+    found = ranked_top_k(index, model, task, [qbatch], min(rerank or top, n), rank)
     if rerank is not None:
-        found = rerank_top(found, method, [qbatch], depth=min(top, n))
+        found = rerank_top(found, method, [qbatch], depth=min(top, n), rank=rank)
     seconds = time.perf_counter() - started
     results = []
-    for row, score in zip(found.proponent_rows[0][:top].tolist(), found.proponent_scores[0][:top].tolist()):
+    for row, score, value in zip(found.proponent_rows[0][:top].tolist(), found.proponent_scores[0][:top].tolist(),
+                                 found.proponent_values[0][:top].tolist()):
         seq = sequences[row]
-        results.append({"id": seq.id, "text": seq.text, "score": score, "loss_change": score / n})
+        results.append({"id": seq.id, "text": seq.text, "score": score, "loss_change": score / n, "rank_value": value})
+    loss, value = query_values(model, task, qbatch)
     prompt_len = next((k for k, m in enumerate(query.loss_mask) if m), len(query.input_ids))
     config = index.manifest["config"]
     return {
         "query": {"prompt": tokenizer.decode(list(query.input_ids[:prompt_len]), skip_special_tokens=True),
                   "completion": tokenizer.decode(list(query.input_ids[prompt_len:]), skip_special_tokens=True),
-                  "loss": completion_loss(model, task, qbatch)},
+                  "loss": loss, "measurement": getattr(task, "measurement", "loss"), "measurement_value": value},
+        "ranking": rank,
         "results": results,
         "candidates": {"method": "index", "kept": n, "of": n},
         "index": {"folder": str(index.folder), "rank": config["rank"], "strategy": config["strategy"],
