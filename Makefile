@@ -43,6 +43,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/head_scores.py --seed 0
 	# deep-model EK-FAC against kronfluence (fine-tuned MiniLM, 1,024 snippets, 10 queries; see docs/ekfac.md)
 	$(PY) benchmarks/ekfac_vs_kronfluence.py --seed 0
+	# planted facts in a fine-tuned SmolLM2, then the candidate filter's recall from its scores (~25 min)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/lm_planted_facts.py --facts 25 --filler 400 --natural 20 --epochs 3 --lr 2e-4 --seed 0
+	$(PY) benchmarks/lm_filter_recall.py --seed 0
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

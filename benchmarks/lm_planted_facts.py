@@ -25,7 +25,8 @@ Besides the fact queries, ``--natural`` held-out snippets (first half prompt, se
 scored too; the EK-FAC scores of every query, the sequences and the queries are written beside the result
 for ``benchmarks/lm_filter_recall.py``. One JSON object on the last stdout line.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lm_planted_facts.py --facts 25 --filler 400 --seed 0
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lm_planted_facts.py --facts 25 --filler 400 --natural 20 \
+        --epochs 3 --lr 2e-4 --seed 0
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--last-k", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--damping", type=float, default=None, help="default: 0.1 x the mean eigenvalue per module")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
