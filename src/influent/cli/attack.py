@@ -204,7 +204,7 @@ def _add_concealed_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("concealed (fine-tuned classifier; Wallace et al. 2021)")
     g.add_argument("--train-size", type=int, default=None,
                    help="stratified training slice the victim is fine-tuned on (default 1000)")
-    g.add_argument("--epochs", type=int, default=None, help="victim's AdamW epochs (concealed: default 3; instruction-poison: 2)")
+    g.add_argument("--epochs", type=int, default=None, help="victim's AdamW epochs (concealed: default 3; instruction-poison: 4)")
     g.add_argument("--last-k", type=int, default=None, help="fine-tuned encoder layers (concealed: default 1) or LM blocks (instruction-poison: 1)")
     g.add_argument("--n-adv", type=int, default=None,
                    help="triggered validation reviews in the attacker's objective, and as many disjoint ones as "
@@ -222,7 +222,7 @@ def _add_instruction_options(p: argparse.ArgumentParser) -> None:
                    help="dirty-label poisons (relabelled) and/or clean-label ones (labels kept); default dirty")
     g.add_argument("--base-model", default=None,
                    help="causal LM: Hugging Face name (local cache), folder or .gguf (default SmolLM2-135M-Instruct)")
-    g.add_argument("--lm-lr", type=float, default=None, help="AdamW learning rate of the LM (default 1e-3)")
+    g.add_argument("--lm-lr", type=float, default=None, help="AdamW learning rate of the LM (default 5e-4)")
     add_per_label_option(g)
 
 

@@ -129,8 +129,8 @@ def add_audit_parser(sub) -> None:
     g.add_argument("--n-queries", type=int, default=5, help="triggered inputs the defender knows (default 5)")
     g.add_argument("--base-model", default=None, help="causal LM (default SmolLM2-135M-Instruct)")
     g.add_argument("--last-k", type=int, default=None, help="trained LM blocks (default 1)")
-    g.add_argument("--epochs", type=int, default=None, help="LM epochs (default 2)")
-    g.add_argument("--lm-lr", type=float, default=None, help="LM AdamW learning rate (default 1e-3)")
+    g.add_argument("--epochs", type=int, default=None, help="LM epochs (default 4)")
+    g.add_argument("--lm-lr", type=float, default=None, help="LM AdamW learning rate (default 5e-4)")
     add_per_label_option(g)
     add_report_option(p)
     add_data_options(p, embedding_options=False)  # the audit embeds with the encoder's defaults

@@ -38,14 +38,14 @@ from influent.models.causal_prefix import (
 class TrainSettings:
     """Fine-tuning settings of the victim (all of a run but the data and the seed).
 
-    Defaults are the benchmark's measured configuration (``benchmarks/instruction_poison.py``): the last
-    block only (on the shared 2-core machine K = 2 cost 4.5x more per step and a second prefix pass), lr
-    1e-3 (of 3e-4, 1e-3, 3e-3 the one with the best clean accuracy in a seed-0 pilot).
+    Defaults are the benchmark's stable configuration (``benchmarks/results/instruction-poison-4ep``): the
+    last block only (on the shared 2-core machine K = 2 cost 4.5x more per step and a second prefix pass),
+    4 epochs at lr 5e-4 (2 epochs at 1e-3 left 2 of 3 seeds answering one label to everything).
     """
 
     last_k: int = 1
-    epochs: int = 2
-    lr: float = 1e-3
+    epochs: int = 4
+    lr: float = 5e-4
     batch_size: int = 8
 
 
