@@ -16,6 +16,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from influent.errors import UserError
+from influent.evaluation.explanations import interval
 
 
 def random_subsets(n: int, count: int, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -57,6 +58,19 @@ def lds(scores: np.ndarray, keep_masks: np.ndarray, actual: np.ndarray) -> tuple
     actual = np.asarray(actual, dtype=np.float64)
     per_query = np.array([_spearman(pred[:, q], actual[:, q]) for q in range(pred.shape[1])])
     return float(np.nanmean(per_query)), per_query
+
+
+def lds_summary(
+    scores: np.ndarray, keep_masks: np.ndarray, actual: np.ndarray, *, seed: int = 0, resamples: int = 2000
+) -> dict:
+    """:func:`lds` with a 95% percentile-bootstrap interval over queries.
+
+    Returns:
+        ``{"mean", "low", "high", "m" (queries with a defined Spearman), "per_query" [Q]}``; queries whose
+        prediction or actual measurement is constant over the subsets (Spearman undefined) are left out.
+    """
+    _, per_query = lds(scores, keep_masks, actual)
+    return {**interval(per_query, seed=seed, resamples=resamples), "per_query": per_query}
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
