@@ -1,0 +1,331 @@
+"""LM EK-FAC influence: influent against kronfluence 1.0.1 on the same fine-tuned tiny LLaMA-config LM.
+
+Model and data (all built in code; ``benchmarks/lm_lds.py`` supplies the pieces): the bundled Rotten
+Tomatoes snippets in a seeded order; a word-level vocabulary of the ``--vocab`` most frequent tokens; a
+``LlamaForCausalLM`` (``--hidden``, ``--intermediate``, ``--layers``, 4 heads) pre-trained from scratch on the
+first ``--n-pretrain`` snippets as plain text, then fine-tuned (influent's ``fine_tune``: seeded AdamW, all
+layers) on the next ``--n-train`` snippets as prompt/completion pairs (prompt = the first half of the words,
+completion = the rest; the loss counts the completion tokens only). The next ``--n-query`` snippets, split
+the same way, are the queries; their measurement is the completion's summed NLL given the prompt.
+
+Both libraries get: the same model; the same tracked modules (every MLP ``gate_proj``, ``up_proj``,
+``down_proj``); the same training batches in the same order (each padded to its longest sequence; influent
+re-forms them by length internally, same scores); the summed completion NLL per sequence as the training
+loss (kronfluence's ``compute_train_loss`` sums it over the batch, written here by hand from the logits)
+and as the measurement; padding masked (``get_attention_mask``); the empirical Fisher
+(``use_empirical_fisher=True``); EK-FAC; and the same damping: ``damping_factor=None`` in kronfluence is
+``0.1 x mean(Lambda)`` per module, which is influent's ``damping=None`` (``--damping X`` gives both the
+absolute value X). Per-token scores: kronfluence's ``compute_per_token_scores=True`` (which needs every
+training batch padded to the same width, so that run pads to ``--max-length``), against influent's
+``token_scores``; only real positions are compared.
+
+Timings (``torch.set_num_threads(--threads)``, the same for both): fit = factors (covariances, eigenbases,
+eigenvalue correction); scores = all queries x all training sequences with passes over the training data
+(kronfluence writes its factors and scores to a temporary folder, part of its cost). Load averages are
+recorded per phase.
+
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lm_vs_kronfluence.py`` (progress on stderr, one JSON
+line last on stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from lm_lds import llama_config, log, sequences_of, snippets, train_from_scratch, word_tokenizer
+
+
+def load1() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def split_pair(text: str) -> tuple[str, str]:
+    """``(prompt, completion)``: the first half of the snippet's words and the rest."""
+    words = text.split()
+    cut = max(1, len(words) // 2)
+    return " ".join(words[:cut]), " ".join(words[cut:])
+
+
+def pair_sequences(tokenizer, texts: list[str], max_length: int):
+    """Prompt/completion sequences (completion-only targets) of the snippets with at least two words."""
+    from influent.data.lm_text import pair_ids, pair_sequence
+
+    out = []
+    for text in texts:
+        prompt, completion = split_pair(text)
+        if not completion:
+            continue
+        p, c = pair_ids(tokenizer, prompt, completion)
+        room = max_length - len(p)
+        if room >= 1 and c:
+            out.append(pair_sequence(p, c[:room], tokenizer))
+    return out
+
+
+def summed_completion_nll(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per sequence, ``-sum_t log p(x_t | x_<t)`` over positions with ``loss_mask * attention_mask`` (by hand)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    mask = (batch["loss_mask"] * batch["attention_mask"])[:, 1:].to(nll.dtype)
+    return (nll * mask).sum(1)
+
+
+def build_model(args):
+    """Tokenizer, fine-tuned model, training and query pair sequences, and the fine-tuning losses."""
+    from influent.data.lm_text import lm_batches
+    from influent.models.causal_lm import fine_tune
+
+    texts = snippets(args.seed)
+    pre_texts = texts[: args.n_pretrain]
+    pair_texts = texts[args.n_pretrain : args.n_pretrain + args.n_train]
+    query_texts = texts[args.n_pretrain + args.n_train : args.n_pretrain + args.n_train + 4 * args.n_query]
+    tok = word_tokenizer(pre_texts + pair_texts, args.vocab)
+    config = llama_config(len(tok), args.hidden, args.intermediate, args.layers, args.max_length)
+    pre = sequences_of(tok, pre_texts, args.max_length)
+    t0 = time.perf_counter()
+    model = train_from_scratch(config, pre, epochs=args.pretrain_epochs, lr=3e-3, batch_size=32, seed=args.seed)
+    train = pair_sequences(tok, pair_texts, args.max_length)
+    queries = pair_sequences(tok, query_texts, args.max_length)[: args.n_query]
+
+    def epoch(gen):
+        order = torch.randperm(len(train), generator=gen).tolist()
+        return lm_batches([train[i] for i in order], 32, 0)
+
+    history = fine_tune(model, epoch, epochs=args.finetune_epochs, lr=1e-3, seed=args.seed, progress=False)
+    log(f"model: {sum(p.numel() for p in model.parameters())} parameters, pre-trained + fine-tuned in "
+        f"{time.perf_counter() - t0:.0f} s, fine-tuning loss per epoch {[round(h, 3) for h in history]}")
+    return tok, model.eval(), train, queries, history
+
+
+def run_influent(model, train_batches, query_batches, args):
+    from influent.factored_influence import FactorConfig, FactoredInfluence
+    from influent.models.causal_lm import CausalLMTask, mlp_pattern
+    from influent.token_influence import token_scores
+
+    cfg = FactorConfig(strategy="ekfac", modules=mlp_pattern(model), fisher="empirical", damping=args.damping)
+    method = FactoredInfluence(model, CausalLMTask(), train_batches, cfg, progress=False)
+    t0 = time.perf_counter()
+    method.fit()
+    fit_s = time.perf_counter() - t0
+    loads = {"after_influent_fit": load1()}
+    t0 = time.perf_counter()
+    scores = method.pairwise_scores(query_batches).numpy()
+    score_s = time.perf_counter() - t0
+    loads["after_influent_score"] = load1()
+    t0 = time.perf_counter()
+    tokens = token_scores(method, query_batches, train_batches)
+    token_s = time.perf_counter() - t0
+    loads["after_influent_tokens"] = load1()
+    log(f"influent: fit {fit_s:.1f} s, scores {score_s:.1f} s, token scores {token_s:.1f} s")
+    return method, scores, tokens, {"fit_s": fit_s, "score_s": score_s, "token_s": token_s}, loads
+
+
+def float64_reference(model, train_batches, query_batches, args) -> np.ndarray:
+    """influent's EK-FAC scores with the model, factors and passes in float64 (the rounding reference)."""
+    from influent.factored_influence import FactorConfig, FactoredInfluence
+    from influent.models.causal_lm import CausalLMTask, mlp_pattern
+
+    ref = copy.deepcopy(model).double()
+    cfg = FactorConfig(strategy="ekfac", modules=mlp_pattern(ref), fisher="empirical", damping=args.damping)
+    return FactoredInfluence(ref, CausalLMTask(), train_batches, cfg, progress=False).pairwise_scores(
+        query_batches).numpy()
+
+
+def kronfluence_task(names):
+    from kronfluence.task import Task as KTask
+
+    class LMTask(KTask):
+        def compute_train_loss(self, batch, model, sample=False):
+            if sample:
+                raise NotImplementedError("this benchmark uses the empirical Fisher")
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return summed_completion_nll(logits, batch).sum()
+
+        def compute_measurement(self, batch, model):
+            return self.compute_train_loss(batch, model)
+
+        def get_influence_tracked_modules(self):
+            return names
+
+        def get_attention_mask(self, batch):
+            return batch["attention_mask"]
+
+    return LMTask()
+
+
+class PaddedPairs(torch.utils.data.Dataset):
+    """Each sequence right-padded to ``width`` (``input_ids``, ``attention_mask``, ``loss_mask``)."""
+
+    def __init__(self, seqs, width: int):
+        from influent.data.lm_text import lm_batches
+
+        b = lm_batches(seqs, len(seqs), 0)[0]
+        pad = width - b["input_ids"].shape[1]
+        self.items = [{k: nn.functional.pad(v[i], (0, pad)) for k, v in b.items()} for i in range(len(seqs))]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def trim_collate(items):
+    """Stack, then drop the padding columns no sequence of the batch uses (= influent's ``lm_batches``)."""
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    width = int(batch["attention_mask"].sum(1).max())
+    return {k: v[:, :width].contiguous() for k, v in batch.items()}
+
+
+def run_kronfluence(model, train, queries, args):
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    from influent.models.causal_lm import mlp_pattern
+
+    kmodel = copy.deepcopy(model).eval()
+    names = [n for n, m in kmodel.named_modules() if isinstance(m, nn.Linear) and re.search(mlp_pattern(model), n)]
+    ktask = kronfluence_task(names)
+    kmodel = prepare_model(kmodel, ktask)
+    loads, out = {}, {}
+    train_ds, query_ds = PaddedPairs(train, args.max_length), PaddedPairs(queries, args.max_length)
+    with tempfile.TemporaryDirectory() as folder:
+        analyzer = Analyzer(analysis_name="lm", model=kmodel, task=ktask, cpu=True, output_dir=folder,
+                            disable_tqdm=True)
+        trimmed = DataLoaderKwargs(collate_fn=trim_collate)
+        t0 = time.perf_counter()
+        analyzer.fit_all_factors(factors_name="ekfac", dataset=train_ds, per_device_batch_size=args.batch_size,
+                                 dataloader_kwargs=trimmed,
+                                 factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=True),
+                                 overwrite_output_dir=True)
+        out["fit_s"] = time.perf_counter() - t0
+        loads["after_kronfluence_fit"] = load1()
+        t0 = time.perf_counter()
+        analyzer.compute_pairwise_scores(scores_name="scores", factors_name="ekfac", query_dataset=query_ds,
+                                         train_dataset=train_ds, per_device_query_batch_size=len(queries),
+                                         per_device_train_batch_size=args.batch_size, dataloader_kwargs=trimmed,
+                                         score_args=ScoreArguments(damping_factor=args.damping),
+                                         overwrite_output_dir=True)
+        out["score_s"] = time.perf_counter() - t0
+        loads["after_kronfluence_score"] = load1()
+        scores = analyzer.load_pairwise_scores("scores")["all_modules"].double().numpy()
+        t0 = time.perf_counter()
+        analyzer.compute_pairwise_scores(scores_name="tokens", factors_name="ekfac", query_dataset=query_ds,
+                                         train_dataset=train_ds, per_device_query_batch_size=len(queries),
+                                         per_device_train_batch_size=args.batch_size,
+                                         score_args=ScoreArguments(damping_factor=args.damping,
+                                                                   compute_per_token_scores=True),
+                                         overwrite_output_dir=True)
+        out["token_s"] = time.perf_counter() - t0
+        loads["after_kronfluence_tokens"] = load1()
+        tokens = analyzer.load_pairwise_scores("tokens")["all_modules"].double().numpy()
+    log(f"kronfluence: fit {out['fit_s']:.1f} s, scores {out['score_s']:.1f} s, token scores {out['token_s']:.1f} s")
+    return scores, tokens, out, loads
+
+
+def compare(ours, theirs, our_tokens, their_tokens, train_batches) -> dict:
+    """Sequence- and token-level agreement figures."""
+    from scipy.stats import spearmanr
+
+    a, b = ours.ravel(), theirs.ravel()
+    per_query = [float(np.corrcoef(ours[q], theirs[q])[0, 1]) for q in range(ours.shape[0])]
+    mask = torch.cat([nn.functional.pad(bt["attention_mask"], (0, their_tokens.shape[2] - bt["attention_mask"].shape[1]))
+                      for bt in train_batches]).bool().numpy()
+    width = their_tokens.shape[2]
+    mine = np.stack([np.pad(t.numpy(), ((0, 0), (0, width - t.shape[1]))) for t in our_tokens], axis=1)
+    ta, tb = mine[:, mask], their_tokens[:, mask]
+    share_sum = mine.sum(2)
+    return {
+        "pearson": round(float(np.corrcoef(a, b)[0, 1]), 6),
+        "pearson_min_per_query": round(min(per_query), 6),
+        "spearman": round(float(spearmanr(a, b)[0]), 6),
+        "relative_difference": float(np.linalg.norm(a - b) / np.linalg.norm(b)),
+        "max_abs_difference_over_max_abs": float(np.abs(a - b).max() / np.abs(b).max()),
+        "scale_ratio_kronfluence_over_influent": round(float(np.median(b / np.where(a == 0, np.nan, a))), 6),
+        "token_pearson": round(float(np.corrcoef(ta.ravel(), tb.ravel())[0, 1]), 6),
+        "token_relative_difference": float(np.linalg.norm(ta - tb) / np.linalg.norm(tb)),
+        "token_max_abs_difference_over_max_abs": float(np.abs(ta - tb).max() / np.abs(tb).max()),
+        "token_padding_abs_max_influent": float(np.abs(mine[:, ~mask]).max()) if (~mask).any() else 0.0,
+        "token_padding_abs_max_kronfluence": float(np.abs(their_tokens[:, ~mask]).max()) if (~mask).any() else 0.0,
+        "influent_token_sum_vs_score_max_relative_error": float(np.abs(share_sum - ours).max() / np.abs(ours).max()),
+        "kronfluence_token_sum_vs_its_score_max_relative_error": float(
+            np.abs(their_tokens.sum(2) - theirs).max() / np.abs(theirs).max()),
+        "compared_tokens": int(mask.sum()),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-pretrain", type=int, default=2000)
+    ap.add_argument("--n-train", type=int, default=2000)
+    ap.add_argument("--n-query", type=int, default=20)
+    ap.add_argument("--vocab", type=int, default=2000)
+    ap.add_argument("--max-length", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--pretrain-epochs", type=int, default=2)
+    ap.add_argument("--finetune-epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--damping", type=float, default=None, help="absolute damping for both (default: heuristic)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from influent.data.lm_text import lm_batches
+
+    t_start, load_start = time.perf_counter(), load1()
+    _, model, train, queries, history = build_model(args)
+    train_batches = lm_batches(train, args.batch_size, 0)
+    query_batches = lm_batches(queries, len(queries), 0)
+    method, ours, our_tokens, inf_t, loads = run_influent(model, train_batches, query_batches, args)
+    theirs, their_tokens, kf_t, kf_loads = run_kronfluence(model, train, queries, args)
+    loads.update(kf_loads)
+    ref = float64_reference(model, train_batches, query_batches, args)
+
+    def rel(x):
+        return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+    result = {
+        "benchmark": "lm_vs_kronfluence",
+        "command": "OMP_NUM_THREADS=1 " + " ".join(["python", *sys.argv]),
+        "settings": vars(args),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "tracked_modules": method.factors.names,
+        "n_train_sequences": len(train),
+        "n_queries": len(queries),
+        "train_targets_per_sequence": round(sum(sum(s.loss_mask) for s in train) / len(train), 2),
+        "train_tokens_per_sequence": round(sum(len(s.input_ids) for s in train) / len(train), 2),
+        "finetune_loss_per_epoch": history,
+        "damping": "heuristic 0.1*mean(lambda) per module" if args.damping is None else args.damping,
+        "damping_per_module_influent": method.factors.damping,
+        "influent": {k: round(v, 3) for k, v in inf_t.items()},
+        "kronfluence": {k: round(v, 3) for k, v in kf_t.items()},
+        "fit_speedup": round(kf_t["fit_s"] / inf_t["fit_s"], 2),
+        "score_speedup": round(kf_t["score_s"] / inf_t["score_s"], 2),
+        "token_score_speedup": round(kf_t["token_s"] / inf_t["token_s"], 2),
+        "fit_plus_score_speedup": round((kf_t["fit_s"] + kf_t["score_s"]) / (inf_t["fit_s"] + inf_t["score_s"]), 2),
+        **compare(ours, theirs, our_tokens, their_tokens, train_batches),
+        "float64_reference": {"influent_float32_relative_difference": rel(ours),
+                              "kronfluence_relative_difference": rel(theirs)},
+        "load_avg_1min": {"start": load_start, **loads},
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
