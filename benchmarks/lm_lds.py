@@ -23,10 +23,14 @@ over queries (``influent.evaluation.lds.lds_summary``).
 Methods: ``FactoredInfluence`` over the MLP projections (``gate_proj``, ``up_proj``, ``down_proj``; the
 default of ``influent trace``) with EK-FAC, K-FAC and identity (the gradient dot product), damping
 ``0.1 x mean eigenvalue`` per module (influent's and kronfluence's default; irrelevant for identity), the
-empirical Fisher; EK-FAC over every linear module as an extra row; and TF-IDF cosine similarity of the
-snippet texts (``influent.retrieval.CandidateFilter``).
+empirical Fisher; EK-FAC over every linear module (attention, MLP and the LM head) as an extra row; and
+TF-IDF cosine similarity of the snippet texts (``influent.retrieval.CandidateFilter``). ``--sweep`` adds
+damping fractions 0.01 and 1 and K-FAC / identity over every linear module (``SWEEP``): scoring only, the
+retrains are shared. ``--noise-retrains K`` retrains the first subset K more times with the same
+initialisation and other data orders, to size the retraining noise against the spread over subsets.
 
-Resumable: each retrain's query losses are appended to ``--work-dir/actual.jsonl`` with the settings' key.
+Resumable: each retrain's query losses are appended to ``--work-dir/actual.jsonl`` with the settings' key,
+the full model's scores kept in ``--work-dir/scores-<key>.npz``.
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lm_lds.py --work-dir /tmp/lm-lds`` (progress on
 stderr, one JSON line last on stdout).
 """
@@ -101,8 +105,10 @@ def llama_config(vocab: int, hidden: int, intermediate: int, layers: int, contex
                        bos_token_id=2, eos_token_id=3)
 
 
-def train_from_scratch(config, seqs, *, epochs: int, lr: float, batch_size: int, seed: int):
-    """A ``LlamaForCausalLM`` initialised with ``seed`` and trained on ``seqs`` (see module docstring)."""
+def train_from_scratch(config, seqs, *, epochs: int, lr: float, batch_size: int, seed: int,
+                       order_seed: int | None = None):
+    """A ``LlamaForCausalLM`` initialised with ``seed`` and trained on ``seqs`` (see module docstring); the data
+    order is drawn with ``order_seed`` (default ``seed``)."""
     from transformers import LlamaForCausalLM
 
     from influent.data.lm_text import lm_batches
@@ -110,7 +116,7 @@ def train_from_scratch(config, seqs, *, epochs: int, lr: float, batch_size: int,
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed if order_seed is None else order_seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     steps = epochs * math.ceil(len(seqs) / batch_size)
     warm = max(1, steps // 20)
@@ -170,27 +176,59 @@ def retrain_losses(args, config, train, query_batches, masks) -> tuple[np.ndarra
     return actual, [done[j]["seconds"] for j in range(len(masks))]
 
 
-def method_scores(model, train_batches, query_batches, train_texts, query_texts) -> dict[str, np.ndarray]:
-    """Scores ``[Q, n]`` per method (positive = proponent) and each method's seconds."""
+# name: (strategy, modules ("mlp" = the MLP projections), damping fraction of the mean eigenvalue)
+METHODS = {"ekfac": ("ekfac", "mlp", 0.1), "kfac": ("kfac", "mlp", 0.1), "identity": ("identity", "mlp", 0.1),
+           "ekfac_all_linear": ("ekfac", "all", 0.1)}
+SWEEP = {"ekfac_damping_0.01": ("ekfac", "mlp", 0.01), "ekfac_damping_1": ("ekfac", "mlp", 1.0),
+         "ekfac_all_linear_damping_0.01": ("ekfac", "all", 0.01), "ekfac_all_linear_damping_1": ("ekfac", "all", 1.0),
+         "kfac_all_linear": ("kfac", "all", 0.1), "identity_all_linear": ("identity", "all", 0.1)}
+
+
+def method_scores(model, train_batches, query_batches, train_texts, query_texts, methods: dict, saved: Path):
+    """Scores ``[Q, n]`` per method (positive = proponent) and each method's seconds; factored scores are
+    kept in ``saved`` (npz) and read from there on a later run (the full model is deterministic)."""
     from influent.factored_influence import FactorConfig, FactoredInfluence
     from influent.models.causal_lm import CausalLMTask, mlp_pattern
     from influent.retrieval import CandidateFilter
 
     out, seconds = {}, {}
+    if saved.exists():
+        with np.load(saved) as z:
+            out = {k: z[k] for k in z.files if not k.startswith("seconds:")}
+            seconds = {k: float(z["seconds:" + k]) for k in out}
     mlp = mlp_pattern(model)
-    for name, strategy, modules in (("ekfac", "ekfac", mlp), ("kfac", "kfac", mlp), ("identity", "identity", mlp),
-                                    ("ekfac_all_linear", "ekfac", "all")):
+    for name, (strategy, modules, fraction) in methods.items():
+        if name in out:
+            continue
         t0 = time.perf_counter()
-        method = FactoredInfluence(model, CausalLMTask(), train_batches,
-                                   FactorConfig(strategy=strategy, modules=modules), progress=False)
+        config = FactorConfig(strategy=strategy, modules=mlp if modules == "mlp" else modules,
+                              damping_fraction=fraction)
+        method = FactoredInfluence(model, CausalLMTask(), train_batches, config, progress=False)
         out[name] = method.pairwise_scores(query_batches).numpy()
         seconds[name] = round(time.perf_counter() - t0, 2)
         log(f"{name}: scores in {seconds[name]:.1f} s")
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(saved, **out, **{"seconds:" + k: np.array(v) for k, v in seconds.items()})
+    out = {k: out[k] for k in methods}
     t0 = time.perf_counter()
     ranker = CandidateFilter(train_texts)
     out["tfidf"] = np.stack([ranker.relevance(q, "tfidf") for q in query_texts])
     seconds["tfidf"] = round(time.perf_counter() - t0, 2)
     return out, seconds
+
+
+def order_noise(args, config, train, query_batches, mask, first: np.ndarray) -> dict:
+    """Retraining noise at a fixed subset: the first subset retrained with the same initialisation and
+    ``--noise-retrains`` other data orders; per query the std of its loss over those runs (and the first)."""
+    kept = [s for s, k in zip(train, mask) if k]
+    runs = [first]
+    for k in range(1, args.noise_retrains + 1):
+        model = train_from_scratch(config, kept, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                   seed=args.seed, order_seed=args.seed + k)
+        runs.append(losses(model, query_batches))
+        log(f"order-noise retrain {k}/{args.noise_retrains}")
+    runs = np.array(runs)
+    return {"runs": len(runs), "std_over_orders_mean": float(runs.std(0, ddof=1).mean())}
 
 
 def main() -> None:
@@ -210,6 +248,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work-dir", required=True, help="retrain results are kept (and resumed) here")
     ap.add_argument("--probe", action="store_true", help="train the full model and one half, print timings")
+    ap.add_argument("--sweep", action="store_true", help="also the damping / module variants (SWEEP)")
+    ap.add_argument("--noise-retrains", type=int, default=0,
+                    help="retrain the first subset K more times, same initialisation, data order seeds seed+1..K")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -253,9 +294,12 @@ def main() -> None:
         print(json.dumps({"full_s": full_s, "half_s": half_s, "params": n_params, **fit}))
         return
 
-    scores, score_s = method_scores(full, train_batches, query_batches, train_texts, query_texts)
+    methods = {**METHODS, **(SWEEP if args.sweep else {})}
+    scores, score_s = method_scores(full, train_batches, query_batches, train_texts, query_texts, methods,
+                                    Path(args.work_dir) / f"scores-{run_key(args)}.npz")
     actual, retrain_s = retrain_losses(args, config, train, query_batches, masks)
     base = losses(full, query_batches)
+    noise = order_noise(args, config, train, query_batches, masks[0], actual[0]) if args.noise_retrains else None
     results = {name: lds_summary(s, masks, actual, seed=args.seed) for name, s in scores.items()}
     for name, r in results.items():
         log(f"LDS {name}: {r['mean']:.3f} [{r['low']:.3f}, {r['high']:.3f}]")
@@ -263,6 +307,7 @@ def main() -> None:
         "benchmark": "lm_lds",
         "command": "OMP_NUM_THREADS=1 " + " ".join(["python", *sys.argv]),
         "settings": {k: v for k, v in vars(args).items() if k not in ("probe",)},
+        "methods": {k: dict(zip(("strategy", "modules", "damping_fraction"), v)) for k, v in methods.items()},
         "parameters": n_params,
         "vocab_size": len(tok),
         "unk_share": round(unk, 4),
@@ -271,7 +316,8 @@ def main() -> None:
         "full_train_s": round(full_s, 1),
         "retrain_s_mean": round(float(np.mean(retrain_s)), 1),
         "score_s": score_s,
-        "actual_query_loss_std_over_subsets_mean": float(actual.std(0).mean()),
+        "actual_query_loss_std_over_subsets_mean": float(actual.std(0, ddof=1).mean()),
+        "order_noise": noise,
         "query_loss_full_model_mean": float(base.mean()),
         "query_loss_subsets_mean": float(actual.mean()),
         "lds": {n: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "per_query"}
