@@ -41,6 +41,7 @@ from influent.curvature.linear_grads import (
     GradBuffers,
     LinearCapture,
     PerExampleDots,
+    captured_passes,
     per_example_grads_from,
     select_linear_modules,
 )
@@ -101,25 +102,11 @@ def preconditioned_query_gradients(
 def _per_query(model, task, factors, query_batches, measurement: bool, reduce) -> dict[str, torch.Tensor]:
     """``reduce(name, a, g)`` (``[Q_batch, ...]``) per module and query batch, concatenated over queries."""
     modules = _modules(model, factors)
-    device = next(iter(modules.values())).weight.device
     out: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad(), LinearCapture(modules) as cap:
-            for batch in query_batches:
-                batch = batch_to(batch, device)
-                cap.set_mask(task.token_mask(batch))
-                f = (
-                    task.query_measurement(model, batch)
-                    if measurement
-                    else task.per_example_loss(model, batch)
-                )
-                for name, a, g in cap.backward(f):
-                    with torch.no_grad():
-                        out[name].append(reduce(name, a, g))
-    finally:
-        model.train(was_training)
+    for _, captured in captured_passes(model, task, modules, query_batches, measurement):
+        for name, a, g in captured:
+            with torch.no_grad():
+                out[name].append(reduce(name, a, g))
     return {n: torch.cat(v) for n, v in out.items()}
 
 

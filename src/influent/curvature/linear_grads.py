@@ -28,7 +28,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from influent.errors import UserError
-from influent.task import Batch, Task
+from influent.task import Batch, Task, batch_to
 
 MLP_INCLUDE = ("intermediate.dense", "output.dense")
 MLP_EXCLUDE = ("attention.output.dense",)
@@ -287,3 +287,22 @@ def per_example_linear_grads(
         cap.set_mask(task.token_mask(batch))
         loss = task.per_example_loss(model, batch)
         return {n: per_example_grads_from(a, g) for n, a, g in cap.backward(loss)}
+
+
+def captured_passes(model: nn.Module, task: Task, modules: dict[str, nn.Linear], batches, measurement: bool = False):
+    """One backward pass per batch in eval mode: yields ``(f, captured)`` where ``f`` is the batch's per-example
+    training loss (or, with ``measurement``, the task's query measurement) and ``captured`` iterates
+    ``(name, a, g)`` of every module in ``modules`` (:class:`LinearCapture`, padding masked by
+    ``task.token_mask``). The model's training mode is restored afterwards."""
+    device = next(iter(modules.values())).weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), LinearCapture(modules) as cap:
+            for batch in batches:
+                batch = batch_to(batch, device)
+                cap.set_mask(task.token_mask(batch))
+                f = task.query_measurement(model, batch) if measurement else task.per_example_loss(model, batch)
+                yield f, cap.backward(f)
+    finally:
+        model.train(was_training)

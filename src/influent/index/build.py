@@ -25,13 +25,13 @@ from torch import nn
 
 from influent import distributed, store
 from influent.curvature.fingerprints import data_fingerprint, model_fingerprint
-from influent.curvature.linear_grads import LinearCapture, module_shapes, select_linear_modules
+from influent.curvature.linear_grads import captured_passes, module_shapes, select_linear_modules
 from influent.errors import UserError
 from influent.index import precondition as pre
 from influent.index import shards
 from influent.index.projection import KINDS, ModuleProjection, projections
 from influent.progress import progress_bar
-from influent.task import Batch, Task, batch_to
+from influent.task import Batch, Task
 
 FORMAT_VERSION = 2  # 2: the self-influence of every example is stored (RelatIF, cosine)
 
@@ -176,24 +176,15 @@ def _project_batches(model, task, batches, modules, proj: dict[str, ModuleProjec
     device = next(iter(modules.values())).weight.device
     covs = pre.CovarianceSums({n: (p.p_out.shape[0], p.p_in.shape[0]) for n, p in proj.items()}, device)
     out = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad(), LinearCapture(modules) as cap:
-            for batch in batches:
-                batch = batch_to(batch, device)
-                cap.set_mask(task.token_mask(batch))
-                loss = task.per_example_loss(model, batch)
-                parts = []
-                for name, a, g in cap.backward(loss):
-                    with torch.no_grad():
-                        pa, pg = proj[name].project_tokens(a, g)
-                        covs.add(name, pa, pg)
-                        parts.append(torch.bmm(pg.transpose(1, 2), pa).reshape(a.shape[0], -1))
-                out.append(torch.cat(parts, dim=1).float().cpu())
-                bar.update(int(loss.shape[0]))
-    finally:
-        model.train(was_training)
+    for loss, captured in captured_passes(model, task, modules, batches):
+        parts = []
+        for name, a, g in captured:
+            with torch.no_grad():
+                pa, pg = proj[name].project_tokens(a, g)
+                covs.add(name, pa, pg)
+                parts.append(torch.bmm(pg.transpose(1, 2), pa).reshape(a.shape[0], -1))
+        out.append(torch.cat(parts, dim=1).float().cpu())
+        bar.update(int(loss.shape[0]))
     return torch.cat(out), covs
 
 

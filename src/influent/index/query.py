@@ -21,14 +21,14 @@ import torch
 from torch import nn
 
 from influent import distributed, store
-from influent.curvature.linear_grads import LinearCapture, select_linear_modules
+from influent.curvature.linear_grads import captured_passes, select_linear_modules
 from influent.errors import CacheCorruptError, UserError
 from influent.factored_influence import pairwise_scores, self_scores
 from influent.index import precondition as pre
 from influent.index import shards
 from influent.index.projection import projections
 from influent.rankings import inverse_norm
-from influent.task import Batch, Task, batch_to, slice_batch
+from influent.task import Batch, Task, slice_batch
 
 BLOCK_ROWS = 16384  # rows of a shard multiplied at once (bounds the float32 copy of the mapped rows)
 
@@ -137,23 +137,13 @@ class GradientIndex:
         self.check_model(model)
         linear = select_linear_modules(model, "all")
         modules = {m: linear[m] for m in self.modules}
-        device = next(iter(modules.values())).weight.device
         out = []
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.enable_grad(), LinearCapture(modules) as cap:
-                for batch in query_batches:
-                    batch = batch_to(batch, device)
-                    cap.set_mask(task.token_mask(batch))
-                    f = task.query_measurement(model, batch)
-                    parts = {}
-                    for name, a, g in cap.backward(f):
-                        with torch.no_grad():
-                            parts[name] = self.projections[name].project(a, g).double().cpu()
-                    out.append(torch.cat([parts[m] for m in self.modules], dim=1))
-        finally:
-            model.train(was_training)
+        for _, captured in captured_passes(model, task, modules, query_batches, measurement=True):
+            parts = {}
+            for name, a, g in captured:
+                with torch.no_grad():
+                    parts[name] = self.projections[name].project(a, g).double().cpu()
+            out.append(torch.cat([parts[m] for m in self.modules], dim=1))
         return torch.cat(out)
 
     def precondition(self, rows: torch.Tensor) -> torch.Tensor:
