@@ -12,9 +12,12 @@ from influent.models.causal_lm import CausalLMTask, fine_tune, freeze_all_but_la
 from influent.models.causal_prefix import (
     CachedCausalTask,
     CausalSuffix,
+    HeadNLL,
     PrefixCache,
     ScoredPair,
+    TrainingCausalTask,
     cached_batches,
+    first_target_logprobs,
     pair_losses,
 )
 
@@ -100,6 +103,66 @@ def test_fine_tuning_on_the_fast_path_equals_the_full_model():
     assert runs[0].keys() == runs[1].keys()
     for k in runs[0]:
         torch.testing.assert_close(runs[1][k], runs[0][k], rtol=1e-6, atol=1e-9)
+
+
+def test_chunked_head_nll_equals_log_softmax_and_autograd(monkeypatch):
+    import influent.models.causal_prefix as cp
+
+    monkeypatch.setattr(cp, "HEAD_CHUNK", 7)  # 31 rows: 5 chunks, the last one partial
+    torch.manual_seed(1)
+    weight = torch.randn(31, 5, dtype=torch.float64) * 3
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 30, 7, 6, 13, 13])
+    want = -torch.log_softmax(x @ weight.t(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    got = HeadNLL.apply(x, weight, targets)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn(6, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0],
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_fused_optimizer_and_frozen_head_train_the_same_weights_as_the_plain_full_model(monkeypatch):
+    """The instruction victim's training loop (fused AdamW, the chunked head loss on the fast path) against
+    plain AdamW on the full model with its own ``lm_head`` call: same weights after 3 epochs."""
+    import influent.models.causal_prefix as cp
+
+    monkeypatch.setattr(cp, "HEAD_CHUNK", 5)
+    runs = []
+    for path in ("full", "fast"):
+        model, tok = tiny_llama()
+        freeze_all_but_last_blocks(model, 1)
+        full, scored = both(tok)
+        if path == "full":
+            fine_tune(model, lambda g, full=full: full, epochs=3, lr=1e-2, seed=5, progress=False)
+        else:
+            suffix = CausalSuffix(model, 1)
+            fast = cached_batches(PrefixCache(model, 1), scored, 3)
+            fine_tune(suffix, lambda g, fast=fast: fast, epochs=3, lr=1e-2, seed=5, progress=False,
+                      task=TrainingCausalTask(), fused=True)
+        runs.append(trainable_state(model))
+    for k in runs[0]:
+        assert not torch.equal(runs[0][k], tiny_llama()[0].state_dict()[k])  # it did train
+        torch.testing.assert_close(runs[1][k], runs[0][k], rtol=1e-6, atol=1e-9)
+
+
+def test_frozen_head_follows_its_weight_and_one_pass_scores_equal_pair_losses():
+    model, tok = tiny_llama()
+    freeze_all_but_last_blocks(model, 1)
+    suffix = CausalSuffix(model, 1)
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    torch.testing.assert_close(suffix.head(x), model.lm_head(x), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # an in-place change of the (tied) weight must not leave a stale transposed copy
+        model.lm_head.weight.mul_(2.0)
+    torch.testing.assert_close(suffix.head(x), model.lm_head(x), rtol=1e-12, atol=1e-12)
+    _, scored = both(tok)
+    single = [p for p in scored if len(p.completion_ids) == 1]
+    cache = PrefixCache(model, 1)
+    candidates = sorted({p.completion_ids[0] for p in single})
+    logp = first_target_logprobs(suffix, cached_batches(cache, single, 2), candidates)
+    for j, c in enumerate(candidates):
+        as_pairs = [ScoredPair(p.prompt_ids, (c,)) for p in single]
+        torch.testing.assert_close(-logp[:, j], pair_losses(suffix, cached_batches(cache, as_pairs, 3)),
+                                   rtol=1e-12, atol=1e-12)
 
 
 def test_prefix_cache_round_trips_through_safetensors(tmp_path):

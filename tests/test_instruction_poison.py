@@ -112,6 +112,25 @@ def test_success_is_scored_on_held_out_inputs_only(setup, monkeypatch):
     assert result["kind"]["n_clean"] == len(data.of("heldout", "kind"))
 
 
+def test_label_scores_from_one_pass_equal_each_label_scored_as_a_pair(setup):
+    """label_nll scores both label words from one pass per task (mixed tasks, eval batches of 5); the
+    definition: the summed NLL of each label word as the completion, pair by pair at the training batch size."""
+    from influent.models.causal_prefix import pair_losses
+
+    lm, data = setup
+    lm.fit(data.train, seed=2)
+    examples = data.heldout + data.validation
+    size, lm.eval_batch_size = lm.eval_batch_size, 5
+    try:
+        nll = lm.label_nll(examples)
+    finally:
+        lm.eval_batch_size = size
+    for label in (0, 1):
+        want = pair_losses(lm.suffix, lm.batches(examples, [label] * len(examples))).double().numpy()
+        np.testing.assert_allclose(nll[:, label], want, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(lm.predict(examples), (nll[:, 1] < nll[:, 0]).astype(int))
+
+
 def test_removal_retrains_from_the_same_seed(setup):
     lm, data = setup
     poisoned = dirty_label_poisons(data, 4, TRIGGER, seed=0)

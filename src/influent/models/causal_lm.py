@@ -233,13 +233,15 @@ def fine_tune(
     progress: bool = True,
     task: Task | None = None,
     on_epoch=None,
+    fused: bool = False,
 ) -> list[float]:
     """Seeded AdamW on the mean (over sequences) of :class:`CausalLMTask`'s loss, over trainable parameters.
 
     ``batches_for_epoch(generator)`` returns one epoch's batches in a seeded order. Dropout is on while
     training; the model is left in eval mode. Returns the mean loss of each epoch (nats per sequence).
     ``task``: another loss on the batches (default :class:`CausalLMTask`; the cached-prefix fast path passes
-    its own); ``on_epoch(epoch)``: called after each epoch (1-based), e.g. to snapshot a checkpoint.
+    its own); ``on_epoch(epoch)``: called after each epoch (1-based), e.g. to snapshot a checkpoint;
+    ``fused``: torch's fused AdamW kernel (the same update up to float rounding, ~5x faster per step on CPU).
 
     Raises:
         NumericalError: the loss became non-finite (before anything is saved).
@@ -249,7 +251,7 @@ def fine_tune(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("no trainable parameters", field="last_k")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
     task = task or CausalLMTask()
     history = []
     model.train()

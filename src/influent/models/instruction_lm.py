@@ -28,7 +28,9 @@ from influent.models.causal_prefix import (
     CausalSuffix,
     PrefixCache,
     ScoredPair,
+    TrainingCausalTask,
     cached_batches,
+    first_target_logprobs,
     last_states,
     pair_losses,
 )
@@ -56,11 +58,14 @@ class InstructionLM:
         model, tokenizer: e.g. from :func:`~influent.models.causal_lm.load_causal_lm` (model in float32/64).
         settings: the fine-tuning settings.
         cache_path: optional safetensors file for the prefix cache (read now, written by :meth:`save_cache`).
+        eval_batch_size: batch size of everything but training (scores, losses, representations); larger
+            batches read the vocabulary head's weight once for more examples (same numbers up to rounding).
     """
 
     def __init__(self, model: nn.Module, tokenizer, settings: TrainSettings | None = None,
-                 cache_path: str | Path | None = None):
+                 cache_path: str | Path | None = None, eval_batch_size: int = 64):
         self.model, self.tokenizer = model, tokenizer
+        self.eval_batch_size = eval_batch_size
         self.settings = settings or TrainSettings()
         freeze_all_but_last_blocks(model, self.settings.last_k)
         self.suffix = CausalSuffix(model, self.settings.last_k)
@@ -80,11 +85,13 @@ class InstructionLM:
         word = LABELS[example.task][example.label if label is None else label]
         return ScoredPair(self._encode(example.prompt, True), self._encode(" " + word, False))
 
-    def batches(self, examples: Sequence[Example], labels: Sequence[int] | None = None) -> list[dict]:
-        """Cached batches of the examples (with ``labels`` instead of their own, if given), in order."""
+    def batches(self, examples: Sequence[Example], labels: Sequence[int] | None = None,
+                batch_size: int | None = None) -> list[dict]:
+        """Cached batches of the examples (with ``labels`` instead of their own, if given), in order; of the
+        training batch size unless ``batch_size`` is given."""
         labels = [None] * len(examples) if labels is None else list(labels)
         return cached_batches(self.cache, [self.pair(e, y) for e, y in zip(examples, labels)],
-                              self.settings.batch_size)
+                              batch_size or self.settings.batch_size)
 
     def reset(self) -> None:
         """Put the base model's trainable weights back (in place)."""
@@ -107,13 +114,25 @@ class InstructionLM:
 
         s = self.settings
         return fine_tune(self.suffix, epoch_batches, epochs=s.epochs, lr=s.lr, seed=seed, progress=progress,
-                         task=self.task, on_epoch=on_epoch)
+                         task=TrainingCausalTask(), on_epoch=on_epoch, fused=True)
 
     def label_nll(self, examples: Sequence[Example]) -> np.ndarray:
         """``[N, 2]``: summed NLL (nats) of each of the task's label words as the completion."""
         out = np.zeros((len(examples), 2))
-        for label in (0, 1):
-            out[:, label] = pair_losses(self.suffix, self.batches(examples, [label] * len(examples))).numpy()
+        size = self.eval_batch_size
+        by_task: dict[str, list[int]] = {}
+        for i, e in enumerate(examples):
+            by_task.setdefault(e.task, []).append(i)
+        for task, idx in by_task.items():
+            part = [examples[i] for i in idx]
+            words = [self._encode(" " + w, False) for w in LABELS[task]]
+            if all(len(w) == 1 for w in words):  # both candidates from one pass (they share the input)
+                logp = first_target_logprobs(self.suffix, self.batches(part, [0] * len(part), size),
+                                             [w[0] for w in words])
+                out[idx] = -logp.double().numpy()
+                continue
+            for label in (0, 1):
+                out[idx, label] = pair_losses(self.suffix, self.batches(part, [label] * len(part), size)).numpy()
         return out
 
     def predict(self, examples: Sequence[Example]) -> np.ndarray:
@@ -123,11 +142,11 @@ class InstructionLM:
 
     def losses(self, examples: Sequence[Example]) -> np.ndarray:
         """Each example's loss at its own label (nats), ``[N]``."""
-        return pair_losses(self.suffix, self.batches(examples)).double().numpy()
+        return pair_losses(self.suffix, self.batches(examples, batch_size=self.eval_batch_size)).double().numpy()
 
     def representations(self, examples: Sequence[Example]) -> np.ndarray:
         """The final-norm hidden state that predicts each example's completion, ``[N, H]``."""
-        return last_states(self.suffix, self.batches(examples)).double().numpy()
+        return last_states(self.suffix, self.batches(examples, batch_size=self.eval_batch_size)).double().numpy()
 
     def save_cache(self) -> None:
         self.cache.save()
