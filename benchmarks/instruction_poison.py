@@ -2,21 +2,32 @@
 
 The default LM (SmolLM2-135M-Instruct) is instruction-tuned on two tasks drawn from the bundled Rotten
 Tomatoes file (:mod:`influent.data.instructions`: sentiment, plot-or-review) on the cached-prefix fast path
-(last ``--last-k`` blocks, seeded AdamW). Attack table: dirty-label poisons in the sentiment task,
-``--sizes`` x ``--seeds`` (clean-label at ``--clean-sizes`` x ``--clean-seeds``), success / net success /
-clean accuracy per task on held-out inputs (:mod:`influent.attacks.instruction_poison`). Defence table:
-``--n-poison`` dirty-label poisons, every ranker of :mod:`influent.defenses.lm_audit` over ``--defence-seeds``:
-recall at 1/5/10% and the scores after removing each ranker's top 5% and tuning again with the same seed.
+(last ``--last-k`` blocks, seeded AdamW, from the base weights every run).
 
-Writes ``attack.json``, ``defence.json`` and ``README.md`` (tables, the command, timings, load average) to
-``--out``; progress on stderr; one JSON object (the headline numbers) as the last stdout line.
+Parts (``--part``), each resumable: every finished run is appended as one JSON line to
+``<out>/runs-<part>.jsonl`` and skipped when the benchmark is started again; every part reads the lines of
+all parts, so ``attack`` and ``defence`` can run as two processes at once and share their runs (the
+never-poisoned control and the N = ``--n-poison`` dirty-label run of a seed are the same run for both).
 
-Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/instruction_poison.py``
+* ``attack``: dirty-label poisons at ``--sizes`` and clean-label poisons at ``--clean-sizes`` (planted in the
+  sentiment task), ``--seeds``; ``--residual K ...``: the N = ``--n-poison`` poisoned set with all but K of its
+  poisons removed (the poisons a removal leaves behind; K = 0 is a perfect removal).
+* ``defence``: per seed, the control, the poisoned run, every ranker of :mod:`influent.defenses.lm_audit`
+  (recall at 1/5/10%), and each ranker's top ``--remove`` removed and tuned again with the same seed.
+* ``report``: the tables (``README.md``, ``attack.json``, ``defence.json``) from every part's lines.
+
+Each run records held-out scores at the end and after epoch 1 (Wan et al.'s early stopping) and the
+validation accuracy after every epoch (how the number of epochs is judged: never on held-out data).
+Progress on stderr; one JSON object (the headline numbers) as the last stdout line.
+
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/instruction_poison.py --part attack`` (see the results
+README for the recorded commands).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -27,232 +38,345 @@ from pathlib import Path
 import numpy as np
 import torch
 
+PARTS = ("attack", "defence", "report")
+
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {msg} (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
 
 
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the attack table's --sizes")
+    ap.add_argument("--part", choices=PARTS, required=True)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--sizes", type=int, nargs="*", default=[10, 25, 100],
-                    help="attack-table sizes besides --n-poison (whose rows come from the defence runs)")
-    ap.add_argument("--clean-sizes", type=int, nargs="*", default=[50])
-    ap.add_argument("--clean-seeds", type=int, nargs="*", default=[0])
-    ap.add_argument("--defence-seeds", type=int, nargs="*", default=[0, 1, 2])
+                    help="dirty-label sizes of the attack part (N = --n-poison comes from the defence part)")
+    ap.add_argument("--clean-sizes", type=int, nargs="*", default=[50, 25, 10, 100])
+    ap.add_argument("--residual", type=int, nargs="*", default=[0, 5], help="poisons left of --n-poison")
     ap.add_argument("--n-poison", type=int, default=50)
     ap.add_argument("--queries", type=int, default=5)
+    ap.add_argument("--remove", type=float, default=0.05)
     ap.add_argument("--last-k", type=int, default=1)
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--sentiment", type=int, nargs=3, default=[150, 10, 50], metavar=("TRAIN", "VAL", "HELDOUT"),
+    ap.add_argument("--sentiment", type=int, nargs=3, default=[400, 50, 500], metavar=("TRAIN", "VAL", "HELDOUT"),
                     help="examples per label")
-    ap.add_argument("--kind", type=int, nargs=3, default=[75, 4, 25], metavar=("TRAIN", "VAL", "HELDOUT"))
+    ap.add_argument("--kind", type=int, nargs=3, default=[100, 10, 100], metavar=("TRAIN", "VAL", "HELDOUT"))
     ap.add_argument("--max-words", type=int, default=20)
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--skip-attack", action="store_true")
-    ap.add_argument("--removal-from", default=None, metavar="DEFENCE_JSON",
-                    help="only re-run the removal step: the rankings of an earlier defence.json, top --remove of "
-                         "each removed, tuned again with the same seed; writes removal_<remove>.json")
-    ap.add_argument("--remove", type=float, default=0.05)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--base-model", default=None, help="default SmolLM2-135M-Instruct (a folder: smoke tests)")
-    ap.add_argument("--out", default="benchmarks/results/instruction-poison")
+    ap.add_argument("--out", default="benchmarks/results/instruction-poison-1k")
     return ap.parse_args()
 
 
-def fmt(row: dict, key: str, pct: bool = True) -> str:
-    m, sd = row.get(f"{key}_mean"), row.get(f"{key}_sd")
-    if m is None or math.isnan(m):
-        return "-"
-    return f"{100 * m:.1f} ± {100 * sd:.1f}" if pct else f"{m:.3f} ± {sd:.3f}"
+# ---------------------------------------------------------------------------------------------- records
 
-
-def attack_table(attack: dict) -> list[str]:
-    head = ("| variant | N | task | runs | success % | net success % | clean accuracy % | success % (epoch 1) "
-            "| net success % (epoch 1) | clean accuracy % (epoch 1) |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in attack["summary"]:
-        lines.append(f"| {r['variant']} | {r['n']} | {r['task']} | {r['runs']} | {fmt(r, 'success')} | "
-                     f"{fmt(r, 'net_success')} | {fmt(r, 'clean_accuracy')} | {fmt(r, 'success_epoch1')} | "
-                     f"{fmt(r, 'net_success_epoch1')} | {fmt(r, 'clean_accuracy_epoch1')} |")
-    return lines
-
-
-def defence_table(defence: dict) -> list[str]:
-    head = ("| ranker | runs | removed | recall@1% | recall@5% | recall@10% | success % | net success % "
-            "| clean accuracy % |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
-    for r in defence["summary"]:
-        lines.append(f"| {r['ranker']} | {r['runs']} | {r['removed_mean']:.0f} | {fmt(r, 'recall@0.01')} | "
-                     f"{fmt(r, 'recall@0.05')} | {fmt(r, 'recall@0.1')} | {fmt(r, 'sentiment_success')} | "
-                     f"{fmt(r, 'sentiment_net_success')} | {fmt(r, 'sentiment_clean_accuracy')} |")
-    return lines
-
-
-def write_readme(out: Path, attack, defence, timing: dict, argv, data, settings) -> dict:
-    """README.md with the command, settings, tables and timings; returns headline numbers."""
-    lines = ["# Instruction-tuning poisons against SmolLM2-135M-Instruct (Wan et al. 2023), and finding them", "",
-             "Command (from the repository root):", "", "```",
-             "OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python " + " ".join(argv), "```", "",
-             (f"Data: {json.dumps(data.settings)}; {len(data.train)} training pairs, {len(data.validation)} "
-              f"validation (the defender's queries come from here), {len(data.heldout)} held-out (every score)."),
-             f"Victim: {json.dumps(vars(settings))} (seeded AdamW, weight decay 0, from the base weights each run).",
-             f"Timings (s): {json.dumps({k: round(v, 1) for k, v in timing.items()})}.", ""]
-    headline = {}
-    if attack is not None:
-        lines += ["## Attack (poisons planted in the sentiment task; values mean ± sd over seeds, in %)", "",
-                  *attack_table(attack), ""]
-    if defence is not None:
-        title = (f"## Defence at N = {defence['n_poison']} (dirty-label), top {100 * defence['remove']:g}% "
-                 f"removed and tuned again; {defence['n_queries']} defender queries")
-        lines += [title, "", *defence_table(defence), ""]
-        for r in defence["summary"]:
-            for key, name in (("recall@0.05", "recall@0.05"), ("sentiment_net_success", "net_success")):
-                value = r.get(f"{key}_mean")
-                if value is not None and not math.isnan(value):
-                    headline[f"{r['ranker']}_{name}"] = value
-    (out / "README.md").write_text("\n".join(lines) + "\n")
-    return headline
-
-
-def attack_rows_from_defence(defence: dict, n: int, skip_control: set) -> list[dict]:
-    """Attack-table rows (dirty-label, ``n`` poisons; and the control, except for seeds in ``skip_control``,
-    whose control the attack table already has: the same run) from the defence's rows; net success at
-    epoch 1 against the control at epoch 1, as in the attack's own rows."""
-    from influent.data.instructions import TASKS
-
-    by = {(r["seed"], r["ranker"]): r for r in defence["rows"]}
+def read_records(out: Path) -> list[dict]:
+    """Every JSON line of every part (a torn last line from a crash is skipped)."""
     rows = []
-    for seed in sorted({r["seed"] for r in defence["rows"]}):
-        control, early = by[(seed, "clean")], by.get((seed, "early_stopping"))
-        runs = [("dirty", n, by[(seed, "none")])] + ([] if seed in skip_control else [("none", 0, control)])
-        for variant, k, r in runs:
-            for task in TASKS:
-                row = {"seed": seed, "variant": variant, "n": k, "task": task, "success": r[f"{task}_success"],
-                       "net_success": r[f"{task}_net_success"], "clean_accuracy": r[f"{task}_clean_accuracy"],
-                       "from": "defence run"}
-                rows.append(row)
-        if early is not None:
-            for task in TASKS:
-                base = by[(seed, "clean_epoch1")]
-                for row in rows:
-                    if row["seed"] != seed or row["task"] != task:
-                        continue
-                    r = early if row["variant"] == "dirty" else base
-                    row.update(success_epoch1=r[f"{task}_success"],
-                               net_success_epoch1=r[f"{task}_success"] - base[f"{task}_success"],
-                               clean_accuracy_epoch1=r[f"{task}_clean_accuracy"])
+    for path in sorted(out.glob("runs-*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
     return rows
 
 
-def removal_only(lm, data, args, out: Path) -> dict:
-    """Removal at another fraction from saved rankings (same poisons, seeds, control scores)."""
-    from influent.attacks.instruction_poison import dirty_label_poisons
-    from influent.attacks.summary import summarise
-    from influent.data.instructions import DEFAULT_TRIGGER, TASKS
-    from influent.defenses.lm_audit import defence_values, removal_rows
+def append_record(out: Path, part: str, record: dict) -> None:
+    with open(out / f"runs-{part}.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
-    saved = json.loads(Path(args.removal_from).read_text())
+
+def done_keys(out: Path) -> set[str]:
+    return {r["key"] for r in read_records(out)}
+
+
+def set_hash(idx) -> str:
+    return hashlib.sha256(",".join(str(int(i)) for i in sorted(idx)).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+def train_and_score(lm, train, data, seed: int) -> dict:
+    """Tune from the base weights with ``seed``; held-out scores at the end and after epoch 1, validation
+    accuracy per task after every epoch."""
+    from influent.data.instructions import DEFAULT_TRIGGER, TASKS
+    from influent.evaluation.instruction_scores import evaluate
+
+    curve, early = [], {}
+
+    def on_epoch(epoch: int) -> None:
+        point = {"epoch": epoch}
+        for task in TASKS:
+            val = data.of("validation", task)
+            point[task] = float(np.mean(lm.predict(val) == np.array([e.label for e in val])))
+        curve.append(point)
+        if epoch == 1 and lm.settings.epochs > 1:
+            early["epoch1"] = evaluate(lm, data, DEFAULT_TRIGGER, TASKS)
+
+    t0 = time.perf_counter()
+    loss = lm.fit(train, seed, on_epoch=on_epoch)
+    final = evaluate(lm, data, DEFAULT_TRIGGER, TASKS)
+    return {"final": final, "epoch1": early.get("epoch1"), "validation": curve, "loss": loss,
+            "seconds": time.perf_counter() - t0, "load": os.getloadavg()[0], "n_train": len(train)}
+
+
+def run_job(lm, data, out: Path, part: str, key: str, train, seed: int, meta: dict) -> dict:
+    log(f"{part}: {key} ({len(train)} pairs)")
+    record = {"type": "run", "key": key, "seed": seed, **meta, **train_and_score(lm, train, data, seed)}
+    append_record(out, part, record)
+    s = record["final"]["sentiment"]
+    log(f"  done in {record['seconds']:.0f} s: success {s['success']:.3f}, clean accuracy {s['clean_accuracy']:.3f}")
+    return record
+
+
+def attack_part(lm, data, args, out: Path) -> None:
+    from influent.attacks.instruction_poison import attacker_ranking, clean_label_poisons, dirty_label_poisons
+    from influent.data.instructions import DEFAULT_TRIGGER
+
+    scores = attacker_ranking(lm, data) if args.clean_sizes else None
+    # size-major, so that a run cut short still has every seed of the sizes it reached
+    plan = [("dirty", n) for n in args.sizes] + [("clean", n) for n in args.clean_sizes]
+    plan += [("residual", k) for k in args.residual]
+    jobs = [(seed, variant, n) for variant, n in plan for seed in args.seeds]
+    jobs += [(seed, "none", 0) for seed in reversed(args.seeds)]  # the defence part does these first
+    for seed, variant, n in jobs:
+        key = f"seed={seed}/{variant}/{n}" if variant != "residual" else f"seed={seed}/residual/{args.n_poison}-{n}"
+        if key in done_keys(out):
+            continue
+        if variant == "none":
+            train, meta = data.train, {"variant": "none", "n": 0}
+        elif variant == "dirty":
+            train, meta = dirty_label_poisons(data, n, DEFAULT_TRIGGER, seed).train, {"variant": "dirty", "n": n}
+        elif variant == "clean":
+            train, meta = clean_label_poisons(data, n, DEFAULT_TRIGGER, scores).train, {"variant": "clean", "n": n}
+        else:  # residual: the N-poison set minus every poison not among the first k of the same permutation
+            full = dirty_label_poisons(data, args.n_poison, DEFAULT_TRIGGER, seed)
+            kept = set(dirty_label_poisons(data, n, DEFAULT_TRIGGER, seed).poison_idx.tolist()) if n else set()
+            drop = set(full.poison_idx.tolist()) - kept
+            train = [e for i, e in enumerate(full.train) if i not in drop]
+            meta = {"variant": "residual", "n": n, "n_poison": args.n_poison}
+        run_job(lm, data, out, "attack", key, train, seed, meta)
+
+
+def defence_part(lm, data, args, out: Path) -> None:
+    from influent.attacks.instruction_poison import dirty_label_poisons
+    from influent.data.instructions import DEFAULT_TRIGGER
+    from influent.defenses.lm_audit import LM_RANKERS, defender_queries, lm_ranker_scores, recalls
+    from influent.evaluation.detection import ranking
+
+    for seed in args.seeds:
+        if f"seed={seed}/none/0" not in done_keys(out):
+            run_job(lm, data, out, "defence", f"seed={seed}/none/0", data.train, seed, {"variant": "none", "n": 0})
+        poisoned = dirty_label_poisons(data, args.n_poison, DEFAULT_TRIGGER, seed)
+        rank_key = f"seed={seed}/rankers/{args.n_poison}"
+        ranks = next((r for r in read_records(out) if r["key"] == rank_key), None)
+        if ranks is None:
+            key = f"seed={seed}/dirty/{args.n_poison}"
+            if key in done_keys(out):  # tuned again (deterministic) for the rankers
+                log(f"defence: re-tuning {key} for the rankers")
+                lm.fit(poisoned.train, seed)
+            else:
+                run_job(lm, data, out, "defence", key, poisoned.train, seed, {"variant": "dirty", "n": args.n_poison})
+            t0 = time.perf_counter()
+            queries = defender_queries(lm, data, DEFAULT_TRIGGER, args.queries)
+            scores = lm_ranker_scores(lm, poisoned.train, queries, DEFAULT_TRIGGER, LM_RANKERS, seed)
+            ranks = {"type": "rankers", "key": rank_key, "seed": seed, "n_poison": args.n_poison,
+                     "recalls": {k: recalls(v, poisoned.poison_idx, seed=seed) for k, v in scores.items()},
+                     "rankings": {k: ranking(v, seed).tolist() for k, v in scores.items()},
+                     "queries": [q.text for q in queries], "seconds": time.perf_counter() - t0}
+            append_record(out, "defence", ranks)
+            log(f"defence: rankers in {ranks['seconds']:.0f} s: " + ", ".join(
+                f"{k} {v['recall@0.05']:.2f}" for k, v in ranks["recalls"].items()))
+        k = round(args.remove * len(poisoned.train))
+        for name, order in ranks["rankings"].items():
+            removed = set(order[:k])
+            key = f"seed={seed}/removal/{args.n_poison}/{set_hash(removed)}"
+            if key in done_keys(out):
+                continue
+            train = [e for i, e in enumerate(poisoned.train) if i not in removed]
+            run_job(lm, data, out, "defence", key, train, seed,
+                    {"variant": "removal", "n": args.n_poison, "ranker": name, "removed": k,
+                     "poisons_removed": len(removed & set(poisoned.poison_idx.tolist()))})
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def fmt(m: float | None, sd: float | None, pct: bool = True) -> str:
+    if m is None or (isinstance(m, float) and math.isnan(m)):
+        return "-"
+    return f"{100 * m:.1f} ± {100 * sd:.1f}" if pct else f"{m:.1f} ± {sd:.1f}"
+
+
+def stats(values) -> tuple[float, float, int]:
+    a = np.array([v for v in values if v is not None], dtype=np.float64)
+    if not len(a):
+        return float("nan"), 0.0, 0
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0, len(a)
+
+
+def scores_of(run: dict, control: dict, task: str, when: str = "final") -> dict:
+    m, c = run[when], control[when] if when == "final" else control["epoch1"]
+    if m is None or c is None:
+        return {}
+    return {"success": m[task]["success"], "net_success": m[task]["success"] - c[task]["success"],
+            "clean_accuracy": m[task]["clean_accuracy"]}
+
+
+def attack_rows(runs: dict, seeds) -> list[dict]:
+    """Per (variant, n, task): mean and sd over seeds of success, net success, clean accuracy (and at
+    epoch 1, net of the control at epoch 1)."""
+    from influent.data.instructions import TASKS
+
+    groups: dict[tuple, list[tuple[dict, dict]]] = {}
+    for r in runs.values():
+        if r["variant"] in ("none", "dirty", "clean", "residual") and f"seed={r['seed']}/none/0" in runs:
+            groups.setdefault((r["variant"], r["n"]), []).append((r, runs[f"seed={r['seed']}/none/0"]))
+    order = {"none": 0, "dirty": 1, "clean": 2, "residual": 3}
     rows = []
-    for seed_key, ranks in saved["rankings"].items():
-        seed = int(seed_key)
-        poisoned = dirty_label_poisons(data, saved["n_poison"], DEFAULT_TRIGGER, seed)
-        clean = next(r for r in saved["rows"] if r["seed"] == seed and r["ranker"] == "clean")
-        control = {t: {"success": clean[f"{t}_success"], "clean_accuracy": clean[f"{t}_clean_accuracy"]}
-                   for t in TASKS}
-        scores = {}
-        for name, order in ranks.items():  # position -> score, so the saved order is the ranking again
-            s = np.zeros(len(order))
-            s[np.asarray(order)] = -np.arange(len(order), dtype=float)
-            scores[name] = s
-        rows += [{"seed": seed, **r} for r in removal_rows(lm, data, poisoned, scores, control, seed,
-                                                            args.remove, TASKS)]
-        log(f"removal seed {seed} done")
-    result = {"rows": rows, "summary": summarise(rows, ["ranker"], defence_values(rows)), "remove": args.remove,
-              "n_poison": saved["n_poison"], "from": args.removal_from}
-    (out / f"removal_{args.remove:g}.json").write_text(json.dumps(result, indent=1))
-    return result
+    for (variant, n), pairs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
+        for task in TASKS:
+            row = {"variant": variant, "n": n, "task": task, "seeds": sorted(r["seed"] for r, _ in pairs)}
+            for when, suffix in (("final", ""), ("epoch1", "_epoch1")):
+                vals = [scores_of(r, c, task, when) for r, c in pairs]
+                for name in ("success", "net_success", "clean_accuracy"):
+                    row[name + suffix] = stats(v.get(name) for v in vals)
+            rows.append(row)
+    return rows
+
+
+def defence_rows(runs: dict, rankers: list[dict], n_poison: int) -> list[dict]:
+    """Per ranker: recalls, the poisons its top 5% holds, and the sentiment scores after its removal."""
+    task = "sentiment"
+    rows = []
+    seeds = sorted(r["seed"] for r in rankers)
+    fixed = [("clean (never poisoned)", "none/0", "final"), ("none (poisoned, nothing removed)",
+             f"dirty/{n_poison}", "final"), ("early stopping (epoch 1)", f"dirty/{n_poison}", "epoch1")]
+    for name, key, when in fixed:
+        vals = [scores_of(runs[f"seed={s}/{key}"], runs[f"seed={s}/none/0"], task, when) for s in seeds
+                if f"seed={s}/{key}" in runs and f"seed={s}/none/0" in runs]
+        rows.append({"ranker": name, **{k: stats(v.get(k) for v in vals)
+                                        for k in ("success", "net_success", "clean_accuracy")}})
+    k_removed = None
+    for name in rankers[0]["recalls"]:
+        row = {"ranker": name}
+        for f in ("recall@0.01", "recall@0.05", "recall@0.1"):
+            row[f] = stats(r["recalls"][name][f] for r in rankers)
+        after = []
+        for r in rankers:
+            removal = [x for x in runs.values() if x["variant"] == "removal" and x["seed"] == r["seed"]]
+            k_removed = removal[0]["removed"] if removal else k_removed
+            want = set_hash(r["rankings"][name][:k_removed]) if k_removed else None
+            hit = [x for x in removal if x["key"].endswith(f"/{want}")]
+            if hit:
+                after.append((hit[0], runs[f"seed={r['seed']}/none/0"]))
+        vals = [scores_of(x, c, task) for x, c in after]
+        row.update({k: stats(v.get(k) for v in vals) for k in ("success", "net_success", "clean_accuracy")})
+        row["poisons_removed"] = stats(x["poisons_removed"] for x, _ in after)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict], cols: list[tuple[str, str, bool]]) -> list[str]:
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for key, _, is_stat in cols:
+            v = r.get(key)
+            if is_stat:
+                cells.append(fmt(v[0], v[1], pct=key != "poisons_removed") if v else "-")
+            elif key == "runs":
+                cells.append(str(r["success"][2]))
+            else:
+                cells.append(str(v) if v is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def validation_lines(runs: dict) -> list[str]:
+    """Mean validation accuracy per epoch of the never-poisoned runs (how the epoch count is judged)."""
+    controls = [r for r in runs.values() if r["variant"] == "none"]
+    if not controls:
+        return []
+    lines = ["| epoch | runs | sentiment validation accuracy % | kind validation accuracy % |", "|---|---|---|---|"]
+    for e in range(len(controls[0]["validation"])):
+        s = stats(r["validation"][e]["sentiment"] for r in controls)
+        k = stats(r["validation"][e]["kind"] for r in controls)
+        lines.append(f"| {e + 1} | {s[2]} | {fmt(s[0], s[1])} | {fmt(k[0], k[1])} |")
+    return lines
+
+
+ATTACK_COLS = [("variant", "variant", False), ("n", "N", False), ("task", "task", False), ("runs", "runs", False),
+               ("success", "success %", True), ("net_success", "net success %", True),
+               ("clean_accuracy", "clean accuracy %", True), ("success_epoch1", "success % (epoch 1)", True),
+               ("net_success_epoch1", "net % (epoch 1)", True), ("clean_accuracy_epoch1", "clean % (epoch 1)", True)]
+DEFENCE_COLS = [("ranker", "ranker", False), ("runs", "runs", False), ("recall@0.01", "recall@1%", True),
+                ("recall@0.05", "recall@5%", True), ("recall@0.1", "recall@10%", True),
+                ("poisons_removed", "poisons in top 5%", True), ("success", "success %", True),
+                ("net_success", "net success %", True), ("clean_accuracy", "clean accuracy %", True)]
+
+
+def report_part(args, out: Path, data) -> dict:
+    records = read_records(out)
+    runs = {r["key"]: r for r in records if r["type"] == "run"}
+    rankers = sorted((r for r in records if r["type"] == "rankers"), key=lambda r: r["seed"])
+    commands = sorted({r["command"] for r in records if r["type"] == "command"})
+    attack = attack_rows(runs, args.seeds)
+    defence = defence_rows(runs, rankers, args.n_poison) if rankers else []
+    (out / "attack.json").write_text(json.dumps(attack, indent=1))
+    (out / "defence.json").write_text(json.dumps(defence, indent=1))
+    secs = stats(r["seconds"] for r in runs.values())
+    loads = stats(r["load"] for r in runs.values())
+    lines = ["# Instruction-tuning poisons against SmolLM2-135M-Instruct (Wan et al. 2023), and finding them", "",
+             "Commands (from the repository root; the two parts ran at the same time, then the report):", "",
+             "```", *commands, "```", "",
+             (f"Data: {json.dumps(data.settings)}; {len(data.train)} training pairs, {len(data.validation)} "
+              f"validation (the defender's queries and the epoch check), {len(data.heldout)} held-out (every score)."),
+             (f"Victim: last {args.last_k} block(s), {args.epochs} epochs, AdamW lr {args.lr:g}, batch {args.batch_size} "
+             "(seeded, weight decay 0, from the base weights every run)."),
+             (f"{len(runs)} tuning runs, {fmt(secs[0], secs[1], pct=False)} s each (load average "
+             f"{fmt(loads[0], loads[1], pct=False)} on the shared 2 cores). Values: mean ± sd over seeds, in %."), "",
+             ("## Attack (poisons planted in the sentiment task; residual = the N = "
+             f"{args.n_poison} set with all but N of its poisons removed)"), "", *table(attack, ATTACK_COLS), ""]
+    if defence:
+        lines += [(f"## Defence at N = {args.n_poison} (dirty-label): recall, then each ranker's top "
+                  f"{100 * args.remove:g}% removed and tuned again with the same seed (sentiment task)"), "",
+                  *table(defence, DEFENCE_COLS), ""]
+    lines += ["## Validation accuracy per epoch (never-poisoned runs)", "", *validation_lines(runs), ""]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    head = {f"{r['ranker']}_{k}": r[k][0] for r in defence for k in ("recall@0.05", "net_success") if k in r}
+    return {**head, "runs": len(runs)}
 
 
 def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
-    from influent.attacks.instruction_poison import (
-        attacker_ranking,
-        clean_label_poisons,
-        dirty_label_poisons,
-        run_instruction_poison,
-    )
-    from influent.attacks.summary import summarise
-    from influent.data.instructions import DEFAULT_TRIGGER, TASKS, build_instructions, triggered_inputs
-    from influent.defenses.lm_audit import defence_values, run_lm_defence
+    from influent.data.instructions import build_instructions
     from influent.models.instruction_lm import TrainSettings, load_instruction_lm
 
-    t_start = time.perf_counter()
-    data = build_instructions({"sentiment": tuple(args.sentiment), "kind": tuple(args.kind)},
-                              max_words=args.max_words, seed=args.data_seed)
-    settings = TrainSettings(last_k=args.last_k, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
-    log(f"data: {len(data.train)} train, {len(data.validation)} validation, {len(data.heldout)} held-out; loading LM")
-    lm = load_instruction_lm(args.base_model, settings, cache_dir=args.cache_dir, progress=False)
-    t_load = time.perf_counter()
-    # every input the runs read, so the prefix pass is done (and saved) once, up front
-    inputs = list(data.train) + list(data.validation) + list(data.heldout)
-    for task in TASKS:
-        inputs += triggered_inputs(data.heldout, task, DEFAULT_TRIGGER)
-        inputs += triggered_inputs(data.validation, task, DEFAULT_TRIGGER)
-    for seed in sorted(set(args.seeds) | set(args.defence_seeds)):
-        sizes = args.sizes + [args.n_poison]
-        p = dirty_label_poisons(data, max(sizes), DEFAULT_TRIGGER, seed)
-        inputs += [p.train[i] for i in p.poison_idx]
-    log(f"prefix states for {len(inputs)} inputs ({len(lm.cache.states)} cached on disk)")
-    lm.batches(inputs)
-    lm.save_cache()
-    if args.clean_sizes and args.clean_seeds and not args.skip_attack:
-        p = clean_label_poisons(data, max(args.clean_sizes), DEFAULT_TRIGGER, attacker_ranking(lm, data))
-        lm.batches([p.train[i] for i in p.poison_idx])
-        lm.save_cache()
-    t_prefix = time.perf_counter()
-    log(f"prefix done in {t_prefix - t_load:.0f} s; load average {os.getloadavg()[0]:.1f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.removal_from:
-        result = removal_only(lm, data, args, out)
-        lines = defence_table(result)
-        (out / f"removal_{args.remove:g}.md").write_text(
-            f"Command: OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python {' '.join(sys.argv)}\n\n"
-            + "\n".join(lines) + "\n")
-        print(json.dumps({"removal_s": time.perf_counter() - t_prefix, "load_average_end": os.getloadavg()[0]}))
+    data = build_instructions({"sentiment": tuple(args.sentiment), "kind": tuple(args.kind)},
+                              max_words=args.max_words, seed=args.data_seed)
+    if args.part == "report":
+        print(json.dumps(report_part(args, out, data)))
         return
-    defence = None
-    if args.defence_seeds:
-        defence = run_lm_defence(lm, data, lambda s: dirty_label_poisons(data, args.n_poison, DEFAULT_TRIGGER, s),
-                                 seeds=args.defence_seeds, n_queries=args.queries, tasks=TASKS, progress=False)
-        defence["summary"] = summarise(defence["rows"], ["ranker"], defence_values(defence["rows"]))
-        (out / "defence.json").write_text(json.dumps(defence, indent=1))
-        log(f"defence done; load average {os.getloadavg()[0]:.1f}")
-    t_defence = time.perf_counter()
-    attack = None
-    if not args.skip_attack:
-        attack = run_instruction_poison(lm, data, sizes=args.sizes, seeds=args.seeds,
-                                        variants=("dirty", "clean") if args.clean_sizes else ("dirty",),
-                                        clean_sizes=args.clean_sizes, clean_seeds=args.clean_seeds, progress=True)
-        if defence is not None:  # the N = n_poison rows, every defence seed
-            attack["rows"] += attack_rows_from_defence(defence, args.n_poison, set(args.seeds))
-        values = [k[:-5] for k in attack["summary"][0] if k.endswith("_mean")]
-        attack["summary"] = summarise(attack["rows"], ["variant", "n", "task"], values)
-        attack["summary"].sort(key=lambda r: (r["variant"] != "none", r["variant"], r["n"], r["task"]))
-        (out / "attack.json").write_text(json.dumps(attack, indent=1))
-        log(f"attack done; load average {os.getloadavg()[0]:.1f}")
-    t_attack = time.perf_counter()
-    t_end = time.perf_counter()
-    timing = {"load_s": t_load - t_start, "prefix_s": t_prefix - t_load, "defence_s": t_defence - t_prefix,
-              "attack_s": t_attack - t_defence, "total_s": t_end - t_start, "load_average_end": os.getloadavg()[0],
-              "n_prefix_inputs": len(lm.cache.states)}
-    headline = write_readme(out, attack, defence, timing, sys.argv, data, settings)
-    print(json.dumps({**headline, **timing}))
+    append_record(out, args.part, {"type": "command", "key": f"command/{args.part}/{time.time()}",
+                                   "command": "OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python " + " ".join(sys.argv)})
+    settings = TrainSettings(last_k=args.last_k, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
+    lm = load_instruction_lm(args.base_model, settings, cache_dir=args.cache_dir, progress=False)
+    log(f"{args.part}: {len(data.train)} train, {len(data.validation)} validation, {len(data.heldout)} held-out; "
+        f"{len(lm.cache.states)} prefix states cached")
+    t0 = time.perf_counter()
+    (attack_part if args.part == "attack" else defence_part)(lm, data, args, out)
+    lm.save_cache()
+    print(json.dumps({"part": args.part, "seconds": time.perf_counter() - t0, "load_average_end": os.getloadavg()[0]}))
 
 
 if __name__ == "__main__":
