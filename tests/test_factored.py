@@ -437,18 +437,31 @@ def test_cache_round_trip_and_resume(tmp_path):
             return super().model_output(model, b)
 
     task = CountingTask()
-    batches = chunks(batch, 20, 2)  # 10 batches per pass, 2 passes for EK-FAC
+    batches = chunks(batch, 20, 2)  # 10 batches per pass, 2 passes for EK-FAC (1 with the captures kept)
     cfg = FactorConfig(strategy="ekfac", fisher="true", seed=1)
-    reference = fit_factors(model, task, batches, cfg, progress=False)
+    reference = fit_factors(model, task, batches, cfg, progress=False, memory_max_bytes=0)
     assert calls["n"] == 20
 
     calls.update(n=0, fail_at=15)  # dies in the eigenvalue-correction pass, after its checkpoint at 4
     with pytest.raises(KeyboardInterrupt):
-        fit_factors(model, task, batches, cfg, cache_dir=tmp_path, checkpoint_every=4, progress=False)
+        fit_factors(model, task, batches, cfg, cache_dir=tmp_path, checkpoint_every=4, progress=False,
+                    memory_max_bytes=0)
     assert any(tmp_path.rglob("partial-lambda.safetensors")) and any(tmp_path.rglob("eigen.safetensors"))
     calls.update(n=0, fail_at=None)
     resumed = fit_factors(model, task, batches, cfg, cache_dir=tmp_path, checkpoint_every=4, progress=False)
     assert calls["n"] == 10 - 4  # only the lambda batches after the checkpoint
+    for k in reference.tensors:
+        torch.testing.assert_close(resumed.tensors[k], reference.tensors[k], rtol=1e-10, atol=1e-12)
+
+    # one pass: an interruption in the covariance pass resumes from its checkpoint at 4; the batches
+    # captured after the resume are replayed, the first 4 recomputed: 6 + 4 calls in all
+    one_pass = tmp_path / "one-pass"
+    calls.update(n=0, fail_at=7)
+    with pytest.raises(KeyboardInterrupt):
+        fit_factors(model, task, batches, cfg, cache_dir=one_pass, checkpoint_every=4, progress=False)
+    calls.update(n=0, fail_at=None)
+    resumed = fit_factors(model, task, batches, cfg, cache_dir=one_pass, checkpoint_every=4, progress=False)
+    assert calls["n"] == 6 + 4
     for k in reference.tensors:
         torch.testing.assert_close(resumed.tensors[k], reference.tensors[k], rtol=1e-10, atol=1e-12)
 
@@ -467,7 +480,7 @@ def test_cache_round_trip_and_resume(tmp_path):
     assert not any(tmp_path.rglob("partial-*")) and not any(tmp_path.rglob("*.tmp"))
     # different settings or data -> a different cache entry
     fit_factors(model, task, batches[:5], cfg, cache_dir=tmp_path, progress=False)
-    assert calls["n"] == 10
+    assert calls["n"] == 5  # one pass of 5 batches
     assert len(list((tmp_path / "factors").iterdir())) == 2
 
 

@@ -36,7 +36,13 @@ from influent.curvature.fingerprints import data_fingerprint, model_fingerprint
 from influent.curvature.linear_grads import module_shapes, select_linear_modules
 from influent.curvature.passes import FitContext
 from influent.curvature.strategies import EIGEN_FILE, get_strategy
-from influent.curvature.token_cache import DEFAULT_MAX_BYTES, open_cache
+from influent.curvature.token_cache import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MEMORY_BYTES,
+    MemoryTokens,
+    estimated_bytes,
+    open_cache,
+)
 from influent.errors import CacheCorruptError, UserError
 from influent.task import Batch, Task, length_buckets
 
@@ -59,6 +65,8 @@ def fit_factors(
     bucket: bool = True,
     train_cache: str | Path | None = None,
     train_cache_max_bytes: int | None = DEFAULT_MAX_BYTES,
+    memory_max_bytes: int | None = DEFAULT_MEMORY_BYTES,
+    memory_tokens: MemoryTokens | None = None,
 ) -> Factors:
     """Fit (or load from the cache) the factored curvature of ``task``'s training loss.
 
@@ -79,6 +87,15 @@ def fit_factors(
             empirical Fisher writes them there, so that scoring ``batches`` with the same ``train_cache``
             runs no pass over them. Other fits write nothing (the first scoring does). None: no token cache.
         train_cache_max_bytes: do not write a token cache estimated larger than this (None: no limit).
+        memory_max_bytes: one-pass EK-FAC: when the tracked modules' captured training tokens are
+            estimated (:func:`~influent.curvature.token_cache.estimated_bytes`, padding included) at
+            most this many bytes, the covariance pass keeps them in memory and the eigenvalue correction
+            is computed from them with no second forward/backward pass (same factors). Above it, or 0,
+            the fit runs two passes. None: no limit. Default 2 GiB. Other strategies run one pass anyway.
+        memory_tokens: a :class:`~influent.curvature.token_cache.MemoryTokens` to keep them in instead
+            (its ``max_bytes`` is then the budget): after a one-pass or two-pass EK-FAC fit that ran
+            over all of ``batches`` it holds every batch's tokens in the final eigenbasis, as the passes
+            form them (for scoring the same batches with no pass; empty otherwise).
 
     Returns:
         :class:`Factors` over ``n = sum of batch sizes`` examples (averages, matching the mean loss).
@@ -96,6 +113,8 @@ def fit_factors(
     l2 = float(task.l2 or 0.0)
     key = store.fingerprint(FORMAT_VERSION, asdict(config), list(shapes.items()), data_fp, model_fp, l2, n)
     folder = None if cache_dir is None else Path(cache_dir) / "factors" / key
+    if memory_tokens is not None:
+        memory_tokens.clear()
     cached = _load(folder, config)
     if cached is not None:
         return cached
@@ -105,33 +124,17 @@ def fit_factors(
     tokens = None
     if train_cache is not None and strategy.token_factors_in_fit and config.fisher == "empirical":
         tokens = open_cache(
-            train_cache,
-            task=task,
-            factors_key=key,
-            modules=modules,
-            train_batches=batches,
-            pass_batches=fit_batches,
-            bucket=bucket,
-            max_bytes=train_cache_max_bytes,
+            train_cache, task=task, factors_key=key, modules=modules, train_batches=batches,
+            pass_batches=fit_batches, bucket=bucket, max_bytes=train_cache_max_bytes,
             train_fingerprint=data_fp if data_id is None else None,
-        )
+        )  # fmt: skip
     ctx = FitContext(
-        model=model,
-        task=task,
-        batches=fit_batches,
-        modules=modules,
-        shapes=shapes,
-        fisher=config.fisher,
-        label=f"fit {config.strategy}",
-        damping=config.damping,
-        damping_fraction=config.damping_fraction,
-        folder=folder,
-        checkpoint_every=checkpoint_every,
-        uniforms=_uniforms(config, n, order),
-        order=order,
-        progress=progress,
-        tokens=tokens,
-    )
+        model=model, task=task, batches=fit_batches, modules=modules, shapes=shapes, fisher=config.fisher,
+        label=f"fit {config.strategy}", damping=config.damping, damping_fraction=config.damping_fraction,
+        folder=folder, checkpoint_every=checkpoint_every, uniforms=_uniforms(config, n, order), order=order,
+        progress=progress, tokens=tokens,
+        memory=_memory(strategy, task, fit_batches, modules, memory_max_bytes, memory_tokens),
+    )  # fmt: skip
     was_training = model.training
     model.eval()
     try:
@@ -144,6 +147,15 @@ def fit_factors(
     if distributed.rank() == 0:  # under torch.distributed every rank holds the same factors; one writes them
         _save(folder, tensors, manifest)
     return Factors(config, manifest, tensors)
+
+
+def _memory(strategy, task, batches, modules, max_bytes, memory: MemoryTokens | None) -> MemoryTokens | None:
+    """The store an EK-FAC fit keeps its captures in (``memory``, or a new one of ``max_bytes``), if they fit."""
+    if not strategy.token_factors_in_fit or (memory is None and max_bytes == 0):
+        return None
+    memory = memory if memory is not None else MemoryTokens(max_bytes)
+    itemsize = next(iter(modules.values())).weight.element_size()
+    return memory if memory.reserve(estimated_bytes(task, batches, modules, itemsize)) else None
 
 
 def _uniforms(config: FactorConfig, n: int, order: torch.Tensor | None) -> torch.Tensor | None:

@@ -215,6 +215,25 @@ def per_example_grads_from(
     return torch.bmm(g.transpose(1, 2), a, out=out)
 
 
+def squared_grads_sum(a: torch.Tensor, g: torch.Tensor, buffers: GradBuffers | None = None) -> torch.Tensor:
+    """``sum_i G_i ** 2`` (elementwise; ``[d_out, d_in(+1)]``, dtype of ``g``) of ``G_i = sum_t g_it a_it^T``.
+
+    On CPU each ``G_i`` is formed and squared into the sum while it is in cache, one example at a time
+    (1 thread, 32 x 23 tokens, 512 x 128: about 25% faster than forming all of ``G`` first); elsewhere
+    the batched product, squared and summed.
+    """
+    if a.shape[1] == 1:
+        return (g[:, 0] ** 2).T @ (a[:, 0] ** 2)
+    if g.device.type != "cpu":
+        return per_example_grads_from(a, g, buffers).square_().sum(0)
+    total = g.new_zeros(g.shape[-1], a.shape[-1])
+    one = g.new_empty(g.shape[-1], a.shape[-1])
+    for gi, ai in zip(g.transpose(1, 2), a):
+        torch.mm(gi, ai, out=one)
+        total.addcmul_(one, one)
+    return total
+
+
 class PerExampleDots:
     """``<P_q, G_i>`` (``[Q, B]``) of fixed matrices ``P`` ``[Q, d_out, d_in]`` with per-example gradients.
 

@@ -66,6 +66,8 @@ class FitContext:
         order: input position of each example of ``batches`` (None: as given); resumes only the same order.
         progress: show progress bars.
         tokens: training token cache written by a pass that computes the rotated tokens (or None).
+        memory: :class:`~influent.curvature.token_cache.MemoryTokens` a pass keeps its captures in and a
+            later pass replays them from instead of running the model (or None: every pass runs it).
     """
 
     model: nn.Module
@@ -83,6 +85,7 @@ class FitContext:
     order: torch.Tensor | None = None
     progress: bool = True
     tokens: Any = None
+    memory: Any = None
 
     def damping_for(self, mean_eigenvalue: float) -> float:
         """The module's damping: the absolute one, or ``damping_fraction * mean_eigenvalue``."""
@@ -112,6 +115,9 @@ class FitContext:
         init: Callable[[], Sums],
         update: Callable[..., None],
         after_batch: Callable[[int], None] | None = None,
+        *,
+        keep: bool = False,
+        replay: bool = False,
     ) -> Sums:
         """One forward/backward pass over :attr:`batches` accumulating sums; resumable via :attr:`folder`.
 
@@ -120,6 +126,10 @@ class FitContext:
         in the flattened ``[B * T]`` axis (``None`` when every position counts), so that products over
         tokens can skip the padding. ``after_batch(i)`` runs after the updates of batch ``i``. Every
         ``n_examples`` entry of the sums counts the examples.
+
+        ``keep``: hold each batch's captured ``(name, a, g)`` in :attr:`memory` (when it is keeping);
+        ``replay``: a batch held there is taken from it, with no forward or backward pass (the same
+        tensors a pass would capture: the model is in eval mode and unchanged during the fit).
 
         Under torch.distributed (:mod:`influent.distributed`) rank ``r`` runs batches ``r, r + world, ...``
         and the sums are all-reduced at the end of the pass (every rank gets the totals); such a pass keeps
@@ -142,7 +152,7 @@ class FitContext:
                 if i not in mine:
                     bar.update(1)
                     continue
-                n_examples = self._accumulate(cap, i, offsets, sums, update)
+                n_examples = self._accumulate(cap, i, offsets, sums, update, keep, replay)
                 if after_batch is not None:
                     after_batch(i)
                 for k in sums:
@@ -173,23 +183,23 @@ class FitContext:
             return sums, 0
         return saved, start
 
-    def _accumulate(self, cap: LinearCapture, i: int, offsets, sums: Sums, update) -> int:
-        """Forward/backward of batch ``i``, ``update`` per module; returns its number of examples."""
+    def _accumulate(self, cap: LinearCapture, i: int, offsets, sums: Sums, update, keep, replay) -> int:
+        """Forward/backward of batch ``i`` (or its replay), ``update`` per module; returns its number of
+        examples."""
         device = next(iter(self.modules.values())).weight.device
         batch = batch_to(self.batches[i], device)
         mask = self.task.token_mask(batch)
-        cap.set_mask(mask)
-        if self.fisher == "true":
-            loss = self.task.sampled_loss(
-                self.model, batch, self.uniforms[offsets[i] : offsets[i + 1]].to(device)
-            )
-        else:
-            loss = self.task.per_example_loss(self.model, batch)
+        size = int(offsets[i + 1] - offsets[i])
+        captured = self.memory.read(i, size) if replay and self.memory is not None else None
+        if captured is None:
+            captured = self._capture(cap, batch, mask, offsets, i, device)
+            if keep and self.memory is not None:
+                self.memory.write(i, captured)
         n_tokens = mask.sum().to(torch.float64).cpu() if mask is not None else None  # only for masked inputs
         real_rows = None
         if mask is not None and bool((mask == 0).any()):
             real_rows = mask.reshape(-1).nonzero().squeeze(1)
-        for name, a, g in cap.backward(loss):
+        for name, a, g in captured:
             if mask is None or mask.shape != a.shape[:2]:
                 tokens = torch.tensor(float(a.shape[0] * a.shape[1]), dtype=torch.float64)
                 rows = None
@@ -197,7 +207,25 @@ class FitContext:
                 tokens, rows = n_tokens, real_rows
             with torch.no_grad():
                 update(sums, name, a, g, tokens, rows)
-        return int(loss.shape[0])
+        return size
+
+    def _capture(self, cap: LinearCapture, batch, mask, offsets, i: int, device):
+        """One forward/backward of ``batch`` (batch ``i``): the captured ``(name, a, g)`` of every module."""
+        cap.set_mask(mask)
+        if self.fisher == "true":
+            loss = self.task.sampled_loss(
+                self.model, batch, self.uniforms[offsets[i] : offsets[i + 1]].to(device)
+            )
+        else:
+            loss = self.task.per_example_loss(self.model, batch)
+        return cap.backward(loss)
+
+
+DENSE_SHARE = 0.75  # real tokens >= this share of the positions: products over all rows beat gathering rows
+
+
+def _mostly_real(x: torch.Tensor, rows: torch.Tensor | None) -> bool:
+    return rows is None or rows.numel() >= DENSE_SHARE * x.shape[0] * x.shape[1]
 
 
 def token_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -206,9 +234,16 @@ def token_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return flat if rows is None else flat.index_select(0, rows)
 
 
+def real_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """:func:`token_rows`, or all ``B * T`` rows when the padded ones are few (they are zero in the passes'
+    captures, so products over rows such as ``x^T x`` do not change; gathering would cost more)."""
+    return token_rows(x, None if _mostly_real(x, rows) else rows)
+
+
 def rotate_rows(x: torch.Tensor, basis: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """``x @ basis`` computed on the real-token rows only (padded rows of ``x`` are zero and stay zero)."""
-    if rows is None:
+    """``x @ basis`` computed on the real-token rows only (padded rows of ``x`` are zero and stay zero);
+    on every row when the padded ones are few (the same result, without the gather and scatter)."""
+    if _mostly_real(x, rows):
         return x @ basis
     out = x.new_zeros(x.shape[0] * x.shape[1], basis.shape[1])
     out.index_copy_(0, rows, token_rows(x, rows) @ basis)

@@ -28,8 +28,8 @@ import torch
 from influent import store
 from influent.curvature import keys
 from influent.curvature.eigh import EighOnce
-from influent.curvature.linear_grads import GradBuffers, per_example_grads_from
-from influent.curvature.passes import FitContext, read_checkpoint, rotate_rows, token_rows
+from influent.curvature.linear_grads import GradBuffers, squared_grads_sum
+from influent.curvature.passes import FitContext, read_checkpoint, real_rows, rotate_rows
 from influent.errors import NumericalError, UserError
 
 Tensors = dict[str, torch.Tensor]
@@ -130,10 +130,7 @@ class Diagonal(Strategy):
             return squared_gradient_sums(ctx.shapes, keys.DIAG_SUM)
 
         def update(sums, name, a, g, tokens, rows):
-            if a.shape[1] == 1:
-                d = (g[:, 0] ** 2).T @ (a[:, 0] ** 2)
-            else:
-                d = per_example_grads_from(a, g, buffers).square_().sum(0)
+            d = squared_grads_sum(a, g, buffers)
             sums[keys.tensor_key(name, keys.DIAG_SUM)] += d.to(device="cpu", dtype=torch.float64)
 
         sums = ctx.run_pass("diagonal", init, update)
@@ -174,14 +171,17 @@ class Kfac(Strategy):
         )
         return 1.0 / (lam.double() + damping)
 
-    def eigenbasis(self, ctx: FitContext) -> Tensors:
-        """Eigenvalues and eigenvectors of each module's ``A`` and ``S`` (saved as ``eigen.safetensors``)."""
+    def eigenbasis(self, ctx: FitContext, keep: bool = False) -> Tensors:
+        """Eigenvalues and eigenvectors of each module's ``A`` and ``S`` (saved as ``eigen.safetensors``).
+
+        ``keep``: the covariance pass keeps its captures in ``ctx.memory`` (for a later pass to replay).
+        """
         eigen_file = ctx.file(EIGEN_FILE)
         eig = read_checkpoint(eigen_file, "factor checkpoint")
         if eig is not None and all(keys.tensor_key(m, keys.EIGVEC_S) in eig for m in ctx.modules):
             return eig
         ctx.discard_checkpoints(keep="covariance")  # later stages' sums were taken in the old basis
-        sums = ctx.run_pass("covariance", *self._covariance_pass(ctx))
+        sums = ctx.run_pass("covariance", *self._covariance_pass(ctx), keep=keep)
         eigh_once = EighOnce()
         eig = {}
         for name in ctx.modules:
@@ -217,9 +217,9 @@ class Kfac(Strategy):
 
         def update(sums, name, a, g, tokens, rows):
             if shared.get("a") is not a:
-                af = token_rows(a, rows)
+                af = real_rows(a, rows)
                 shared["a"], shared["aa"] = a, (af.T @ af).to(device="cpu", dtype=torch.float64)
-            gf = token_rows(g, rows)
+            gf = real_rows(g, rows)
             sums[keys.tensor_key(name, keys.A_SUM)] += shared["aa"]
             sums[keys.tensor_key(name, keys.S_SUM)] += (gf.T @ gf).to(device="cpu", dtype=torch.float64)
             sums[keys.tensor_key(name, keys.N_TOKENS)] += tokens
@@ -229,14 +229,22 @@ class Kfac(Strategy):
 
 @register_strategy
 class Ekfac(Kfac):
-    """K-FAC's eigenbasis with eigenvalues corrected by a second pass over the projected gradients."""
+    """K-FAC's eigenbasis with eigenvalues corrected over the projected per-example gradients.
+
+    The correction is a second pass over the data, or, when ``ctx.memory`` kept the covariance pass's
+    captures, computed from them with no second forward/backward (the same tensors, so the same
+    eigenvalues); either way ``ctx.memory`` ends up holding the tokens in the final eigenbasis.
+    """
 
     name = "ekfac"
     token_factors_in_fit = True
 
     def fit(self, ctx: FitContext) -> Fitted:
-        eig = self.eigenbasis(ctx)
-        sums = ctx.run_pass("lambda", *self._lambda_pass(ctx, eig))
+        eig = self.eigenbasis(ctx, keep=True)
+        rotated: set[int] = set()  # batches whose tokens ctx.memory holds in the final eigenbasis
+        sums = ctx.run_pass("lambda", *self._lambda_pass(ctx, eig, rotated), replay=True)
+        if ctx.memory is not None and len(rotated) != len(ctx.batches):
+            ctx.memory.clear()  # a resumed or shared pass: some held tokens are raw captures, or none
         tensors, damping = dict(eig), {}
         for name in ctx.modules:
             lam = sums[keys.tensor_key(name, keys.LAMBDA_SUM)] / sums[
@@ -251,13 +259,14 @@ class Ekfac(Kfac):
         return 1.0 / (tensors[keys.tensor_key(name, keys.LAMBDA)].double() + damping)
 
     @staticmethod
-    def _lambda_pass(ctx: FitContext, eig: Tensors):
+    def _lambda_pass(ctx: FitContext, eig: Tensors, rotated: set[int]):
         """``(init, update, after_batch)`` of the pass summing ``(Q_S^T G_i Q_A) ** 2``; the rotated
-        tokens of each batch go to ``ctx.tokens`` (the training token cache) when there is one."""
+        tokens of each batch go to ``ctx.tokens`` (the training token cache) and ``ctx.memory`` when
+        there are, and the batch's index to ``rotated``."""
         buffers = GradBuffers()
         bases: dict = {}
         last: dict = {}  # the previous module's activations, basis and rotated activations
-        batch_tokens: list = []  # this batch's rotated (name, a, g), for the training token cache
+        batch_tokens: list = []  # this batch's rotated (name, a, g), for the token caches
 
         def basis(name, what, like):
             key = (name, what, like.dtype, like.device)
@@ -276,17 +285,17 @@ class Ekfac(Kfac):
                 ar = rotate_rows(a, qa, rows)
                 last.update(a=a, qa=qa, ar=ar)
             gr = rotate_rows(g, basis(name, keys.EIGVEC_S, g), rows)
-            if ctx.tokens is not None:
+            if ctx.tokens is not None or ctx.memory is not None:
                 batch_tokens.append((name, ar, gr))
-            if ar.shape[1] == 1:
-                lam = (gr[:, 0] ** 2).T @ (ar[:, 0] ** 2)
-            else:
-                lam = per_example_grads_from(ar, gr, buffers).square_().sum(0)
+            lam = squared_grads_sum(ar, gr, buffers)
             sums[keys.tensor_key(name, keys.LAMBDA_SUM)] += lam.to(device="cpu", dtype=torch.float64)
 
         def after_batch(index: int) -> None:
             if ctx.tokens is not None:
                 ctx.tokens.write(index, batch_tokens)
+            if ctx.memory is not None:
+                ctx.memory.write(index, batch_tokens)  # replaces the raw captures it replayed
+                rotated.add(index)
             batch_tokens.clear()
 
         return init, update, after_batch

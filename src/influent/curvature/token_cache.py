@@ -157,3 +157,70 @@ def open_cache(
     if train_fingerprint is None:
         train_fingerprint = data_fingerprint(train_batches)
     return TrainTokenCache(root, cache_key(factors_key, task, train_fingerprint, bucket), list(modules))
+
+
+DEFAULT_MEMORY_BYTES = 2 * 2**30
+
+
+def captured_bytes(captured: Captured) -> int:
+    """Bytes held by ``captured``'s tensors (an activation tensor shared by consecutive modules once)."""
+    seen: set[int] = set()
+    total = 0
+    for _, a, g in captured:
+        for t in (a, g):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+class MemoryTokens:
+    """Training token factors held in memory, per batch of the passes (the in-memory :class:`TrainTokenCache`).
+
+    The EK-FAC fit keeps its first pass's captured ``(name, a, g)`` here, computes the eigenvalue
+    correction from them instead of a second forward/backward pass, and leaves the tokens rotated into
+    the final eigenbasis (:meth:`Factors.rotate_tokens`), which scoring then reads like the token cache.
+    Nothing is kept unless the whole set is expected to fit: :meth:`reserve` with the
+    :func:`estimated_bytes` of the passes' batches, at most ``max_bytes`` (``None``: no limit; ``0``: off).
+    ``stamp`` is free for the owner to record what the tokens belong to (e.g. the model's state).
+
+    Args:
+        max_bytes: memory budget in bytes (default :data:`DEFAULT_MEMORY_BYTES`, 2 GiB).
+    """
+
+    def __init__(self, max_bytes: int | None = DEFAULT_MEMORY_BYTES):
+        self.max_bytes = max_bytes
+        self.active = False
+        self.stamp = None
+        self._batches: dict[int, Captured] = {}
+        self.nbytes = 0
+
+    def reserve(self, estimate: int) -> bool:
+        """Start keeping batches (dropping any held) if ``estimate`` bytes fit the budget; returns whether."""
+        self.clear()
+        self.active = self.max_bytes is None or estimate <= self.max_bytes
+        return self.active
+
+    def clear(self) -> None:
+        """Drop every held batch and stop keeping new ones (``stamp`` is left to its owner)."""
+        self._batches.clear()
+        self.nbytes = 0
+        self.active = False
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def read(self, index: int, size: int) -> Captured | None:
+        """The held ``(name, a, g)`` of batch ``index`` (``size`` examples), or None."""
+        captured = self._batches.get(index)
+        if captured is None or any(a.shape[0] != size for _, a, _ in captured):
+            return None
+        return captured
+
+    def write(self, index: int, captured: Captured) -> None:
+        """Hold batch ``index``'s ``captured`` (replacing what was held for it) while keeping is on."""
+        if not self.active:
+            return
+        old = self._batches.pop(index, None)
+        self.nbytes += captured_bytes(captured) - (0 if old is None else captured_bytes(old))
+        self._batches[index] = list(captured)
