@@ -127,3 +127,28 @@ def test_true_fisher_scores_do_not_read_the_sampled_captures():
     assert Counting.calls == 2 * len(train) + 1  # a pass over the training batches, plus the query batch
     want = reference.pairwise_scores(queries)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_sums_equal_the_products_they_replace(dtype):
+    """GramSums (syrk between flushes, rows shared by consecutive keys, sharing that changes from batch to
+    batch) against plain float64 ``x^T x`` added key by key."""
+    from influent.curvature.passes import GramSums
+
+    gen = torch.Generator().manual_seed(0)
+    sums = {k: torch.zeros(5, 5, dtype=torch.float64) for k in "abcd"}
+    want = {k: torch.zeros(5, 5, dtype=torch.float64) for k in "abcd"}
+    grams = GramSums()
+    for step in range(8):
+        x, y = torch.randn(9, 5, generator=gen, dtype=dtype), torch.randn(9, 5, generator=gen, dtype=dtype)
+        b_rows = x if step in (0, 1, 4, 5, 6) else y  # b: a's rows in some batches, its own in others
+        feed = [("a", x), ("c", x), ("b", b_rows), ("d", x)]  # d shares a's rows only when b does
+        for key, rows in feed:
+            grams.add(key, rows, source=rows)
+            want[key] += rows.double().T @ rows.double()
+        if step == 2:
+            grams.flush(sums)
+    grams.flush(sums)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for key, value in want.items():
+        torch.testing.assert_close(sums[key], value, rtol=tol, atol=tol)

@@ -439,7 +439,7 @@ def test_cache_round_trip_and_resume(tmp_path):
     task = CountingTask()
     batches = chunks(batch, 20, 2)  # 10 batches per pass, 2 passes for EK-FAC (1 with the captures kept)
     cfg = FactorConfig(strategy="ekfac", fisher="true", seed=1)
-    reference = fit_factors(model, task, batches, cfg, progress=False, memory_max_bytes=0)
+    reference = fit_factors(model, task, batches, cfg, progress=False, memory_max_bytes=0, checkpoint_every=4)
     assert calls["n"] == 20
 
     calls.update(n=0, fail_at=15)  # dies in the eigenvalue-correction pass, after its checkpoint at 4

@@ -11,6 +11,7 @@ warning, never used.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,16 @@ from influent.progress import progress_bar
 from influent.task import Batch, Task, batch_to
 
 Sums = dict[str, torch.Tensor]
+FLUSH_EVERY = 32  # batches a GramSums accumulates in the rows' dtype before its float64 sums get them
+
+
+def blas_threads(n: int):
+    """Context limiting scipy's / numpy's BLAS to ``n`` threads (as torch's), if threadpoolctl is there."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return contextlib.nullcontext()
+    return threadpool_limits(n, user_api="blas")
 
 
 def read_checkpoint(path: Path | None, what: str) -> Sums | None:
@@ -118,6 +129,7 @@ class FitContext:
         *,
         keep: bool = False,
         replay: bool = False,
+        flush: Callable[[Sums], None] | None = None,
     ) -> Sums:
         """One forward/backward pass over :attr:`batches` accumulating sums; resumable via :attr:`folder`.
 
@@ -130,6 +142,10 @@ class FitContext:
         ``keep``: hold each batch's captured ``(name, a, g)`` in :attr:`memory` (when it is keeping);
         ``replay``: a batch held there is taken from it, with no forward or backward pass (the same
         tensors a pass would capture: the model is in eval mode and unchanged during the fit).
+        ``flush(sums)``: moves what ``update`` accumulated elsewhere (:class:`GramSums`) into ``sums``;
+        called every ``min(FLUSH_EVERY, checkpoint_every)`` batches (with or without a cache folder, so a
+        pass resumed from a checkpoint adds in the same order as one never interrupted), before each
+        checkpoint and at the end of the pass.
 
         Under torch.distributed (:mod:`influent.distributed`) rank ``r`` runs batches ``r, r + world, ...``
         and the sums are all-reduced at the end of the pass (every rank gets the totals); such a pass keeps
@@ -158,11 +174,16 @@ class FitContext:
                 for k in sums:
                     if keys.is_key_of(k, keys.N_EXAMPLES):
                         sums[k] += n_examples
-                if partial is not None and (i + 1) % self.checkpoint_every == 0 and i + 1 < len(self.batches):
+                checkpoint_now = (i + 1) % self.checkpoint_every == 0 and i + 1 < len(self.batches)
+                if flush is not None and (checkpoint_now or (i + 1) % min(FLUSH_EVERY, self.checkpoint_every) == 0):
+                    flush(sums)
+                if partial is not None and checkpoint_now:
                     checkpoint = {**sums, keys.BATCHES_DONE: torch.tensor(i + 1), keys.ORDER: order}
                     store.write_tensors(partial, checkpoint)
                 bar.update(1)
         bar.close()
+        if flush is not None:
+            flush(sums)
         for k in sorted(sums):
             distributed.all_reduce_sum(sums[k])
         if done_file is not None and distributed.rank() == 0:
@@ -248,3 +269,64 @@ def rotate_rows(x: torch.Tensor, basis: torch.Tensor, rows: torch.Tensor | None)
     out = x.new_zeros(x.shape[0] * x.shape[1], basis.shape[1])
     out.index_copy_(0, rows, token_rows(x, rows) @ basis)
     return out.view(x.shape[0], x.shape[1], basis.shape[1])
+
+
+class GramSums:
+    """Running ``x^T x`` over token rows ``x`` ``[N, d]`` per sum key, added to float64 sums on :meth:`flush`.
+
+    Between flushes the products accumulate in the rows' dtype: on CPU (float32 / float64) with BLAS
+    ``syrk`` into the upper triangle (half the multiply-adds of a matrix product; 1 thread, 736 x 512
+    rows: 4.2 ms against 8-9 ms for the product, its float64 copy and the add), elsewhere with ``addmm_``
+    on the rows' device (no transfer per batch). Flushing every :data:`FLUSH_EVERY` batches bounds the
+    rounding of the low-precision sum. Consecutive :meth:`add` calls with the same ``source`` (modules fed
+    the same input, such as gate / up or query / key / value) share one product, accumulated for that
+    group of keys.
+    """
+
+    def __init__(self) -> None:
+        self._acc: dict[tuple[str, ...], Any] = {}  # group of keys -> their common running product
+        self._pending: tuple[Any, torch.Tensor, list[str]] | None = None  # (source, rows, keys)
+
+    def add(self, key: str, x: torch.Tensor, source: Any = None) -> None:
+        """Accumulate ``x^T x`` for ``key``; ``source``: the tensor the rows come from, so that the next
+        key added with the same ``source`` (the same object) shares this product."""
+        pending = self._pending
+        if pending is not None and source is not None and pending[0] is source:
+            pending[2].append(key)
+            return
+        self._commit()
+        self._pending = (source, x, [key])
+
+    def _commit(self) -> None:
+        if self._pending is None:
+            return
+        _, x, group = self._pending
+        self._pending = None
+        group = tuple(group)
+        acc = self._acc.get(group)
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+            from scipy.linalg import blas
+
+            syrk = blas.ssyrk if x.dtype == torch.float32 else blas.dsyrk
+            rows = x.detach().numpy().T  # [d, N], Fortran order: syrk's A A^T is x^T x
+            if acc is None:
+                acc = np.zeros((x.shape[1], x.shape[1]), dtype=rows.dtype, order="F")
+            self._acc[group] = syrk(1.0, rows, beta=1.0, c=acc, trans=0, overwrite_c=1)
+            return
+        if acc is None:
+            acc = x.new_zeros(x.shape[1], x.shape[1])
+        self._acc[group] = acc.addmm_(x.T, x)
+
+    def flush(self, sums: Sums) -> None:
+        """Add every accumulated product (symmetrised, float64, CPU) to ``sums`` and restart from zero."""
+        self._commit()
+        for group, acc in self._acc.items():
+            if isinstance(acc, np.ndarray):
+                full = torch.from_numpy(acc).to(torch.float64)
+                full = full + full.triu(1).T  # syrk wrote the upper triangle
+                acc.fill(0)
+            else:
+                full = acc.to(device="cpu", dtype=torch.float64)
+                acc.zero_()
+            for key in group:
+                sums[key] += full

@@ -29,7 +29,14 @@ from influent import store
 from influent.curvature import keys
 from influent.curvature.eigh import EighOnce
 from influent.curvature.linear_grads import GradBuffers, squared_grads_sum
-from influent.curvature.passes import FitContext, read_checkpoint, real_rows, rotate_rows
+from influent.curvature.passes import (
+    FitContext,
+    GramSums,
+    blas_threads,
+    read_checkpoint,
+    real_rows,
+    rotate_rows,
+)
 from influent.errors import NumericalError, UserError
 
 Tensors = dict[str, torch.Tensor]
@@ -181,7 +188,9 @@ class Kfac(Strategy):
         if eig is not None and all(keys.tensor_key(m, keys.EIGVEC_S) in eig for m in ctx.modules):
             return eig
         ctx.discard_checkpoints(keep="covariance")  # later stages' sums were taken in the old basis
-        sums = ctx.run_pass("covariance", *self._covariance_pass(ctx), keep=keep)
+        init, update, _, flush = self._covariance_pass(ctx)
+        with blas_threads(torch.get_num_threads()):
+            sums = ctx.run_pass("covariance", init, update, keep=keep, flush=flush)
         eigh_once = EighOnce()
         eig = {}
         for name in ctx.modules:
@@ -202,7 +211,8 @@ class Kfac(Strategy):
 
     @staticmethod
     def _covariance_pass(ctx: FitContext):
-        """``(init, update)`` of the pass summing ``a a^T`` over real tokens and ``g g^T`` per module."""
+        """``(init, update, None, flush)`` of the pass summing ``a a^T`` over real tokens and ``g g^T`` per
+        module (through :class:`~influent.curvature.passes.GramSums`)."""
 
         def init():
             s = {}
@@ -213,18 +223,14 @@ class Kfac(Strategy):
                 s[keys.tensor_key(k, keys.N_EXAMPLES)] = torch.zeros((), dtype=torch.float64)
             return s
 
-        shared: dict = {}  # activations shared by consecutive modules (query/key/value): reuse products
+        grams = GramSums()  # activations shared by consecutive modules (gate/up, query/key/value): one product
 
         def update(sums, name, a, g, tokens, rows):
-            if shared.get("a") is not a:
-                af = real_rows(a, rows)
-                shared["a"], shared["aa"] = a, (af.T @ af).to(device="cpu", dtype=torch.float64)
-            gf = real_rows(g, rows)
-            sums[keys.tensor_key(name, keys.A_SUM)] += shared["aa"]
-            sums[keys.tensor_key(name, keys.S_SUM)] += (gf.T @ gf).to(device="cpu", dtype=torch.float64)
+            grams.add(keys.tensor_key(name, keys.A_SUM), real_rows(a, rows), source=a)
+            grams.add(keys.tensor_key(name, keys.S_SUM), real_rows(g, rows))
             sums[keys.tensor_key(name, keys.N_TOKENS)] += tokens
 
-        return init, update
+        return init, update, None, grams.flush
 
 
 @register_strategy
