@@ -20,12 +20,18 @@ training batch padded to the same width, so that run pads to ``--max-length``), 
 ``token_scores``; only real positions are compared.
 
 Timings (``torch.set_num_threads(--threads)``, the same for both): fit = factors (covariances, eigenbases,
-eigenvalue correction); scores = all queries x all training sequences with passes over the training data
-(kronfluence writes its factors and scores to a temporary folder, part of its cost); token scores = the
-same with per-token scores. influent is then timed again with its factor cache and training token cache
-(``FactoredInfluence(cache_dir=..., train_cache=True)``: the fit also writes ``a Q_A`` and ``g Q_S`` of
-every tracked module and training token, and the scores are read from them with no pass over the training
-data; kronfluence has no such cache), reported as ``fit_with_token_cache_s`` / ``score_from_token_cache_s``.
+eigenvalue correction); scores = all queries x all training sequences (kronfluence writes its factors and
+scores to a temporary folder, part of its cost; it runs a pass over the training data); token scores = the
+same with per-token scores. influent is timed with its defaults (``FactoredInfluence(...)``): the captured
+training tokens (338 MB here) fit the in-memory budget (``memory_max_bytes``, 2 GiB), so the fit is one
+pass (the eigenvalue correction is computed from the kept captures) and the scores are read from those
+tokens in the eigenbasis, with no pass over the training data. Then again with ``memory_max_bytes=0``
+(``fit_two_passes_s``: covariance pass + eigenvalue pass; ``score_with_passes_s``: a pass over the
+training data, kronfluence's only mode), checking that both fits give the same factors; and with the
+on-disk training token cache (``cache_dir=..., train_cache=True``, memory off): ``fit_with_token_cache_s``
+/ ``score_from_token_cache_s``. Then ``--rounds`` more alternating fit + score timings of both libraries
+(influent's defaults; fresh engines and folders) give ``*_speedup_of_best_times`` (fastest time of each)
+and ``*_speedup_median_of_rounds``, since the shared machine's load drifts between phases.
 Load averages are recorded per phase. A float64 copy of the model scored by influent is the rounding
 reference for both (``float64_reference``).
 
@@ -225,51 +231,99 @@ def trim_collate(items):
     return {k: v[:, :width].contiguous() for k, v in batch.items()}
 
 
-def run_kronfluence(model, train, queries, args):
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.utils.dataset import DataLoaderKwargs
+def prepared_kronfluence(model):
+    """A copy of ``model`` prepared by kronfluence for the MLP modules, and the task."""
+    from kronfluence.analyzer import prepare_model
 
     from influent.models.causal_lm import mlp_pattern
 
     kmodel = copy.deepcopy(model).eval()
     names = [n for n, m in kmodel.named_modules() if isinstance(m, nn.Linear) and re.search(mlp_pattern(model), n)]
     ktask = kronfluence_task(names)
-    kmodel = prepare_model(kmodel, ktask)
+    return prepare_model(kmodel, ktask), ktask
+
+
+def kronfluence_fit(analyzer, train_ds, args) -> float:
+    """Seconds of kronfluence's EK-FAC fit (empirical Fisher) in ``analyzer``'s folder."""
+    from kronfluence.arguments import FactorArguments
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    t0 = time.perf_counter()
+    analyzer.fit_all_factors(factors_name="ekfac", dataset=train_ds, per_device_batch_size=args.batch_size,
+                             dataloader_kwargs=DataLoaderKwargs(collate_fn=trim_collate),
+                             factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=True),
+                             overwrite_output_dir=True)
+    return time.perf_counter() - t0
+
+
+def kronfluence_scores(analyzer, train_ds, query_ds, args, name: str, per_token: bool = False):
+    """``(seconds, scores)`` of kronfluence's pairwise (or per-token) scores against the fitted factors."""
+    from kronfluence.arguments import ScoreArguments
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    kwargs = {} if per_token else {"dataloader_kwargs": DataLoaderKwargs(collate_fn=trim_collate)}
+    t0 = time.perf_counter()
+    analyzer.compute_pairwise_scores(scores_name=name, factors_name="ekfac", query_dataset=query_ds,
+                                     train_dataset=train_ds, per_device_query_batch_size=len(query_ds),
+                                     per_device_train_batch_size=args.batch_size,
+                                     score_args=ScoreArguments(damping_factor=args.damping,
+                                                               compute_per_token_scores=per_token),
+                                     overwrite_output_dir=True, **kwargs)
+    seconds = time.perf_counter() - t0
+    return seconds, analyzer.load_pairwise_scores(name)["all_modules"].double().numpy()
+
+
+def run_kronfluence(model, train, queries, args):
+    from kronfluence.analyzer import Analyzer
+
+    kmodel, ktask = prepared_kronfluence(model)
     loads, out = {}, {}
     train_ds, query_ds = PaddedPairs(train, args.max_length), PaddedPairs(queries, args.max_length)
     with tempfile.TemporaryDirectory() as folder:
         analyzer = Analyzer(analysis_name="lm", model=kmodel, task=ktask, cpu=True, output_dir=folder,
                             disable_tqdm=True)
-        trimmed = DataLoaderKwargs(collate_fn=trim_collate)
-        t0 = time.perf_counter()
-        analyzer.fit_all_factors(factors_name="ekfac", dataset=train_ds, per_device_batch_size=args.batch_size,
-                                 dataloader_kwargs=trimmed,
-                                 factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=True),
-                                 overwrite_output_dir=True)
-        out["fit_s"] = time.perf_counter() - t0
+        out["fit_s"] = kronfluence_fit(analyzer, train_ds, args)
         loads["after_kronfluence_fit"] = load1()
-        t0 = time.perf_counter()
-        analyzer.compute_pairwise_scores(scores_name="scores", factors_name="ekfac", query_dataset=query_ds,
-                                         train_dataset=train_ds, per_device_query_batch_size=len(queries),
-                                         per_device_train_batch_size=args.batch_size, dataloader_kwargs=trimmed,
-                                         score_args=ScoreArguments(damping_factor=args.damping),
-                                         overwrite_output_dir=True)
-        out["score_s"] = time.perf_counter() - t0
+        out["score_s"], scores = kronfluence_scores(analyzer, train_ds, query_ds, args, "scores")
         loads["after_kronfluence_score"] = load1()
-        scores = analyzer.load_pairwise_scores("scores")["all_modules"].double().numpy()
-        t0 = time.perf_counter()
-        analyzer.compute_pairwise_scores(scores_name="tokens", factors_name="ekfac", query_dataset=query_ds,
-                                         train_dataset=train_ds, per_device_query_batch_size=len(queries),
-                                         per_device_train_batch_size=args.batch_size,
-                                         score_args=ScoreArguments(damping_factor=args.damping,
-                                                                   compute_per_token_scores=True),
-                                         overwrite_output_dir=True)
-        out["token_s"] = time.perf_counter() - t0
+        out["token_s"], tokens = kronfluence_scores(analyzer, train_ds, query_ds, args, "tokens", per_token=True)
         loads["after_kronfluence_tokens"] = load1()
-        tokens = analyzer.load_pairwise_scores("tokens")["all_modules"].double().numpy()
     log(f"kronfluence: fit {out['fit_s']:.1f} s, scores {out['score_s']:.1f} s, token scores {out['token_s']:.1f} s")
     return scores, tokens, out, loads
+
+
+def timing_rounds(model, train, queries, train_batches, query_batches, args) -> list[dict]:
+    """``--rounds`` more fits + scores of each library, alternating (influent's defaults, then kronfluence),
+    each in a fresh engine / folder, with the load after each round: the shared machine's load drifts, so
+    one phase per library can land on a busier minute than the other."""
+    from kronfluence.analyzer import Analyzer
+
+    from influent.factored_influence import FactorConfig, FactoredInfluence
+    from influent.models.causal_lm import CausalLMTask, mlp_pattern
+
+    cfg = FactorConfig(strategy="ekfac", modules=mlp_pattern(model), fisher="empirical", damping=args.damping)
+    kmodel, ktask = prepared_kronfluence(model)
+    train_ds, query_ds = PaddedPairs(train, args.max_length), PaddedPairs(queries, args.max_length)
+    rounds = []
+    for r in range(args.rounds):
+        method = FactoredInfluence(model, CausalLMTask(), train_batches, cfg, progress=False)
+        row = {"load_start": load1()}
+        t0 = time.perf_counter()
+        method.fit()
+        row["influent_fit_s"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        method.pairwise_scores(query_batches)
+        row["influent_score_s"] = round(time.perf_counter() - t0, 3)
+        del method
+        with tempfile.TemporaryDirectory() as folder:
+            analyzer = Analyzer(analysis_name=f"lm{r}", model=kmodel, task=ktask, cpu=True, output_dir=folder,
+                                disable_tqdm=True)
+            row["kronfluence_fit_s"] = round(kronfluence_fit(analyzer, train_ds, args), 3)
+            row["kronfluence_score_s"] = round(kronfluence_scores(analyzer, train_ds, query_ds, args, "s")[0], 3)
+        row["load_end"] = load1()
+        log(f"round {r + 1}: {row}")
+        rounds.append(row)
+    return rounds
 
 
 def compare(ours, theirs, our_tokens, their_tokens, train_batches) -> dict:
@@ -303,6 +357,19 @@ def compare(ours, theirs, our_tokens, their_tokens, train_batches) -> dict:
     }
 
 
+def round_ratios(inf_t: dict, kf_t: dict, rounds: list[dict]) -> dict:
+    """kronfluence / influent time ratios over the main run and the extra rounds: of the fastest time of
+    each library, and the median of the per-round ratios."""
+    fits = [(inf_t["fit_s"], kf_t["fit_s"])] + [(r["influent_fit_s"], r["kronfluence_fit_s"]) for r in rounds]
+    scores = [(inf_t["score_s"], kf_t["score_s"])] + [(r["influent_score_s"], r["kronfluence_score_s"])
+                                                      for r in rounds]
+    out = {}
+    for what, pairs in (("fit", fits), ("score", scores)):
+        out[f"{what}_speedup_of_best_times"] = round(min(k for _, k in pairs) / min(i for i, _ in pairs), 2)
+        out[f"{what}_speedup_median_of_rounds"] = round(float(np.median([k / i for i, k in pairs])), 2)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-pretrain", type=int, default=2000)
@@ -318,6 +385,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--damping", type=float, default=None, help="absolute damping for both (default: heuristic)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2, help="extra alternating fit + score timings of each library")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-parent", default=None, help="folder for influent's temporary factor + token cache")
     args = ap.parse_args()
@@ -330,6 +398,7 @@ def main() -> None:
     query_batches = lm_batches(queries, len(queries), 0)
     method, ours, our_tokens, inf_t, loads = run_influent(model, train_batches, query_batches, args)
     theirs, their_tokens, kf_t, kf_loads = run_kronfluence(model, train, queries, args)
+    rounds = timing_rounds(model, train, queries, train_batches, query_batches, args)
     loads.update(kf_loads)
     ref = float64_reference(model, train_batches, query_batches, args)
 
@@ -358,6 +427,8 @@ def main() -> None:
         "token_score_speedup": round(kf_t["token_s"] / inf_t["token_s"], 2),
         "score_from_token_cache_speedup": round(kf_t["score_s"] / inf_t["score_from_token_cache_s"], 2),
         "fit_with_token_cache_speedup": round(kf_t["fit_s"] / inf_t["fit_with_token_cache_s"], 2),
+        "rounds": rounds,
+        **round_ratios(inf_t, kf_t, rounds),
         "fit_plus_score_speedup": round((kf_t["fit_s"] + kf_t["score_s"]) / (inf_t["fit_s"] + inf_t["score_s"]), 2),
         **compare(ours, theirs, our_tokens, their_tokens, train_batches),
         "float64_reference": {"influent_float32_relative_difference": rel(ours),

@@ -159,7 +159,9 @@ def test_rerank_gives_the_factored_engines_scores(tmp_path):
     method = FactoredInfluence(model, task, batches, FactorConfig(modules="all"), progress=False)
     top = rerank(idx.top_k(idx.query_vectors(model, task, queries), 12), method, queries, depth=5)
     exact = method.pairwise_scores(queries)
-    torch.testing.assert_close(top.proponent_scores, exact.gather(1, top.proponent_rows), rtol=1e-9, atol=1e-12)
+    # the engine scores its training batches from the tokens its one-pass fit kept (in the eigenbasis), rerank
+    # runs passes over the candidates: the same scores up to float32 rounding
+    torch.testing.assert_close(top.proponent_scores, exact.gather(1, top.proponent_rows), rtol=1e-5, atol=1e-9)
     assert bool((top.proponent_scores[:, :-1] >= top.proponent_scores[:, 1:]).all())
     assert top.proponent_rows.shape == (3, 5)
 

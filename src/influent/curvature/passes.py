@@ -274,17 +274,19 @@ def rotate_rows(x: torch.Tensor, basis: torch.Tensor, rows: torch.Tensor | None)
 class GramSums:
     """Running ``x^T x`` over token rows ``x`` ``[N, d]`` per sum key, added to float64 sums on :meth:`flush`.
 
-    Between flushes the products accumulate in the rows' dtype: on CPU (float32 / float64) with BLAS
-    ``syrk`` into the upper triangle (half the multiply-adds of a matrix product; 1 thread, 736 x 512
-    rows: 4.2 ms against 8-9 ms for the product, its float64 copy and the add), elsewhere with ``addmm_``
-    on the rows' device (no transfer per batch). Flushing every :data:`FLUSH_EVERY` batches bounds the
-    rounding of the low-precision sum. Consecutive :meth:`add` calls with the same ``source`` (modules fed
-    the same input, such as gate / up or query / key / value) share one product, accumulated for that
-    group of keys.
+    Each product is formed in the rows' dtype and added to a float64 running sum (as adding every batch's
+    product to the float64 sums would): on CPU (float32 / float64) with BLAS ``syrk``, the upper triangle
+    only (half the multiply-adds of a matrix product; 1 thread, 736 x 512 rows: 4.2 ms against 8-9 ms
+    for the product, its float64 copy and the add), elsewhere with a matrix product on the rows' device
+    (no transfer per batch). :meth:`flush` adds the symmetrised running sums to the pass's sums.
+    Consecutive :meth:`add` calls with the same ``source`` (modules fed the same input, such as gate / up
+    or query / key / value) share one product, accumulated for that group of keys.
     """
 
     def __init__(self) -> None:
-        self._acc: dict[tuple[str, ...], Any] = {}  # group of keys -> their common running product
+        self._sum: dict[tuple[str, ...], torch.Tensor] = {}  # group of keys -> float64 running sum
+        self._upper: set[tuple[str, ...]] = set()  # groups whose sum holds the upper triangle only
+        self._buffers: dict[tuple, np.ndarray] = {}  # syrk output per (d, dtype), reused
         self._pending: tuple[Any, torch.Tensor, list[str]] | None = None  # (source, rows, keys)
 
     def add(self, key: str, x: torch.Tensor, source: Any = None) -> None:
@@ -303,30 +305,31 @@ class GramSums:
         _, x, group = self._pending
         self._pending = None
         group = tuple(group)
-        acc = self._acc.get(group)
+        d = x.shape[1]
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
             from scipy.linalg import blas
 
-            syrk = blas.ssyrk if x.dtype == torch.float32 else blas.dsyrk
             rows = x.detach().numpy().T  # [d, N], Fortran order: syrk's A A^T is x^T x
-            if acc is None:
-                acc = np.zeros((x.shape[1], x.shape[1]), dtype=rows.dtype, order="F")
-            self._acc[group] = syrk(1.0, rows, beta=1.0, c=acc, trans=0, overwrite_c=1)
-            return
-        if acc is None:
-            acc = x.new_zeros(x.shape[1], x.shape[1])
-        self._acc[group] = acc.addmm_(x.T, x)
+            buf = self._buffers.get((d, rows.dtype))
+            if buf is None:
+                buf = self._buffers[(d, rows.dtype)] = np.zeros((d, d), dtype=rows.dtype, order="F")
+            syrk = blas.ssyrk if x.dtype == torch.float32 else blas.dsyrk
+            product = torch.from_numpy(syrk(1.0, rows, beta=0.0, c=buf, trans=0, overwrite_c=1))
+            self._upper.add(group)  # syrk writes the upper triangle; the lower one stays zero
+        else:
+            product = x.T @ x
+        total = self._sum.get(group)
+        if total is None:
+            total = self._sum[group] = torch.zeros(d, d, dtype=torch.float64, device=product.device)
+        total += product
 
     def flush(self, sums: Sums) -> None:
-        """Add every accumulated product (symmetrised, float64, CPU) to ``sums`` and restart from zero."""
+        """Add every running sum (symmetrised, float64, CPU) to ``sums`` and restart from zero."""
         self._commit()
-        for group, acc in self._acc.items():
-            if isinstance(acc, np.ndarray):
-                full = torch.from_numpy(acc).to(torch.float64)
-                full = full + full.triu(1).T  # syrk wrote the upper triangle
-                acc.fill(0)
-            else:
-                full = acc.to(device="cpu", dtype=torch.float64)
-                acc.zero_()
+        for group, total in self._sum.items():
+            full = total.to("cpu")
+            if group in self._upper:
+                full = full + full.triu(1).T
             for key in group:
                 sums[key] += full
+            total.zero_()
