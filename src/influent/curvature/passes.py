@@ -285,7 +285,7 @@ class GramSums:
 
     def __init__(self) -> None:
         self._sum: dict[tuple[str, ...], torch.Tensor] = {}  # group of keys -> float64 running sum
-        self._upper: set[tuple[str, ...]] = set()  # groups whose sum holds the upper triangle only
+        self._lower: set[tuple[str, ...]] = set()  # groups whose sum holds the lower triangle only
         self._buffers: dict[tuple, np.ndarray] = {}  # syrk output per (d, dtype), reused
         self._pending: tuple[Any, torch.Tensor, list[str]] | None = None  # (source, rows, keys)
 
@@ -314,8 +314,10 @@ class GramSums:
             if buf is None:
                 buf = self._buffers[(d, rows.dtype)] = np.zeros((d, d), dtype=rows.dtype, order="F")
             syrk = blas.ssyrk if x.dtype == torch.float32 else blas.dsyrk
-            product = torch.from_numpy(syrk(1.0, rows, beta=0.0, c=buf, trans=0, overwrite_c=1))
-            self._upper.add(group)  # syrk writes the upper triangle; the lower one stays zero
+            # syrk writes the upper triangle of the Fortran-ordered buffer (the lower one stays zero); its
+            # transpose is the lower triangle, contiguous, which adds to the sum 3x faster than strided
+            product = torch.from_numpy(syrk(1.0, rows, beta=0.0, c=buf, trans=0, overwrite_c=1)).T
+            self._lower.add(group)
         else:
             product = x.T @ x
         total = self._sum.get(group)
@@ -328,8 +330,8 @@ class GramSums:
         self._commit()
         for group, total in self._sum.items():
             full = total.to("cpu")
-            if group in self._upper:
-                full = full + full.triu(1).T
+            if group in self._lower:
+                full = full + full.tril(-1).T
             for key in group:
                 sums[key] += full
             total.zero_()
