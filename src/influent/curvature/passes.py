@@ -276,8 +276,8 @@ class GramSums:
 
     Each product is formed in the rows' dtype and added to a float64 running sum (as adding every batch's
     product to the float64 sums would): on CPU (float32 / float64) with BLAS ``syrk``, the upper triangle
-    only (half the multiply-adds of a matrix product; 1 thread, 736 x 512 rows: 4.2 ms against 8-9 ms
-    for the product, its float64 copy and the add), elsewhere with a matrix product on the rows' device
+    only (half the multiply-adds of a matrix product; 1 thread, 736 x 512 rows: 4.5 ms with the float64
+    add, against 8-9 ms for a product and its add), elsewhere with a matrix product on the rows' device
     (no transfer per batch). :meth:`flush` adds the symmetrised running sums to the pass's sums.
     Consecutive :meth:`add` calls with the same ``source`` (modules fed the same input, such as gate / up
     or query / key / value) share one product, accumulated for that group of keys.
