@@ -27,6 +27,20 @@ for ``benchmarks/lm_filter_recall.py``. One JSON object on the last stdout line.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lm_planted_facts.py --facts 25 --filler 400 --natural 20 \
         --epochs 3 --lr 2e-4 --seed 0
+
+``--distractors`` (the hard variant; without it the corpus is the original one, byte for byte) adds 11
+hard negatives per fact, so that the invented names no longer single out the planted sequences: 3
+``swapped`` statements (the fact's 3 statements with subject and answer exchanged: the same words, so TF-IDF
+and BM25 score them exactly as the planted ones, but another fact), 4 ``entity`` sequences that name the
+subject with another attribute and 4 ``answer`` sequences that name the answer in an unrelated context (both
+worded to share at least as many query words as the statements: the question form or its relation words).
+The ground truth stays the fact's 3 statements. ``--control-facts`` more invented facts contribute their 11
+distractors but never their statements: their answer report (base vs fine-tuned) shows what the distractors
+alone teach. The table then also gives, per kind, the share of a fact's distractors in each top 10, and the
+result the query words each kind shares with its query.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lm_planted_facts.py --facts 25 --filler 100 --natural 0 \
+        --epochs 3 --lr 2e-4 --seed 0 --distractors --control-facts 5 --out benchmarks/results/lm-planted-facts/hard
 """
 
 from __future__ import annotations
