@@ -241,6 +241,28 @@ def completion_losses(model, task, queries: list[LMSequence], pad_id: int) -> np
                                for b in lm_batches(queries, 8, pad_id)])
 
 
+def contrast_queries(tokenizer, facts: list[Fact], pool: list[Fact]) -> list[tuple[LMSequence, int]]:
+    """``(query, index of its fact)``: each fact's answer after the question of every other fact of ``pool``
+    with the same relation (the answer where it does not belong)."""
+    return [(pair_sequence(*pair_ids(tokenizer, g.prompt(), f.answer), tokenizer), i)
+            for i, f in enumerate(facts) for g in pool if g.relation == f.relation and g is not f]
+
+
+def association_rankings(rankings: dict[str, np.ndarray], n_facts: int, contrast_rows: np.ndarray,
+                         owners: np.ndarray) -> dict[str, np.ndarray]:
+    """``{name + "_association": [F, n]}``: the influence on the prompt advantage ``mean_g loss(a_f | q_g) -
+    loss(a_f | q_f)`` of fact ``f`` (its answer under its own question against under the other questions of
+    its relation). Influence is linear in the query gradient, so this is the fact query's score minus the
+    mean score of its contrast queries; what raises the answer everywhere (its tokens) cancels, what ties it
+    to its question stays. For the raw and the RelatIF scores (the cosine's query norm has no meaning here)."""
+    out = {}
+    for name in [k for k in rankings if k in ("ekfac", "identity") or k.endswith("_relatif")]:
+        v = rankings[name]
+        out[f"{name}_association"] = np.stack(
+            [v[f] - v[contrast_rows[owners == f]].mean(axis=0) for f in range(n_facts)])
+    return out
+
+
 def answer_report(model, tokenizer, task, facts: list[Fact], pool: list[Fact] | None = None) -> dict:
     """Per fact: the right answer's loss, the association gap, whether greedy decoding gives the answer.
 
@@ -257,6 +279,10 @@ def answer_report(model, tokenizer, task, facts: list[Fact], pool: list[Fact] | 
     other_loss = completion_losses(model, task, others, pad)
     owner = np.array(owner)
     gap = np.array([other_loss[owner == i].mean() - right_loss[i] for i in range(len(facts))])
+    elsewhere = contrast_queries(tokenizer, facts, pool or facts)
+    elsewhere_loss = completion_losses(model, task, [q for q, _ in elsewhere], pad)
+    owners = np.array([i for _, i in elsewhere])
+    advantage = np.array([elsewhere_loss[owners == i].mean() - right_loss[i] for i in range(len(facts))])
     exact = []
     for f in facts:
         prompt_ids, answer_ids = pair_ids(tokenizer, f.prompt(), f.answer)
@@ -265,6 +291,8 @@ def answer_report(model, tokenizer, task, facts: list[Fact], pool: list[Fact] | 
     return {"answer_loss_mean": float(right_loss.mean()), "answer_loss": right_loss.tolist(),
             "association_gap_mean": float(gap.mean()), "association_gap_positive": int((gap > 0).sum()),
             "association_gap": gap.tolist(),
+            "prompt_advantage_mean": float(advantage.mean()),
+            "prompt_advantage_positive": int((advantage > 0).sum()), "prompt_advantage": advantage.tolist(),
             "greedy_exact": int(sum(exact)), "n_facts": len(facts)}
 
 
@@ -336,6 +364,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "answer) and the --control-facts")
     p.add_argument("--control-facts", type=int, default=5,
                    help="with --distractors: facts whose distractors are trained on but never their statements")
+    p.add_argument("--strategies", nargs="+", default=["ekfac", "identity"], choices=["ekfac", "identity"],
+                   help="the influence rankings to compute (identity costs a scoring pass of its own)")
+    p.add_argument("--association", action="store_true",
+                   help="also rank by the influence on each fact's prompt advantage (its answer under its own "
+                        "question against under the other questions of its relation; the *_association rows)")
     p.add_argument("--out", default=OUT_DEFAULT)
     return p.parse_args(argv)
 
@@ -420,15 +453,21 @@ def fact_table(rankings: dict[str, np.ndarray], planted: list[list[int]], seed: 
 
 
 def answer_lines(answers: dict) -> list[str]:
+    """The answer-report table; the prompt advantage (the answer under its own question against the others)
+    is shown for the runs that measured it."""
+    advantage = "prompt_advantage_mean" in answers["base"]
     lines = [("| model | answer loss (nats, mean) | association gap (nats, mean) | facts with gap > 0 "
-              "| greedy exact |"),
-             "| --- | ---: | ---: | ---: | ---: |"]
+              "| greedy exact |" + (" prompt advantage (nats, mean) | facts with advantage > 0 |" if advantage
+                                   else "")),
+             "| --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if advantage else "")]
     for name in ("base", "fine_tuned", "base_controls", "fine_tuned_controls"):
         if name in answers:
             r = answers[name]
-            lines.append(f"| {name} | {r['answer_loss_mean']:.3f} | {r['association_gap_mean']:.3f} | "
-                         f"{r['association_gap_positive']} / {r['n_facts']} | "
-                         f"{r['greedy_exact']} / {r['n_facts']} |")
+            row = (f"| {name} | {r['answer_loss_mean']:.3f} | {r['association_gap_mean']:.3f} | "
+                   f"{r['association_gap_positive']} / {r['n_facts']} | {r['greedy_exact']} / {r['n_facts']} |")
+            if advantage:
+                row += f" {r['prompt_advantage_mean']:.3f} | {r['prompt_advantage_positive']} / {r['n_facts']} |"
+            lines.append(row)
     return lines
 
 
@@ -476,7 +515,10 @@ def command_line(args) -> str:
             continue
         if key == "control_facts" and not args.distractors:
             continue
-        options.append(flag if value is True else f"{flag} {value}")
+        if key == "strategies" and value == ["ekfac", "identity"]:
+            continue
+        text = " ".join(value) if isinstance(value, list) else value
+        options.append(flag if value is True else f"{flag} {text}")
     return "OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/lm_planted_facts.py " + " ".join(options)
 
 
@@ -488,7 +530,7 @@ def scored_rankings(setup, queries, args):
     modules = tracked_modules(setup.model, "mlp")
     rankings, seconds = {}, {}
     cache = setup.folder / "factors"
-    for strategy in ("ekfac", "identity"):
+    for strategy in args.strategies:
         log(f"{strategy}: fit and score {len(queries)} queries x {len(setup.sequences)} sequences")
         values, seconds[strategy] = influence_rankings(setup, queries, modules, strategy, args.damping,
                                                        args.seed, cache)
@@ -518,12 +560,19 @@ def main(argv=None) -> None:
         "nats per sequence and epoch")
     answers.update(answers_of(setup.model, setup.tokenizer, setup.task, facts, controls, "fine_tuned"))
     for name, r in answers.items():
-        log(f"{name}: {json.dumps({k: v for k, v in r.items() if k not in ('answer_loss', 'association_gap')})}")
+        log(f"{name}: {json.dumps({k: v for k, v in r.items() if not isinstance(v, list)})}")
 
     queries = [pair_sequence(*pair_ids(setup.tokenizer, f.prompt(), f.answer), setup.tokenizer) for f in facts]
     queries += [natural_query(setup.tokenizer, t) for t in natural]
+    contrast = contrast_queries(setup.tokenizer, facts, facts) if args.association else []
+    kinds = ["fact"] * len(facts) + ["natural"] * len(natural) + ["contrast"] * len(contrast)
+    queries += [q for q, _ in contrast]
     rankings, seconds, modules = scored_rankings(setup, queries, args)
-    table = fact_table({k: v[: len(facts)] for k, v in rankings.items()}, planted, args.seed, negatives)
+    per_fact = {k: v[: len(facts)] for k, v in rankings.items()}
+    if contrast:
+        rows = np.arange(len(facts) + len(natural), len(queries))
+        per_fact.update(association_rankings(rankings, len(facts), rows, np.array([i for _, i in contrast])))
+    table = fact_table(per_fact, planted, args.seed, negatives)
     for name, row in table.items():
         log(f"{name}: recall@10 {row['recall@10']['mean']:.3f} MRR {row['mrr']['mean']:.3f} "
             f"recall@3 {row['recall@3']['mean']:.3f} last rank {row['last_rank']['mean']:.1f}")
@@ -532,10 +581,11 @@ def main(argv=None) -> None:
     store.write_tensors(out / "scores.safetensors", raw)
     store.write_json(out / "queries.json", {
         "sequences": [{"id": s.id, "text": s.text} for s in setup.sequences],
-        "queries": [{"kind": "fact" if i < len(facts) else "natural", "text": q.text,
+        "queries": [{"kind": kinds[i], "text": q.text,
                      "planted": planted[i] if i < len(facts) else [],
                      **({"distractors": {k: v[i] for k, v in negatives.items()}} if negatives and i < len(facts)
-                        else {})}
+                        else {}),
+                     **({"fact": contrast[i - len(facts) - len(natural)][1]} if kinds[i] == "contrast" else {})}
                     for i, q in enumerate(queries)],
     })
     n_fact_sequences = 3 * len(facts) + N_DISTRACTORS * (len(facts) + len(controls)) * bool(args.distractors)

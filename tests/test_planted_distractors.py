@@ -94,3 +94,37 @@ def test_rank_metrics_counts_planted_and_distractors(bench):
     assert m["mrr"] == 0.5 and m["last_rank"] == 8.0
     assert m["recall@3"] == pytest.approx(1 / 3) and m["recall@10"] == 1.0
     assert m["swapped@10"] == 1.0 and m["entity@10"] == 1.0
+
+
+def test_association_ranking_is_the_fact_score_minus_its_contrasts(bench):
+    # 2 facts, 3 training sequences; rows 0-1 the fact queries, rows 2-4 contrast queries (owners 0, 0, 1)
+    scores = np.array([[4.0, 1.0, 0.0], [2.0, 2.0, 2.0], [3.0, 1.0, -2.0], [1.0, 1.0, 0.0], [0.0, 5.0, 1.0]])
+    out = bench.association_rankings({"ekfac": scores, "ekfac_cosine": scores}, 2, np.array([2, 3, 4]),
+                                     np.array([0, 0, 1]))
+    assert set(out) == {"ekfac_association"}  # no contrast of the cosine (its query norm means nothing here)
+    np.testing.assert_allclose(out["ekfac_association"], [[2.0, 0.0, 1.0], [2.0, -3.0, 1.0]])
+
+
+def test_contrast_queries_put_each_answer_under_the_other_questions(bench):
+    class Words:  # a whitespace tokenizer: enough for pair_ids / pair_sequence
+        def __init__(self):
+            self.vocab = []
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = []
+            for w in text.split():
+                if w not in self.vocab:
+                    self.vocab.append(w)
+                ids.append(self.vocab.index(w))
+            return {"input_ids": ids}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(self.vocab[i] for i in ids)
+
+    facts = bench.invented_facts(10, seed=0)  # 2 per relation
+    pairs = bench.contrast_queries(Words(), facts, facts)
+    assert [i for _, i in pairs] == list(range(10))
+    for query, i in pairs:
+        other = facts[(i + 5) % 10]
+        assert other.relation == facts[i].relation
+        assert query.text.startswith(other.prompt()) and query.text.endswith(facts[i].answer)
