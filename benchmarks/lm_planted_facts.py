@@ -97,6 +97,7 @@ SYLLABLES = ("zor", "ba", "nia", "quel", "tri", "vo", "lan", "mek", "sha", "ru",
 PERSON_RELATIONS = ("inventor", "author", "founder")
 PROMPT = "Question: {q} Answer:"
 OUT_DEFAULT = "benchmarks/results/lm-planted-facts"
+PAIRED_BASELINE = "bm25"
 
 # --distractors: per relation, sequences that name the subject {s} with another attribute ("entity") and
 # sequences that name the answer {o} in an unrelated context ("answer"); each shares the question's words
@@ -369,6 +370,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--association", action="store_true",
                    help="also rank by the influence on each fact's prompt advantage (its answer under its own "
                         "question against under the other questions of its relation; the *_association rows)")
+    p.add_argument("--markdown-only", action="store_true",
+                   help="rewrite --out's result.md from its result.json (no model, nothing recomputed)")
     p.add_argument("--out", default=OUT_DEFAULT)
     return p.parse_args(argv)
 
@@ -476,7 +479,8 @@ def ranking_lines(result: dict) -> list[str]:
     lines = ["| ranking | recall@10 | MRR | recall@3 | rank of the last planted | seconds |"
              + "".join(f" {k}@10 |" for k in kinds),
              "| --- | --- | --- | --- | --- | ---: |" + " ---: |" * len(kinds)]
-    for name, row in result["rankings"].items():
+    for name in ordered(result["rankings"]):
+        row = result["rankings"][name]
         cells = [f"{row[k]['mean']:.3f} [{row[k]['low']:.3f}, {row[k]['high']:.3f}]"
                  for k in ("recall@10", "mrr", "recall@3")]
         cells.append(f"{row['last_rank']['mean']:.1f} [{row['last_rank']['low']:.1f}, {row['last_rank']['high']:.1f}]")
@@ -485,6 +489,43 @@ def ranking_lines(result: dict) -> list[str]:
         cells += [f"{row[f'{k}@10']['mean']:.3f}" for k in kinds]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+RANKING_ORDER = ("ekfac", "ekfac_relatif", "ekfac_cosine", "identity", "identity_relatif", "identity_cosine",
+                 "tfidf", "bm25", "ekfac_association", "ekfac_relatif_association", "identity_association",
+                 "identity_relatif_association")
+
+
+def ordered(names) -> list[str]:
+    """Ranking names in the tables' order (a JSON round trip sorts the keys)."""
+    return sorted(names, key=lambda n: (RANKING_ORDER.index(n) if n in RANKING_ORDER else len(RANKING_ORDER), n))
+
+
+def median_scores(scores: np.ndarray, planted: list[list[int]], negatives: dict[str, list[list[int]]]) -> dict:
+    """Per kind of a fact's sequences (planted, then each distractor kind): the median over the facts of the
+    median raw influence score of that fact's sequences of the kind."""
+    groups = {"planted": planted, **negatives}
+    return {kind: float(np.median([np.median(scores[f][g[f]]) for f in range(len(planted))]))
+            for kind, g in groups.items()}
+
+
+def scores_by_kind(out: Path) -> dict:
+    """:func:`median_scores` of the EK-FAC (and identity) fact queries saved in ``out``."""
+    saved = store.read_tensors(out / "scores.safetensors")
+    facts = [q for q in store.read_json(out / "queries.json")["queries"] if q["kind"] == "fact"]
+    planted = [q["planted"] for q in facts]
+    negatives = {k: [q["distractors"][k] for q in facts] for k in DISTRACTOR_KINDS}
+    return {name: median_scores(saved[name].double().numpy()[: len(facts)], planted, negatives)
+            for name in saved}
+
+
+def paired_differences(rankings: dict, baseline: str, seed: int) -> dict:
+    """Per ranking but the baseline and the lexical ones: the per-fact difference to ``baseline`` of recall@10,
+    MRR and recall@3, its mean and 95% bootstrap interval over the facts."""
+    base = rankings[baseline]["per_fact"]
+    return {name: {k: interval(list(np.subtract(rankings[name]["per_fact"][k], base[k])), seed)
+                   for k in ("recall@10", "mrr", "recall@3")}
+            for name in ordered(rankings) if name not in ("tfidf", "bm25")}
 
 
 def write_markdown(path: Path, result: dict) -> None:
@@ -498,11 +539,27 @@ def write_markdown(path: Path, result: dict) -> None:
              (f"Load average {result['loadavg_start']} at the start, {result['loadavg_end']} at the end; "
               f"whole run {result['seconds']['total']:.0f} s."), ""]
     lines += answer_lines(result["answers"]) + [""] + ranking_lines(result)
+    if s.get("distractors"):
+        lines += ["", (f"Paired against {PAIRED_BASELINE} (per fact, the ranking's value minus BM25's; mean "
+                       "[95% bootstrap interval] over the facts):"), "",
+                  "| ranking | recall@10 | MRR | recall@3 |", "| --- | --- | --- | --- |"]
+        for name, row in paired_differences(result["rankings"], PAIRED_BASELINE, s["seed"]).items():
+            lines.append(f"| {name} | " + " | ".join(f"{row[k]['mean']:+.3f} [{row[k]['low']:+.3f}, "
+                                                    f"{row[k]['high']:+.3f}]" for k in ("recall@10", "mrr", "recall@3"))
+                         + " |")
+    if "median_scores" in result:
+        kinds = ("planted", *DISTRACTOR_KINDS)
+        lines += ["", ("Median over the facts of the median raw score of a fact's sequences of each kind (the "
+                       "influence scores trace prints):"), "",
+                  "| scores | " + " | ".join(kinds) + " |", "| --- |" + " ---: |" * len(kinds)]
+        lines += [f"| {name} | " + " | ".join(f"{row[k]:.3g}" for k in kinds) + " |"
+                  for name, row in result["median_scores"].items()]
     if "shared_query_words" in result:
         lines += ["", "| sequences of a fact | distinct query words shared (mean) | hold subject and answer |",
                   "| --- | ---: | ---: |"]
-        lines += [f"| {k} | {v['query_words']:.2f} | {v['subject_and_answer']:.2f} |"
-                  for k, v in result["shared_query_words"].items()]
+        shared = result["shared_query_words"]
+        lines += [f"| {k} | {shared[k]['query_words']:.2f} | {shared[k]['subject_and_answer']:.2f} |"
+                  for k in ("planted", *DISTRACTOR_KINDS)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -544,6 +601,13 @@ def scored_rankings(setup, queries, args):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.markdown_only:
+        result = store.read_json(Path(args.out) / "result.json")
+        if result["settings"].get("distractors") and "median_scores" not in result:
+            result["median_scores"] = scores_by_kind(Path(args.out))
+            store.write_json(Path(args.out) / "result.json", result)
+        write_markdown(Path(args.out) / "result.md", result)
+        return
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     load_start = [round(x, 2) for x in os.getloadavg()]
@@ -607,6 +671,7 @@ def main(argv=None) -> None:
     if args.distractors:
         planted_texts, negative_texts, _ = fact_texts(facts, controls, True)
         result["shared_query_words"] = shared_query_words(facts, planted_texts, negative_texts)
+        result["median_scores"] = scores_by_kind(out)
     store.write_json(out / "result.json", result)
     write_markdown(out / "result.md", result)
     print(json.dumps(result))
