@@ -36,11 +36,15 @@ subject with another attribute and 4 ``answer`` sequences that name the answer i
 worded to share at least as many query words as the statements: the question form or its relation words).
 The ground truth stays the fact's 3 statements. ``--control-facts`` more invented facts contribute their 11
 distractors but never their statements: their answer report (base vs fine-tuned) shows what the distractors
-alone teach. The table then also gives, per kind, the share of a fact's distractors in each top 10, and the
-result the query words each kind shares with its query.
+alone teach. The table then also gives, per kind, the share of a fact's distractors in each top 10, the
+rankings paired with BM25, the median score of each kind, and the query words each kind shares with its
+query. ``--association`` adds the ``*_association`` rankings: the influence on each fact's prompt advantage
+(its answer's loss after the other questions of its relation minus after its own), which cancels what
+raises the answer's tokens everywhere.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lm_planted_facts.py --facts 25 --filler 100 --natural 0 \
-        --epochs 3 --lr 2e-4 --seed 0 --distractors --control-facts 5 --out benchmarks/results/lm-planted-facts/hard
+        --epochs 3 --lr 2e-4 --seed 0 --distractors --control-facts 5 --association \
+        --out benchmarks/results/lm-planted-facts/hard
 """
 
 from __future__ import annotations
