@@ -106,9 +106,10 @@ def llama_config(vocab: int, hidden: int, intermediate: int, layers: int, contex
 
 
 def train_from_scratch(config, seqs, *, epochs: int, lr: float, batch_size: int, seed: int,
-                       order_seed: int | None = None):
+                       order_seed: int | None = None, snapshots: dict | None = None):
     """A ``LlamaForCausalLM`` initialised with ``seed`` and trained on ``seqs`` (see module docstring); the data
-    order is drawn with ``order_seed`` (default ``seed``)."""
+    order is drawn with ``order_seed`` (default ``seed``). For every epoch number ``e`` (1-based) that is a key
+    of ``snapshots``, its value is set to a copy of the parameters at the end of epoch ``e``."""
     from transformers import LlamaForCausalLM
 
     from influent.data.lm_text import lm_batches
@@ -123,7 +124,7 @@ def train_from_scratch(config, seqs, *, epochs: int, lr: float, batch_size: int,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, (steps - s) / (steps - warm)))
     task = CausalLMTask()
     model.train()
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         order = torch.randperm(len(seqs), generator=gen).tolist()
         for batch in lm_batches([seqs[i] for i in order], batch_size, 0):
             loss = task.per_example_loss(model, batch).mean()
@@ -131,6 +132,8 @@ def train_from_scratch(config, seqs, *, epochs: int, lr: float, batch_size: int,
             loss.backward()
             opt.step()
             sched.step()
+        if snapshots is not None and epoch in snapshots:
+            snapshots[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return model.eval()
 
 
@@ -149,31 +152,57 @@ def run_key(args) -> str:
 
 
 def retrain_losses(args, config, train, query_batches, masks) -> tuple[np.ndarray, list[float]]:
-    """``[m, Q]`` query losses of the models retrained on each subset (resumed from the work dir)."""
+    """``[K, m, Q]`` query losses of the models retrained on each subset with each of the ``K =
+    --order-seeds`` data orders (order ``k`` drawn with seed ``--seed + k``), resumed from the work dir."""
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     path, key = work / "actual.jsonl", run_key(args)
-    done: dict[int, dict] = {}
+    done: dict[tuple[int, int], dict] = {}
     if path.exists():
         for line in path.read_text().splitlines():
             row = json.loads(line)
             if row["key"] == key:
-                done[row["subset"]] = row
-    for j, mask in enumerate(masks):
-        if j in done:
-            continue
-        t0 = time.perf_counter()
-        kept = [s for s, k in zip(train, mask) if k]
-        model = train_from_scratch(config, kept, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                                   seed=args.seed)
-        row = {"key": key, "subset": j, "losses": losses(model, query_batches).tolist(),
-               "seconds": time.perf_counter() - t0, "load": os.getloadavg()[0]}
-        with path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        done[j] = row
-        log(f"subset {j + 1}/{len(masks)}: {row['seconds']:.1f} s, mean query loss {np.mean(row['losses']):.3f}")
-    actual = np.array([done[j]["losses"] for j in range(len(masks))])
-    return actual, [done[j]["seconds"] for j in range(len(masks))]
+                done[row.get("order", 0), row["subset"]] = row
+    for k in range(args.order_seeds):
+        for j, mask in enumerate(masks):
+            if (k, j) in done:
+                continue
+            t0 = time.perf_counter()
+            kept = [s for s, keep in zip(train, mask) if keep]
+            model = train_from_scratch(config, kept, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                       seed=args.seed, order_seed=args.seed + k)
+            row = {"key": key, "subset": j, "order": k, "losses": losses(model, query_batches).tolist(),
+                   "seconds": time.perf_counter() - t0, "load": os.getloadavg()[0]}
+            with path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            done[k, j] = row
+            log(f"order {k} subset {j + 1}/{len(masks)}: {row['seconds']:.1f} s, "
+                f"mean query loss {np.mean(row['losses']):.3f}")
+    actual = np.array([[done[k, j]["losses"] for j in range(len(masks))] for k in range(args.order_seeds)])
+    return actual, [r["seconds"] for r in done.values() if "seconds" in r]
+
+
+def order_reliability(actual: np.ndarray) -> dict | None:
+    """Split-half reliability of the ground truth when it has two or more data orders per subset.
+
+    ``r`` = per query the Spearman correlation over subsets between the losses retrained with order 0 and
+    with order 1 (mean over queries). A perfect predictor of the order-averaged loss correlates with one
+    order's loss by about ``sqrt(r)`` (the LDS ceiling of a one-order ground truth) and with the mean of
+    ``K`` orders by about ``sqrt(K r / (1 + (K - 1) r))`` (Spearman-Brown).
+    """
+    from scipy.stats import spearmanr
+
+    if actual.shape[0] < 2:
+        return None
+    per_query = np.array([spearmanr(actual[0, :, q], actual[1, :, q])[0] for q in range(actual.shape[2])])
+    r, k = float(per_query.mean()), actual.shape[0]
+    noise = actual.std(0, ddof=1).mean()
+    return {"orders": k, "split_half_spearman_mean": round(r, 4),
+            "split_half_spearman_median": round(float(np.median(per_query)), 4),
+            "ceiling_one_order": round(math.sqrt(max(r, 0.0)), 4),
+            "ceiling_order_mean": round(math.sqrt(max(k * r / (1 + (k - 1) * r), 0.0)), 4),
+            "loss_std_over_orders_mean": round(float(noise), 4),
+            "loss_std_over_subsets_mean": round(float(actual[0].std(0, ddof=1).mean()), 4)}
 
 
 # name: (strategy, modules ("mlp" = the MLP projections), damping fraction of the mean eigenvalue)
@@ -182,6 +211,8 @@ METHODS = {"ekfac": ("ekfac", "mlp", 0.1), "kfac": ("kfac", "mlp", 0.1), "identi
 SWEEP = {"ekfac_damping_0.01": ("ekfac", "mlp", 0.01), "ekfac_damping_1": ("ekfac", "mlp", 1.0),
          "ekfac_all_linear_damping_0.01": ("ekfac", "all", 0.01), "ekfac_all_linear_damping_1": ("ekfac", "all", 1.0),
          "kfac_all_linear": ("kfac", "all", 0.1), "identity_all_linear": ("identity", "all", 0.1)}
+
+TRAJECTORY = ("ekfac", "ekfac_all_linear")
 
 
 def method_scores(model, train_batches, query_batches, train_texts, query_texts, methods: dict, saved: Path):
@@ -210,11 +241,32 @@ def method_scores(model, train_batches, query_batches, train_texts, query_texts,
         saved.parent.mkdir(parents=True, exist_ok=True)
         np.savez(saved, **out, **{"seconds:" + k: np.array(v) for k, v in seconds.items()})
     out = {k: out[k] for k in methods}
+    if not train_texts:
+        return out, seconds
     t0 = time.perf_counter()
     ranker = CandidateFilter(train_texts)
     out["tfidf"] = np.stack([ranker.relevance(q, "tfidf") for q in query_texts])
     seconds["tfidf"] = round(time.perf_counter() - t0, 2)
     return out, seconds
+
+
+def trajectory_scores(full, snapshots: dict, train_batches, query_batches, final: dict, seconds: dict,
+                      saved: Path) -> dict:
+    """For each method of ``TRAJECTORY``: its scores at every snapshot (the full model's parameters at the end
+    of an earlier epoch, curvature refitted there) and at the final model, averaged: ``<name>_trajectory``."""
+    import copy
+
+    out = {}
+    for epoch, state in sorted(snapshots.items()):
+        model = copy.deepcopy(full)
+        model.load_state_dict(state)
+        model.eval()
+        specs = {f"{name}@epoch{epoch}": METHODS[name] for name in TRAJECTORY}
+        got, got_s = method_scores(model, train_batches, query_batches, [], [], specs, saved)
+        out.update({k: got[k] for k in specs})
+        seconds.update({k: got_s[k] for k in specs})
+    return {f"{name}_trajectory": np.mean([final[name]] + [out[f"{name}@epoch{e}"] for e in snapshots], axis=0)
+            for name in TRAJECTORY}
 
 
 def order_noise(args, config, train, query_batches, mask, first: np.ndarray) -> dict:
@@ -249,6 +301,10 @@ def main() -> None:
     ap.add_argument("--work-dir", required=True, help="retrain results are kept (and resumed) here")
     ap.add_argument("--probe", action="store_true", help="train the full model and one half, print timings")
     ap.add_argument("--sweep", action="store_true", help="also the damping / module variants (SWEEP)")
+    ap.add_argument("--checkpoint-epochs", default="",
+                    help="comma-separated epochs: also average EK-FAC scores over the full model's snapshots there")
+    ap.add_argument("--order-seeds", type=int, default=1,
+                    help="retrain each subset with K data orders (seeds seed..seed+K-1); the actual loss is their mean")
     ap.add_argument("--noise-retrains", type=int, default=0,
                     help="retrain the first subset K more times, same initialisation, data order seeds seed+1..K")
     args = ap.parse_args()
@@ -274,8 +330,9 @@ def main() -> None:
     unk = sum(i == 1 for s in train for i in s.input_ids) / sum(len(s.input_ids) for s in train)
 
     t0 = time.perf_counter()
+    snapshots = {int(e): None for e in args.checkpoint_epochs.split(",") if e} if args.checkpoint_epochs else None
     full = train_from_scratch(config, train, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                              seed=args.seed)
+                              seed=args.seed, snapshots=snapshots)
     full_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in full.parameters())
     q_tokens = sum(sum(s.loss_mask) for s in queries)
@@ -295,14 +352,19 @@ def main() -> None:
         return
 
     methods = {**METHODS, **(SWEEP if args.sweep else {})}
-    scores, score_s = method_scores(full, train_batches, query_batches, train_texts, query_texts, methods,
-                                    Path(args.work_dir) / f"scores-{run_key(args)}.npz")
-    actual, retrain_s = retrain_losses(args, config, train, query_batches, masks)
+    saved = Path(args.work_dir) / f"scores-{run_key(args)}.npz"
+    scores, score_s = method_scores(full, train_batches, query_batches, train_texts, query_texts, methods, saved)
+    if args.checkpoint_epochs:
+        scores.update(trajectory_scores(full, snapshots, train_batches, query_batches, scores, score_s, saved))
+    by_order, retrain_s = retrain_losses(args, config, train, query_batches, masks)
+    actual = by_order.mean(0)
     base = losses(full, query_batches)
-    noise = order_noise(args, config, train, query_batches, masks[0], actual[0]) if args.noise_retrains else None
+    noise = order_noise(args, config, train, query_batches, masks[0], by_order[0, 0]) if args.noise_retrains else None
     results = {name: lds_summary(s, masks, actual, seed=args.seed) for name, s in scores.items()}
     for name, r in results.items():
         log(f"LDS {name}: {r['mean']:.3f} [{r['low']:.3f}, {r['high']:.3f}]")
+    one_order = ({name: round(lds_summary(s, masks, by_order[0], seed=args.seed)["mean"], 4)
+                  for name, s in scores.items()} if args.order_seeds > 1 else None)
     out = {
         "benchmark": "lm_lds",
         "command": "OMP_NUM_THREADS=1 " + " ".join(["python", *sys.argv]),
@@ -318,6 +380,8 @@ def main() -> None:
         "score_s": score_s,
         "actual_query_loss_std_over_subsets_mean": float(actual.std(0, ddof=1).mean()),
         "order_noise": noise,
+        "order_reliability": order_reliability(by_order),
+        "lds_order0_only": one_order,
         "query_loss_full_model_mean": float(base.mean()),
         "query_loss_subsets_mean": float(actual.mean()),
         "lds": {n: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "per_query"}
