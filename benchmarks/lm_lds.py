@@ -29,6 +29,14 @@ damping fractions 0.01 and 1 and K-FAC / identity over every linear module (``SW
 retrains are shared. ``--noise-retrains K`` retrains the first subset K more times with the same
 initialisation and other data orders, to size the retraining noise against the spread over subsets.
 
+Ground-truth noise: ``--order-seeds K`` retrains every subset with K data orders (order seeds ``--seed`` ..
+``--seed + K - 1``, the initialisation unchanged) and takes the mean loss as the actual measurement; the
+JSON then gives the split-half reliability (per query the Spearman correlation over subsets of the order-0
+and order-1 losses) and the ceilings it implies, and the LDS against order 0 alone. Trajectory:
+``--checkpoint-epochs 1,2`` also fits EK-FAC (MLP and all linear) at the full model's parameters at the end
+of those epochs and reports ``<method>_trajectory``, the mean of the scores at those snapshots and at the
+final model (the curvature refitted at each), and each snapshot's own scores as ``<method>@epoch<e>``.
+
 Resumable: each retrain's query losses are appended to ``--work-dir/actual.jsonl`` with the settings' key,
 the full model's scores kept in ``--work-dir/scores-<key>.npz``.
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lm_lds.py --work-dir /tmp/lm-lds`` (progress on
@@ -253,7 +261,8 @@ def method_scores(model, train_batches, query_batches, train_texts, query_texts,
 def trajectory_scores(full, snapshots: dict, train_batches, query_batches, final: dict, seconds: dict,
                       saved: Path) -> dict:
     """For each method of ``TRAJECTORY``: its scores at every snapshot (the full model's parameters at the end
-    of an earlier epoch, curvature refitted there) and at the final model, averaged: ``<name>_trajectory``."""
+    of an earlier epoch, curvature refitted there) and at the final model, averaged: ``<name>_trajectory``;
+    the snapshots' own scores as ``<name>@epoch<e>``."""
     import copy
 
     out = {}
@@ -265,8 +274,9 @@ def trajectory_scores(full, snapshots: dict, train_batches, query_batches, final
         got, got_s = method_scores(model, train_batches, query_batches, [], [], specs, saved)
         out.update({k: got[k] for k in specs})
         seconds.update({k: got_s[k] for k in specs})
-    return {f"{name}_trajectory": np.mean([final[name]] + [out[f"{name}@epoch{e}"] for e in snapshots], axis=0)
-            for name in TRAJECTORY}
+    means = {f"{name}_trajectory": np.mean([final[name]] + [out[f"{name}@epoch{e}"] for e in snapshots], axis=0)
+             for name in TRAJECTORY}
+    return {**means, **out}
 
 
 def order_noise(args, config, train, query_batches, mask, first: np.ndarray) -> dict:
