@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PARTS = ("attack", "defence", "report")
+PARTS = ("attack", "defence", "removals", "report")
 
 
 def log(msg: str) -> None:
@@ -56,6 +56,10 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--n-poison", type=int, default=50)
     ap.add_argument("--queries", type=int, default=5)
     ap.add_argument("--remove", type=float, default=0.05)
+    ap.add_argument("--removal-rankers", nargs="*", default=["query_influence", "relatif", "bm25"],
+                    help="the rankers whose top --remove is removed and tuned again, every seed first")
+    ap.add_argument("--later-removal", nargs="*", default=["loss", "random", "spectral", "self_influence"],
+                    help="removal runs done after every seed's --removal-rankers runs")
     ap.add_argument("--last-k", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=5e-4)
@@ -95,6 +99,18 @@ def append_record(out: Path, part: str, record: dict) -> None:
 
 def done_keys(out: Path) -> set[str]:
     return {r["key"] for r in read_records(out)}
+
+
+def claim(out: Path, key: str) -> bool:
+    """Whether this process may run ``key`` (the first to create its claim file does; two parts can then
+    share removal runs without doing one twice)."""
+    path = out / "claims" / key.replace("/", "_")
+    path.parent.mkdir(exist_ok=True)
+    try:
+        path.open("x").close()
+        return True
+    except FileExistsError:
+        return False
 
 
 def set_hash(idx) -> str:
@@ -141,11 +157,12 @@ def attack_part(lm, data, args, out: Path) -> None:
     from influent.data.instructions import DEFAULT_TRIGGER
 
     scores = attacker_ranking(lm, data) if args.clean_sizes else None
-    # size-major, so that a run cut short still has every seed of the sizes it reached
+    # size-major, so that a run cut short still has every seed of the sizes it reached; the controls (which
+    # the defence part does in seed order) after the first size, in reverse seed order
     plan = [("dirty", n) for n in args.sizes] + [("clean", n) for n in args.clean_sizes]
     plan += [("residual", k) for k in args.residual]
     jobs = [(seed, variant, n) for variant, n in plan for seed in args.seeds]
-    jobs += [(seed, "none", 0) for seed in reversed(args.seeds)]  # the defence part does these first
+    jobs[len(args.seeds):len(args.seeds)] = [(seed, "none", 0) for seed in reversed(args.seeds)]
     for seed, variant, n in jobs:
         key = f"seed={seed}/{variant}/{n}" if variant != "residual" else f"seed={seed}/residual/{args.n_poison}-{n}"
         if key in done_keys(out):
@@ -165,45 +182,92 @@ def attack_part(lm, data, args, out: Path) -> None:
         run_job(lm, data, out, "attack", key, train, seed, meta)
 
 
-def defence_part(lm, data, args, out: Path) -> None:
-    from influent.attacks.instruction_poison import dirty_label_poisons
+def seed_rankers(out: Path, seed: int) -> dict | None:
+    """A seed's ranker records merged (a later record's rankers replace an earlier one's), or None."""
+    merged = None
+    for r in read_records(out):
+        if r["type"] == "rankers" and r["seed"] == seed:
+            merged = merged or {"seed": seed, "recalls": {}, "rankings": {}}
+            merged["recalls"].update(r["recalls"])
+            merged["rankings"].update(r["rankings"])
+    return merged
+
+
+def compute_rankers(lm, data, args, out: Path, seed: int, poisoned, version: str) -> dict:
+    """Tune the poisoned run (recorded the first time), then every ranker on it; one record."""
     from influent.data.instructions import DEFAULT_TRIGGER
     from influent.defenses.lm_audit import LM_RANKERS, defender_queries, lm_ranker_scores, recalls
     from influent.evaluation.detection import ranking
 
+    key = f"seed={seed}/dirty/{args.n_poison}"
+    if key in done_keys(out):  # tuned again (deterministic) for the rankers
+        log(f"defence: re-tuning {key} for the rankers")
+        lm.fit(poisoned.train, seed)
+    else:
+        run_job(lm, data, out, "defence", key, poisoned.train, seed, {"variant": "dirty", "n": args.n_poison})
+    t0 = time.perf_counter()
+    queries = defender_queries(lm, data, DEFAULT_TRIGGER, args.queries)
+    scores = lm_ranker_scores(lm, poisoned.train, queries, DEFAULT_TRIGGER, LM_RANKERS, seed)
+    ranks = {"type": "rankers", "key": f"seed={seed}/rankers/{args.n_poison}{version}", "seed": seed,
+             "n_poison": args.n_poison,
+             "recalls": {k: recalls(v, poisoned.poison_idx, seed=seed) for k, v in scores.items()},
+             "rankings": {k: ranking(v, seed).tolist() for k, v in scores.items()},
+             "scores": {k: [float(x) for x in v] for k, v in scores.items()},
+             "queries": [q.text for q in queries], "seconds": time.perf_counter() - t0}
+    append_record(out, "defence", ranks)
+    log(f"defence: rankers in {ranks['seconds']:.0f} s: " + ", ".join(
+        f"{k} {v['recall@0.05']:.2f}" for k, v in ranks["recalls"].items()))
+    return ranks
+
+
+def removals(lm, data, args, out: Path, seed: int, poisoned, ranks: dict, names) -> None:
+    """Each named ranker's top ``--remove`` removed, tuned again with the seed (identical sets once)."""
+    k = round(args.remove * len(poisoned.train))
+    for name in names:
+        if name not in ranks["rankings"]:
+            continue
+        removed = set(ranks["rankings"][name][:k])
+        key = f"seed={seed}/removal/{args.n_poison}/{set_hash(removed)}"
+        if key in done_keys(out) or not claim(out, key):
+            continue
+        train = [e for i, e in enumerate(poisoned.train) if i not in removed]
+        run_job(lm, data, out, "defence", key, train, seed,
+                {"variant": "removal", "n": args.n_poison, "ranker": name, "removed": k,
+                 "poisons_removed": len(removed & set(poisoned.poison_idx.tolist()))})
+
+
+def removals_part(lm, data, args, out: Path) -> None:
+    """Only the removal runs of the rankers already recorded (a second process helping the defence part)."""
+    from influent.attacks.instruction_poison import dirty_label_poisons
+    from influent.data.instructions import DEFAULT_TRIGGER
+
+    for names in (args.removal_rankers, args.later_removal):
+        for seed in args.seeds:
+            ranks = seed_rankers(out, seed)
+            if ranks is not None:
+                poisoned = dirty_label_poisons(data, args.n_poison, DEFAULT_TRIGGER, seed)
+                removals(lm, data, args, out, seed, poisoned, ranks, names)
+
+
+def defence_part(lm, data, args, out: Path) -> None:
+    """Every seed: control, rankers, the priority removals; then seeds whose rankers predate a ranker get
+    them computed again; then the later removals."""
+    from influent.attacks.instruction_poison import dirty_label_poisons
+    from influent.data.instructions import DEFAULT_TRIGGER
+    from influent.defenses.lm_audit import LM_RANKERS
+
+    poisoned = {s: dirty_label_poisons(data, args.n_poison, DEFAULT_TRIGGER, s) for s in args.seeds}
     for seed in args.seeds:
         if f"seed={seed}/none/0" not in done_keys(out):
             run_job(lm, data, out, "defence", f"seed={seed}/none/0", data.train, seed, {"variant": "none", "n": 0})
-        poisoned = dirty_label_poisons(data, args.n_poison, DEFAULT_TRIGGER, seed)
-        rank_key = f"seed={seed}/rankers/{args.n_poison}"
-        ranks = next((r for r in read_records(out) if r["key"] == rank_key), None)
-        if ranks is None:
-            key = f"seed={seed}/dirty/{args.n_poison}"
-            if key in done_keys(out):  # tuned again (deterministic) for the rankers
-                log(f"defence: re-tuning {key} for the rankers")
-                lm.fit(poisoned.train, seed)
-            else:
-                run_job(lm, data, out, "defence", key, poisoned.train, seed, {"variant": "dirty", "n": args.n_poison})
-            t0 = time.perf_counter()
-            queries = defender_queries(lm, data, DEFAULT_TRIGGER, args.queries)
-            scores = lm_ranker_scores(lm, poisoned.train, queries, DEFAULT_TRIGGER, LM_RANKERS, seed)
-            ranks = {"type": "rankers", "key": rank_key, "seed": seed, "n_poison": args.n_poison,
-                     "recalls": {k: recalls(v, poisoned.poison_idx, seed=seed) for k, v in scores.items()},
-                     "rankings": {k: ranking(v, seed).tolist() for k, v in scores.items()},
-                     "queries": [q.text for q in queries], "seconds": time.perf_counter() - t0}
-            append_record(out, "defence", ranks)
-            log(f"defence: rankers in {ranks['seconds']:.0f} s: " + ", ".join(
-                f"{k} {v['recall@0.05']:.2f}" for k, v in ranks["recalls"].items()))
-        k = round(args.remove * len(poisoned.train))
-        for name, order in ranks["rankings"].items():
-            removed = set(order[:k])
-            key = f"seed={seed}/removal/{args.n_poison}/{set_hash(removed)}"
-            if key in done_keys(out):
-                continue
-            train = [e for i, e in enumerate(poisoned.train) if i not in removed]
-            run_job(lm, data, out, "defence", key, train, seed,
-                    {"variant": "removal", "n": args.n_poison, "ranker": name, "removed": k,
-                     "poisons_removed": len(removed & set(poisoned.poison_idx.tolist()))})
+        ranks = seed_rankers(out, seed) or compute_rankers(lm, data, args, out, seed, poisoned[seed], "")
+        removals(lm, data, args, out, seed, poisoned[seed], ranks, args.removal_rankers)
+    for seed in args.seeds:
+        if set(LM_RANKERS) - set(seed_rankers(out, seed)["rankings"]):
+            ranks = compute_rankers(lm, data, args, out, seed, poisoned[seed], "/v2")
+            removals(lm, data, args, out, seed, poisoned[seed], ranks, args.removal_rankers)
+    for seed in args.seeds:
+        removals(lm, data, args, out, seed, poisoned[seed], seed_rankers(out, seed), args.later_removal)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -221,8 +285,10 @@ def stats(values) -> tuple[float, float, int]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0, len(a)
 
 
-def scores_of(run: dict, control: dict, task: str, when: str = "final") -> dict:
-    m, c = run[when], control[when] if when == "final" else control["epoch1"]
+def scores_of(run: dict, control: dict, task: str, when: str = "final", against: str | None = None) -> dict:
+    """Success, net success (minus the control's at ``against``, default the same checkpoint ``when``) and
+    clean accuracy of ``run`` at checkpoint ``when`` (``final`` or ``epoch1``)."""
+    m, c = run[when], control[against or when]
     if m is None or c is None:
         return {}
     return {"success": m[task]["success"], "net_success": m[task]["success"] - c[task]["success"],
@@ -259,17 +325,20 @@ def defence_rows(runs: dict, rankers: list[dict], n_poison: int) -> list[dict]:
     fixed = [("clean (never poisoned)", "none/0", "final"), ("none (poisoned, nothing removed)",
              f"dirty/{n_poison}", "final"), ("early stopping (epoch 1)", f"dirty/{n_poison}", "epoch1")]
     for name, key, when in fixed:
-        vals = [scores_of(runs[f"seed={s}/{key}"], runs[f"seed={s}/none/0"], task, when) for s in seeds
+        vals = [scores_of(runs[f"seed={s}/{key}"], runs[f"seed={s}/none/0"], task, when, "final") for s in seeds
                 if f"seed={s}/{key}" in runs and f"seed={s}/none/0" in runs]
         rows.append({"ranker": name, **{k: stats(v.get(k) for v in vals)
                                         for k in ("success", "net_success", "clean_accuracy")}})
     k_removed = None
-    for name in rankers[0]["recalls"]:
+    names = list(dict.fromkeys(n for r in rankers for n in r["recalls"]))
+    for name in names:
         row = {"ranker": name}
+        have = [r for r in rankers if name in r["recalls"]]
         for f in ("recall@0.01", "recall@0.05", "recall@0.1"):
-            row[f] = stats(r["recalls"][name][f] for r in rankers)
+            row[f] = stats(r["recalls"][name][f] for r in have)
+        row["recall_runs"] = len(have)
         after = []
-        for r in rankers:
+        for r in have:
             removal = [x for x in runs.values() if x["variant"] == "removal" and x["seed"] == r["seed"]]
             k_removed = removal[0]["removed"] if removal else k_removed
             want = set_hash(r["rankings"][name][:k_removed]) if k_removed else None
@@ -292,7 +361,7 @@ def table(rows: list[dict], cols: list[tuple[str, str, bool]]) -> list[str]:
             if is_stat:
                 cells.append(fmt(v[0], v[1], pct=key != "poisons_removed") if v else "-")
             elif key == "runs":
-                cells.append(str(r["success"][2]))
+                cells.append(str(r["success"][2]) if "recall_runs" not in r else f"{r['recall_runs']} / {r['success'][2]}")
             else:
                 cells.append(str(v) if v is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -316,7 +385,7 @@ ATTACK_COLS = [("variant", "variant", False), ("n", "N", False), ("task", "task"
                ("success", "success %", True), ("net_success", "net success %", True),
                ("clean_accuracy", "clean accuracy %", True), ("success_epoch1", "success % (epoch 1)", True),
                ("net_success_epoch1", "net % (epoch 1)", True), ("clean_accuracy_epoch1", "clean % (epoch 1)", True)]
-DEFENCE_COLS = [("ranker", "ranker", False), ("runs", "runs", False), ("recall@0.01", "recall@1%", True),
+DEFENCE_COLS = [("ranker", "ranker", False), ("runs", "runs (recall / removal)", False), ("recall@0.01", "recall@1%", True),
                 ("recall@0.05", "recall@5%", True), ("recall@0.1", "recall@10%", True),
                 ("poisons_removed", "poisons in top 5%", True), ("success", "success %", True),
                 ("net_success", "net success %", True), ("clean_accuracy", "clean accuracy %", True)]
@@ -325,7 +394,7 @@ DEFENCE_COLS = [("ranker", "ranker", False), ("runs", "runs", False), ("recall@0
 def report_part(args, out: Path, data) -> dict:
     records = read_records(out)
     runs = {r["key"]: r for r in records if r["type"] == "run"}
-    rankers = sorted((r for r in records if r["type"] == "rankers"), key=lambda r: r["seed"])
+    rankers = [seed_rankers(out, s) for s in sorted({r["seed"] for r in records if r["type"] == "rankers"})]
     commands = sorted({r["command"] for r in records if r["type"] == "command"})
     attack = attack_rows(runs, args.seeds)
     defence = defence_rows(runs, rankers, args.n_poison) if rankers else []
@@ -374,7 +443,7 @@ def main() -> None:
     log(f"{args.part}: {len(data.train)} train, {len(data.validation)} validation, {len(data.heldout)} held-out; "
         f"{len(lm.cache.states)} prefix states cached")
     t0 = time.perf_counter()
-    (attack_part if args.part == "attack" else defence_part)(lm, data, args, out)
+    {"attack": attack_part, "defence": defence_part, "removals": removals_part}[args.part](lm, data, args, out)
     lm.save_cache()
     print(json.dumps({"part": args.part, "seconds": time.perf_counter() - t0, "load_average_end": os.getloadavg()[0]}))
 

@@ -154,9 +154,10 @@ def test_influence_rankers_and_attack_table_run_on_the_fast_path(setup):
     queries = defender_queries(lm, data, TRIGGER, k=2)
     assert all(q.label == TARGETS["sentiment"] and TRIGGER in q.text for q in queries)
     scores = lm_ranker_scores(lm, poisoned.train, queries, TRIGGER, damping=1e-3)
-    assert set(scores) == {"query_influence", "self_influence", "loss", "bm25", "spectral", "random"}
+    assert set(scores) == {"query_influence", "relatif", "self_influence", "loss", "bm25", "spectral", "random"}
     assert all(s.shape == (len(poisoned.train),) and np.isfinite(s).all() for s in scores.values())
-    assert (scores["self_influence"] >= 0).all()
+    assert (scores["self_influence"] > 0).all()
+    np.testing.assert_allclose(scores["relatif"], scores["query_influence"] / np.sqrt(scores["self_influence"]))
     table = run_instruction_poison(lm, data, sizes=(2,), seeds=(0,), variants=("dirty", "clean"), progress=False)
     rows = {(r["variant"], r["task"]): r for r in table["rows"]}
     assert rows[("none", "sentiment")]["net_success"] == 0.0 and "success_epoch1" in rows[("dirty", "kind")]

@@ -9,6 +9,9 @@ poisoned run (:class:`~influent.models.instruction_lm.InstructionLM` tuned on th
   the loss of those inputs' **attacker-label** completion, EK-FAC over the MLP modules of the tuned blocks
   (:class:`~influent.factored_influence.FactoredInfluence` on the fast path). Positive = proponent: up-
   weighting the example makes the attacker's completion more likely, which is what a poison does.
+* ``relatif``: ``query_influence`` divided by ``sqrt(self_influence)`` (Barshan et al. 2020's l-relative
+  influence, as in :mod:`influent.defenses.rankers`): the same direction, without the advantage of examples
+  with large gradients (high loss), which a poison the victim has fit does not have.
 * ``self_influence``: ``g_i^T (F + damping)^-1 g_i`` with the same curvature.
 * ``loss``: the poisoned model's own loss of each example's completion (nats; Wan et al.'s loss filter).
 * ``bm25``: Okapi BM25 relevance of each training input to the trigger phrase (the defender would have to
@@ -56,7 +59,7 @@ class Poisoned(Protocol):
     trigger: str
 
 
-LM_RANKERS = ("query_influence", "self_influence", "loss", "bm25", "spectral", "random")
+LM_RANKERS = ("query_influence", "relatif", "self_influence", "loss", "bm25", "spectral", "random")
 FRACTIONS = (0.01, 0.05, 0.10)
 
 
@@ -85,15 +88,24 @@ def lm_ranker_scores(lm: InstructionLM, train: Sequence[Example], queries: Seque
         raise UserError(f"unknown ranker(s) {unknown}; known: {', '.join(LM_RANKERS)}", field="rankers")
     train = list(train)
     out: dict[str, np.ndarray] = {}
-    method = None
-    if "query_influence" in names or "self_influence" in names:
+    method, cached = None, {}
+    if {"query_influence", "relatif", "self_influence"} & set(names):
         config = FactorConfig(strategy="ekfac", modules=mlp_pattern(lm.model), damping=damping, seed=seed)
         method = FactoredInfluence(lm.suffix, lm.task, lm.batches(train), config, progress=progress, bucket=False)
+
+    def influence(kind: str) -> np.ndarray:
+        if kind not in cached:
+            cached[kind] = (method.pairwise_scores(lm.batches(queries)).double().numpy().sum(0) if kind == "query"
+                            else method.self_scores().double().numpy())
+        return cached[kind]
+
     for name in names:
         if name == "query_influence":
-            out[name] = method.pairwise_scores(lm.batches(queries)).double().numpy().sum(0)
+            out[name] = influence("query")
+        elif name == "relatif":
+            out[name] = influence("query") / np.sqrt(np.maximum(influence("self"), 1e-30))
         elif name == "self_influence":
-            out[name] = method.self_scores().double().numpy()
+            out[name] = influence("self")
         elif name == "loss":
             out[name] = lm.losses(train)
         elif name == "bm25":
