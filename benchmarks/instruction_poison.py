@@ -55,10 +55,13 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--residual", type=int, nargs="*", default=[0, 5], help="poisons left of --n-poison")
     ap.add_argument("--n-poison", type=int, default=50)
     ap.add_argument("--queries", type=int, default=5)
+    ap.add_argument("--more-queries", type=int, nargs="*", default=[20, 50],
+                    help="more defender query sets (same selection, more of them): query_influence_<k>")
     ap.add_argument("--remove", type=float, default=0.05)
-    ap.add_argument("--removal-rankers", nargs="*", default=["query_influence", "relatif", "bm25"],
+    ap.add_argument("--removal-rankers", nargs="*", default=["query_influence", "query_influence_50", "bm25"],
                     help="the rankers whose top --remove is removed and tuned again, every seed first")
-    ap.add_argument("--later-removal", nargs="*", default=["loss", "random", "spectral", "self_influence"],
+    ap.add_argument("--later-removal", nargs="*",
+                    default=["relatif", "query_influence_20", "loss", "random", "spectral", "self_influence"],
                     help="removal runs done after every seed's --removal-rankers runs")
     ap.add_argument("--last-k", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=3)
@@ -207,7 +210,8 @@ def compute_rankers(lm, data, args, out: Path, seed: int, poisoned, version: str
         run_job(lm, data, out, "defence", key, poisoned.train, seed, {"variant": "dirty", "n": args.n_poison})
     t0 = time.perf_counter()
     queries = defender_queries(lm, data, DEFAULT_TRIGGER, args.queries)
-    scores = lm_ranker_scores(lm, poisoned.train, queries, DEFAULT_TRIGGER, LM_RANKERS, seed)
+    more = {str(k): defender_queries(lm, data, DEFAULT_TRIGGER, k) for k in args.more_queries}
+    scores = lm_ranker_scores(lm, poisoned.train, queries, DEFAULT_TRIGGER, LM_RANKERS, seed, query_sets=more)
     ranks = {"type": "rankers", "key": f"seed={seed}/rankers/{args.n_poison}{version}", "seed": seed,
              "n_poison": args.n_poison,
              "recalls": {k: recalls(v, poisoned.poison_idx, seed=seed) for k, v in scores.items()},
@@ -262,8 +266,9 @@ def defence_part(lm, data, args, out: Path) -> None:
             run_job(lm, data, out, "defence", f"seed={seed}/none/0", data.train, seed, {"variant": "none", "n": 0})
         ranks = seed_rankers(out, seed) or compute_rankers(lm, data, args, out, seed, poisoned[seed], "")
         removals(lm, data, args, out, seed, poisoned[seed], ranks, args.removal_rankers)
+    expected = set(LM_RANKERS) | {f"query_influence_{k}" for k in args.more_queries}
     for seed in args.seeds:
-        if set(LM_RANKERS) - set(seed_rankers(out, seed)["rankings"]):
+        if expected - set(seed_rankers(out, seed)["rankings"]):
             ranks = compute_rankers(lm, data, args, out, seed, poisoned[seed], "/v2")
             removals(lm, data, args, out, seed, poisoned[seed], ranks, args.removal_rankers)
     for seed in args.seeds:

@@ -153,8 +153,12 @@ def test_influence_rankers_and_attack_table_run_on_the_fast_path(setup):
     lm.fit(poisoned.train, seed=0)
     queries = defender_queries(lm, data, TRIGGER, k=2)
     assert all(q.label == TARGETS["sentiment"] and TRIGGER in q.text for q in queries)
-    scores = lm_ranker_scores(lm, poisoned.train, queries, TRIGGER, damping=1e-3)
-    assert set(scores) == {"query_influence", "relatif", "self_influence", "loss", "bm25", "spectral", "random"}
+    scores = lm_ranker_scores(lm, poisoned.train, queries, TRIGGER, damping=1e-3,
+                              query_sets={"one": queries[:1], "same": queries})
+    assert set(scores) == {"query_influence", "relatif", "self_influence", "loss", "bm25", "spectral", "random",
+                           "query_influence_one", "query_influence_same"}
+    np.testing.assert_allclose(scores["query_influence_same"], scores["query_influence"])
+    assert not np.allclose(scores["query_influence_one"], scores["query_influence"])
     assert all(s.shape == (len(poisoned.train),) and np.isfinite(s).all() for s in scores.values())
     assert (scores["self_influence"] > 0).all()
     np.testing.assert_allclose(scores["relatif"], scores["query_influence"] / np.sqrt(scores["self_influence"]))

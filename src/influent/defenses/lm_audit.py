@@ -81,15 +81,19 @@ def defender_queries(lm: InstructionLM, data: InstructionData, trigger: str, k: 
 
 def lm_ranker_scores(lm: InstructionLM, train: Sequence[Example], queries: Sequence[Example], trigger: str,
                      names: Sequence[str] = LM_RANKERS, seed: int = 0, progress: bool = False,
-                     damping: float | None = None) -> dict[str, np.ndarray]:
-    """Every ranker in ``names`` on the model as it is now (trained on ``train``); see module docstring."""
+                     damping: float | None = None,
+                     query_sets: dict[str, Sequence[Example]] | None = None) -> dict[str, np.ndarray]:
+    """Every ranker in ``names`` on the model as it is now (trained on ``train``); see module docstring.
+
+    ``query_sets``: more defender query sets (e.g. more of them); each adds ``query_influence_<name>``, the
+    summed influence on that set, from the same curvature fit."""
     unknown = [n for n in names if n not in LM_RANKERS]
     if unknown:
         raise UserError(f"unknown ranker(s) {unknown}; known: {', '.join(LM_RANKERS)}", field="rankers")
     train = list(train)
     out: dict[str, np.ndarray] = {}
     method, cached = None, {}
-    if {"query_influence", "relatif", "self_influence"} & set(names):
+    if {"query_influence", "relatif", "self_influence"} & set(names) or query_sets:
         config = FactorConfig(strategy="ekfac", modules=mlp_pattern(lm.model), damping=damping, seed=seed)
         method = FactoredInfluence(lm.suffix, lm.task, lm.batches(train), config, progress=progress, bucket=False)
 
@@ -115,6 +119,8 @@ def lm_ranker_scores(lm: InstructionLM, train: Sequence[Example], queries: Seque
             out[name] = spectral_signature(lm.representations(train), groups)
         else:
             out[name] = np.random.default_rng(seed + 7919).random(len(train))
+    for set_name, extra in (query_sets or {}).items():
+        out[f"query_influence_{set_name}"] = method.pairwise_scores(lm.batches(extra)).double().numpy().sum(0)
     return out
 
 
