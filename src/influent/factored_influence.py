@@ -264,9 +264,8 @@ def _plan(task, factors, modules, train_batches, bucket, train_cache, max_bytes,
     )
     if memory is not None and not memory.active and len(memory) == 0:
         itemsize = next(iter(modules.values())).weight.element_size()
-        memory.reserve(estimated_bytes(task, batches, modules, itemsize))
-    if memory is not None and not memory.active and len(memory) == 0:
-        memory = None
+        if not memory.reserve(estimated_bytes(task, batches, modules, itemsize)):
+            memory = None  # an empty store over its budget: the passes run, nothing is kept
     return _Plan(batches, order, None if memory is None and disk is None else _TokenSources(memory, disk))
 
 
