@@ -11,7 +11,8 @@ the same way, are the queries; their measurement is the completion's summed NLL 
 Both libraries get: the same model; the same tracked modules (every MLP ``gate_proj``, ``up_proj``,
 ``down_proj``); the same training batches in the same order (each padded to its longest sequence; influent
 re-forms them by length internally, same scores); the summed completion NLL per sequence as the training
-loss (kronfluence's ``compute_train_loss`` sums it over the batch, written here by hand from the logits)
+loss (kronfluence's ``compute_train_loss`` sums it over the batch, written here by hand; the vocabulary head
+is applied at the target-predicting positions only, as influent's ``CausalLMTask`` does)
 and as the measurement; padding masked (``get_attention_mask``); the empirical Fisher
 (``use_empirical_fisher=True``); EK-FAC; and the same damping: ``damping_factor=None`` in kronfluence is
 ``0.1 x mean(Lambda)`` per module, which is influent's ``damping=None`` (``--damping X`` gives both the
@@ -32,7 +33,9 @@ on-disk training token cache (``cache_dir=..., train_cache=True``, memory off): 
 / ``score_from_token_cache_s``. Then ``--rounds`` more alternating fit + score timings of both libraries
 (influent's defaults; fresh engines and folders) give ``*_speedup_of_best_times`` (fastest time of each)
 and ``*_speedup_median_of_rounds``, since the shared machine's load drifts between phases.
-Load averages are recorded per phase. A float64 copy of the model scored by influent is the rounding
+Before any timing, each library fits and scores once on the first ``--warmup`` training sequences (untimed,
+``warmup_s`` in the JSON), so that one-time costs of a process (lazy imports, first BLAS / LAPACK calls,
+allocator growth) fall on neither library's timed fit. Load averages are recorded per phase. A float64 copy of the model scored by influent is the rounding
 reference for both (``float64_reference``).
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lm_vs_kronfluence.py`` (progress on stderr, one JSON
@@ -86,12 +89,15 @@ def pair_sequences(tokenizer, texts: list[str], max_length: int):
     return out
 
 
-def summed_completion_nll(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Per sequence, ``-sum_t log p(x_t | x_<t)`` over positions with ``loss_mask * attention_mask`` (by hand)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-    mask = (batch["loss_mask"] * batch["attention_mask"])[:, 1:].to(nll.dtype)
-    return (nll * mask).sum(1)
+def summed_completion_nll(model, batch: dict) -> torch.Tensor:
+    """``-sum_t log p(x_t | x_<t)`` over the positions with ``loss_mask * attention_mask``, summed over the
+    batch (by hand): the vocabulary head is applied only at the positions that predict those tokens, as
+    influent's ``CausalLMTask`` does for a LLaMA model, so both libraries pay the same head cost."""
+    states = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         use_cache=False).last_hidden_state
+    rows, cols = (batch["loss_mask"] * batch["attention_mask"])[:, 1:].nonzero(as_tuple=True)
+    logp = torch.log_softmax(model.lm_head(states[rows, cols]).float(), dim=-1)
+    return -logp.gather(-1, batch["input_ids"][rows, cols + 1][:, None]).sum()
 
 
 def build_model(args):
@@ -192,8 +198,7 @@ def kronfluence_task(names):
         def compute_train_loss(self, batch, model, sample=False):
             if sample:
                 raise NotImplementedError("this benchmark uses the empirical Fisher")
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return summed_completion_nll(logits, batch).sum()
+            return summed_completion_nll(model, batch)
 
         def compute_measurement(self, batch, model):
             return self.compute_train_loss(batch, model)
@@ -292,6 +297,34 @@ def run_kronfluence(model, train, queries, args):
     return scores, tokens, out, loads
 
 
+def warm_up(model, train, queries, args) -> dict:
+    """Untimed fit + scores of each library on the first ``--warmup`` training sequences; their seconds."""
+    from kronfluence.analyzer import Analyzer
+
+    from influent.data.lm_text import lm_batches
+    from influent.factored_influence import FactorConfig, FactoredInfluence
+    from influent.models.causal_lm import CausalLMTask, mlp_pattern
+
+    out, subset = {}, train[: args.warmup]
+    t0 = time.perf_counter()
+    cfg = FactorConfig(strategy="ekfac", modules=mlp_pattern(model), fisher="empirical", damping=args.damping)
+    method = FactoredInfluence(model, CausalLMTask(), lm_batches(subset, args.batch_size, 0), cfg, progress=False)
+    method.fit()
+    method.pairwise_scores(lm_batches(queries, len(queries), 0))
+    out["influent"] = round(time.perf_counter() - t0, 3)
+    kmodel, ktask = prepared_kronfluence(model)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        analyzer = Analyzer(analysis_name="warmup", model=kmodel, task=ktask, cpu=True, output_dir=folder,
+                            disable_tqdm=True)
+        train_ds = PaddedPairs(subset, args.max_length)
+        kronfluence_fit(analyzer, train_ds, args)
+        kronfluence_scores(analyzer, train_ds, PaddedPairs(queries, args.max_length), args, "warmup")
+    out["kronfluence"] = round(time.perf_counter() - t0, 3)
+    log(f"warm-up (untimed) on {len(subset)} sequences: {out}")
+    return out
+
+
 def timing_rounds(model, train, queries, train_batches, query_batches, args) -> list[dict]:
     """``--rounds`` more fits + scores of each library, alternating (influent's defaults, then kronfluence),
     each in a fresh engine / folder, with the load after each round: the shared machine's load drifts, so
@@ -385,7 +418,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--damping", type=float, default=None, help="absolute damping for both (default: heuristic)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=2, help="extra alternating fit + score timings of each library")
+    ap.add_argument("--rounds", type=int, default=4, help="extra alternating fit + score timings of each library")
+    ap.add_argument("--warmup", type=int, default=64, help="training sequences of the untimed warm-up (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-parent", default=None, help="folder for influent's temporary factor + token cache")
     args = ap.parse_args()
@@ -396,6 +430,7 @@ def main() -> None:
     _, model, train, queries, history = build_model(args)
     train_batches = lm_batches(train, args.batch_size, 0)
     query_batches = lm_batches(queries, len(queries), 0)
+    warmup = warm_up(model, train, queries, args) if args.warmup else {}
     method, ours, our_tokens, inf_t, loads = run_influent(model, train_batches, query_batches, args)
     theirs, their_tokens, kf_t, kf_loads = run_kronfluence(model, train, queries, args)
     rounds = timing_rounds(model, train, queries, train_batches, query_batches, args)
@@ -427,6 +462,7 @@ def main() -> None:
         "token_score_speedup": round(kf_t["token_s"] / inf_t["token_s"], 2),
         "score_from_token_cache_speedup": round(kf_t["score_s"] / inf_t["score_from_token_cache_s"], 2),
         "fit_with_token_cache_speedup": round(kf_t["fit_s"] / inf_t["fit_with_token_cache_s"], 2),
+        "warmup_s": warmup,
         "rounds": rounds,
         **round_ratios(inf_t, kf_t, rounds),
         "fit_plus_score_speedup": round((kf_t["fit_s"] + kf_t["score_s"]) / (inf_t["fit_s"] + inf_t["score_s"]), 2),

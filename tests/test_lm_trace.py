@@ -59,6 +59,39 @@ def test_loss_counts_only_completion_tokens(lm):
     assert abs(float(got) - every_position) > 1e-3  # prompt positions are not counted
 
 
+def test_head_at_targets_only_matches_full_logits_and_yields_to_a_tracked_head(lm):
+    """The loss with the head at target positions only (plain_head) equals the full-logit loss, gradients
+    included; with the head tracked (modules "all") the full logits are used and the head's per-example
+    gradients equal autograd on one unpadded sequence."""
+    from influent.curvature.linear_grads import LinearCapture, per_example_linear_grads, select_linear_modules
+    from influent.models.causal_lm import plain_head
+
+    _, _, model, tokenizer = lm
+    seqs = training_sequences(tokenizer)
+    batch = lm_batches(seqs[:4], 4, tokenizer.pad_token_id)[0]
+    task = CausalLMTask()
+    assert plain_head(model) is model.get_output_embeddings()
+    params = [p for p in model.parameters() if p.requires_grad]
+    fast = task.per_example_loss(model, batch)
+    full = task.output_loss(task.model_output(model, batch), batch)
+    assert torch.allclose(fast, full, rtol=1e-10)
+    weights = torch.arange(1.0, 5.0, dtype=fast.dtype)
+    for a, b in zip(torch.autograd.grad((fast * weights).sum(), params),
+                    torch.autograd.grad((full * weights).sum(), params)):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    modules = select_linear_modules(model, "all")
+    head_name, head = next((n, m) for n, m in modules.items() if m is model.get_output_embeddings())
+    with LinearCapture({head_name: head}):
+        assert plain_head(model) is None
+    assert plain_head(model) is head  # the capture's hooks are gone again
+    got = per_example_linear_grads(model, task, batch, modules)[head_name]
+    if head.weight is model.get_input_embeddings().weight:
+        return  # GPT-2 ties the head to the embeddings: autograd's weight gradient adds the lookup's part
+    for i, seq in enumerate(seqs[:4]):
+        want = dense_gradients(model, {head_name: modules[head_name]}, seq)[0][head_name]
+        assert torch.allclose(got[i], want, rtol=1e-8, atol=1e-12)
+
+
 def test_chunking_and_masks(tmp_path):
     tokenizer = tiny_tokenizer()
     path = tmp_path / "docs.txt"

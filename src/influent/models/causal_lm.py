@@ -209,14 +209,52 @@ class CausalLMTask(Task):
         return -(token_margin(logits, batch["input_ids"]) * mask).sum(1)
 
     def model_output(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
 
     def output_loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
         mask = batch["loss_mask"] * batch["attention_mask"]
         return (token_nll(outputs, batch["input_ids"]) * mask.to(outputs.dtype)).sum(1)
 
     def per_example_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        return self.output_loss(self.model_output(model, batch), batch)
+        """The summed target-token NLL (``[B]``, nats). With a plain vocabulary head (:func:`plain_head`) the
+        head runs at the positions that predict a target only (prompt positions cost no head product, no
+        softmax); otherwise through the full logits (:meth:`model_output`). The same number either way."""
+        head = plain_head(model)
+        if head is None:
+            return self.output_loss(self.model_output(model, batch), batch)
+        states = model.base_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
+        return target_nll(states, head, batch)
+
+
+PLAIN_HEAD_MODEL_TYPES = ("llama", "gpt2", "mistral", "qwen2")
+"""Hugging Face ``model_type`` values whose causal-LM logits are exactly ``lm_head(base_model(...))`` (no logit
+scaling or soft-capping after the head; checked in their transformers modelling code)."""
+
+
+def plain_head(model: nn.Module) -> nn.Linear | None:
+    """The vocabulary head of ``model`` when the logits are ``head(model.base_model(...).last_hidden_state)``
+    and nothing observes the head's inputs (no hooks, e.g. it is not a tracked module); else None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES or model.base_model is model:
+        return None
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or head._forward_hooks or head._forward_pre_hooks:
+        return None
+    return head
+
+
+def target_nll(states: torch.Tensor, head: nn.Linear, batch: dict) -> torch.Tensor:
+    """Summed ``-log p(y_t | y_<t)`` over each sequence's target tokens (``loss_mask`` and ``attention_mask``,
+    positions ``t >= 1``), from the final hidden states ``states`` ``[B, T, H]`` with the vocabulary ``head``
+    applied only at the positions ``t - 1`` that predict them; ``[B]``, nats (float32 or wider)."""
+    mask = (batch["loss_mask"] * batch["attention_mask"])[:, 1:].bool()
+    rows, cols = mask.nonzero(as_tuple=True)
+    logits = head(states[rows, cols])
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    nll = -logp.gather(-1, batch["input_ids"][rows, cols + 1][:, None]).squeeze(-1)
+    return nll.new_zeros(states.shape[0]).index_add(0, rows, nll)
 
     def token_mask(self, batch: dict) -> torch.Tensor:
         return batch["attention_mask"]
