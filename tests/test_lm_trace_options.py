@@ -205,6 +205,10 @@ def test_trace_options_reach_the_json(tmp_path, capsys):
             assert np.sign(r["rank_value"]) == np.sign(r["score"])
         if rank == "cosine":
             assert all(abs(v) <= 1 + 1e-9 for v in values)
+    passes = run("--top", "10", "--memory-gb", "0")  # no tokens kept: scores from a pass over the data
+    assert {r["id"]: r["score"] for r in passes["results"]} == pytest.approx(score, rel=1e-4)
+    assert main([*base, "--memory-gb", "-1"]) == 2
+    assert "--memory-gb" in capsys.readouterr().err
     margin = run("--measurement", "margin")
     assert margin["query"]["measurement"] == "margin"
     assert margin["query"]["measurement_value"] < margin["query"]["loss"]

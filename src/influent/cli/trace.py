@@ -106,7 +106,8 @@ def trace_method(args: argparse.Namespace, setup):
     config = FactorConfig(strategy=args.strategy, modules=tracked_modules(setup.model, args.modules),
                           damping=args.damping, seed=args.seed)
     return FactoredInfluence(setup.model, CausalLMTask(args.measurement), setup.batches(), config,
-                             cache_dir=setup.folder / "factors", progress=not args.quiet, fit_batches=fit)
+                             cache_dir=setup.folder / "factors", progress=not args.quiet, fit_batches=fit,
+                             memory_max_bytes=int(args.memory_gb * 2**30))
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -121,6 +122,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
             checked(name, getattr(args, name), low=1, integer=True)
     if args.damping is not None:
         checked("damping", args.damping, low=0)
+    checked("memory_gb", args.memory_gb, low=0)
     if not args.prompt.strip():
         raise UserError("--prompt is empty")
     check_report_path(args)
@@ -166,6 +168,9 @@ def add_trace_parser(sub) -> None:
                    help="tracked linear modules: mlp (default: the fine-tuned blocks' MLP), all, or a name regex")
     p.add_argument("--damping", type=float, default=None,
                    help="added to the curvature (default: 0.1 x the mean eigenvalue per module)")
+    p.add_argument("--memory-gb", type=float, default=2.0,
+                   help="keep the tracked modules' training tokens in memory up to this size (GiB, default 2): "
+                        "the EK-FAC fit is then one pass and scores need no pass over the training data; 0: off")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_report_option(p)
     add_data_options(p)
