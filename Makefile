@@ -46,6 +46,9 @@ bench: $(STAMP)
 	# planted facts in a fine-tuned SmolLM2, then the candidate filter's recall from its scores (~25 min)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/lm_planted_facts.py --facts 25 --filler 400 --natural 20 --epochs 3 --lr 2e-4 --seed 0
 	$(PY) benchmarks/lm_filter_recall.py --seed 0
+	# LM EK-FAC against kronfluence on a tiny LLaMA built in code; the head-at-targets capture pass on SmolLM2
+	OMP_NUM_THREADS=1 $(PY) benchmarks/lm_vs_kronfluence.py --rounds 6 --seed 0
+	OMP_NUM_THREADS=1 $(PY) benchmarks/lm_head_speed.py --rounds 5
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
