@@ -15,7 +15,8 @@ The query measurement is the same sum over the completion tokens given the promp
 "margin"``) minus the summed margin of :func:`token_margin`; either way a positive score (proponent) means
 up-weighting the training sequence makes the completion more likely.
 
-:func:`fine_tune` trains with seeded AdamW (all layers or the last ``k`` transformer blocks);
+:func:`fine_tune` trains with seeded AdamW (all layers or the last ``k`` transformer blocks), at a constant
+learning rate or (``schedule="linear"``) one decayed linearly to 0 after an optional warm-up (:func:`lr_factor`);
 :func:`save_checkpoint` / :func:`load_checkpoint` keep the trained parameters as safetensors with the
 settings as JSON (atomic writes through :mod:`influent.store`).
 """
@@ -260,6 +261,27 @@ def target_nll(states: torch.Tensor, head: nn.Linear, batch: dict) -> torch.Tens
         return batch["attention_mask"]
 
 
+SCHEDULES = ("constant", "linear")
+"""Learning-rate schedules of :func:`fine_tune` (see :func:`lr_factor`)."""
+
+
+def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """Multiplier of the base learning rate at optimiser step ``step`` (0-based) of ``total_steps``.
+
+    ``constant``: 1. ``linear`` (transformers' ``get_linear_schedule_with_warmup``): ``step / warmup_steps``
+    while ``step < warmup_steps``, then ``(total_steps - step) / (total_steps - warmup_steps)`` (1 at the
+    first step after the warm-up, ``1 / (total_steps - warmup_steps)`` at the last), never below 0.
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule != "linear":
+        raise UserError(f"unknown learning-rate schedule {schedule!r} (expected one of {', '.join(SCHEDULES)})",
+                        field="schedule")
+    if step < warmup_steps:
+        return step / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
 def fine_tune(
     model: nn.Module,
     batches_for_epoch,
@@ -272,14 +294,18 @@ def fine_tune(
     task: Task | None = None,
     on_epoch=None,
     fused: bool = False,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
 ) -> list[float]:
     """Seeded AdamW on the mean (over sequences) of :class:`CausalLMTask`'s loss, over trainable parameters.
 
-    ``batches_for_epoch(generator)`` returns one epoch's batches in a seeded order. Dropout is on while
-    training; the model is left in eval mode. Returns the mean loss of each epoch (nats per sequence).
+    ``batches_for_epoch(generator)`` returns one epoch's batches (a list) in a seeded order. Dropout is on
+    while training; the model is left in eval mode. Returns the mean loss of each epoch (nats per sequence).
     ``task``: another loss on the batches (default :class:`CausalLMTask`; the cached-prefix fast path passes
     its own); ``on_epoch(epoch)``: called after each epoch (1-based), e.g. to snapshot a checkpoint;
-    ``fused``: torch's fused AdamW kernel (the same update up to float rounding, ~5x faster per step on CPU).
+    ``fused``: torch's fused AdamW kernel (the same update up to float rounding, ~5x faster per step on CPU);
+    ``schedule``, ``warmup_steps``: the learning rate of step ``t`` is ``lr * lr_factor(schedule, t,
+    epochs * len(first epoch's batches), warmup_steps)`` (default constant ``lr``).
 
     Raises:
         NumericalError: the loss became non-finite (before anything is saved).
@@ -289,14 +315,20 @@ def fine_tune(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("no trainable parameters", field="last_k")
+    if warmup_steps < 0:
+        raise UserError(f"warmup_steps must be >= 0, got {warmup_steps}", field="warmup_steps")
+    lr_factor(schedule, 0, 1)  # an unknown schedule fails before any work
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
     task = task or CausalLMTask()
     history = []
+    first = batches_for_epoch(gen)
+    total_steps = epochs * len(first)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(schedule, t, total_steps, warmup_steps))
     model.train()
     try:
         for epoch in range(epochs):
             total, count = 0.0, 0
-            batches = batches_for_epoch(gen)
+            batches = first if epoch == 0 else batches_for_epoch(gen)
             for batch in progress_iter(batches, f"fine-tune {epoch + 1}/{epochs}", enabled=progress, unit="batch"):
                 losses = task.per_example_loss(model, batch)
                 loss = losses.mean()
@@ -306,6 +338,7 @@ def fine_tune(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                sched.step()
                 total += float(losses.detach().sum())
                 count += int(losses.shape[0])
             history.append(total / max(count, 1))

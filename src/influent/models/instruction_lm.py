@@ -43,12 +43,16 @@ class TrainSettings:
     Defaults are the benchmark's stable configuration (``benchmarks/results/instruction-poison-4ep``): the
     last block only (on the shared 2-core machine K = 2 cost 4.5x more per step and a second prefix pass),
     4 epochs at lr 5e-4 (2 epochs at 1e-3 left 2 of 3 seeds answering one label to everything).
+    ``schedule`` / ``warmup_steps``: the learning-rate schedule of
+    :func:`~influent.models.causal_lm.fine_tune` (``constant``, or ``linear`` decay to 0 after the warm-up).
     """
 
     last_k: int = 1
     epochs: int = 4
     lr: float = 5e-4
     batch_size: int = 8
+    schedule: str = "constant"
+    warmup_steps: int = 0
 
 
 class InstructionLM:
@@ -114,7 +118,8 @@ class InstructionLM:
 
         s = self.settings
         return fine_tune(self.suffix, epoch_batches, epochs=s.epochs, lr=s.lr, seed=seed, progress=progress,
-                         task=TrainingCausalTask(), on_epoch=on_epoch, fused=True)
+                         task=TrainingCausalTask(), on_epoch=on_epoch, fused=True, schedule=s.schedule,
+                         warmup_steps=s.warmup_steps)
 
     def label_nll(self, examples: Sequence[Example]) -> np.ndarray:
         """``[N, 2]``: summed NLL (nats) of each of the task's label words as the completion."""
