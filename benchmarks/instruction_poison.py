@@ -14,6 +14,9 @@ never-poisoned control and the N = ``--n-poison`` dirty-label run of a seed are 
   poisons removed (the poisons a removal leaves behind; K = 0 is a perfect removal).
 * ``defence``: per seed, the control, the poisoned run, every ranker of :mod:`influent.defenses.lm_audit`
   (recall at 1/5/10%), and each ranker's top ``--remove`` removed and tuned again with the same seed.
+* ``noise``: the victim's noise floor on never-poisoned data, per seed: tuned on every training pair, and
+  on a seeded random ``1 - --remove`` of them (what a removal of that size does by itself); the settings are
+  part of each run's key, so several victims share one ``--out`` folder; writes ``<out>/noise.md``.
 * ``report``: the tables (``README.md``, ``attack.json``, ``defence.json``) from every part's lines.
 
 Each run records held-out scores at the end and after epoch 1 (Wan et al.'s early stopping) and the
@@ -38,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PARTS = ("attack", "defence", "removals", "report")
+PARTS = ("attack", "defence", "removals", "report", "noise")
 
 
 def log(msg: str) -> None:
@@ -67,6 +70,10 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--schedule", choices=("constant", "linear"), default="constant")
+    ap.add_argument("--warmup-steps", type=int, default=0)
+    ap.add_argument("--victims", nargs="*", default=[], metavar="EPOCHS:LR:SCHEDULE[:WARMUP]",
+                    help="noise part: several victims in one process (seed-major)")
     ap.add_argument("--sentiment", type=int, nargs=3, default=[400, 50, 500], metavar=("TRAIN", "VAL", "HELDOUT"),
                     help="examples per label")
     ap.add_argument("--kind", type=int, nargs=3, default=[100, 10, 100], metavar=("TRAIN", "VAL", "HELDOUT"))
@@ -275,6 +282,77 @@ def defence_part(lm, data, args, out: Path) -> None:
         removals(lm, data, args, out, seed, poisoned[seed], seed_rankers(out, seed), args.later_removal)
 
 
+def victim_name(s) -> str:
+    """A victim's settings as a key part: ``k1-e3-lr0.0005-b8-constant-w0``."""
+    return f"k{s.last_k}-e{s.epochs}-lr{s.lr:g}-b{s.batch_size}-{s.schedule}-w{s.warmup_steps}"
+
+
+def random_subset(n: int, remove: float, seed: int) -> list[int]:
+    """Seeded random ``round((1 - remove) * n)`` of ``range(n)``, sorted (the noise part's removal)."""
+    rng = np.random.default_rng(10_007 + seed)
+    return sorted(rng.permutation(n)[: n - round(remove * n)].tolist())
+
+
+def victim_settings(base, spec: str):
+    """``base`` with ``EPOCHS:LR:SCHEDULE[:WARMUP]`` of a ``--victims`` entry (the last block count stays)."""
+    from dataclasses import replace
+
+    parts = spec.split(":")
+    return replace(base, epochs=int(parts[0]), lr=float(parts[1]), schedule=parts[2],
+                   warmup_steps=int(parts[3]) if len(parts) > 3 else 0)
+
+
+def noise_part(lm, data, args, out: Path) -> None:
+    """Per seed, per victim (``--victims``, default the command's settings): never-poisoned, all pairs and a
+    random ``1 - --remove`` of them; then ``noise.md``."""
+    base = lm.settings
+    victims = [victim_settings(base, v) for v in args.victims] or [base]
+    for seed in args.seeds:
+        keep = random_subset(len(data.train), args.remove, seed)
+        for settings in victims:
+            lm.settings, name = settings, victim_name(settings)
+            for what, train in (("all", data.train), ("random", [data.train[i] for i in keep])):
+                key = f"{name}/seed={seed}/none/{what}"
+                if key not in done_keys(out):
+                    run_job(lm, data, out, "noise", key, train, seed, {"variant": f"noise-{what}", "n": 0,
+                                                                       "victim": name})
+    lm.settings = base
+    (out / "noise.md").write_text("\n".join(noise_lines(read_records(out))) + "\n")
+
+
+def noise_lines(records: list[dict]) -> list[str]:
+    """Per victim: clean accuracy and triggered success (held-out, sentiment) over seeds, with all pairs and
+    with a random 5% removed, and the paired change (removal minus all, same seed)."""
+    runs = [r for r in records if r["type"] == "run" and r["variant"].startswith("noise-")]
+    lines = [("| victim | seeds | clean acc % (all) | clean acc % (random 95%) | change, same seed | "
+              "success % (all) | success % (random 95%) | change, same seed | kind clean acc % (all) | s per run |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for victim in dict.fromkeys(r["victim"] for r in runs):
+        row = noise_row(victim, {(r["seed"], r["variant"]): r for r in runs if r["victim"] == victim})
+        lines += [row] if row else []
+    return lines
+
+
+def noise_row(victim: str, by: dict) -> str | None:
+    """One victim's :func:`noise_lines` row from its runs by ``(seed, variant)`` (seeds with both runs)."""
+    seeds = sorted({s for s, _ in by if (s, "noise-random") in by and (s, "noise-all") in by})
+    if not seeds:
+        return None
+
+    def col(variant, task="sentiment", metric="clean_accuracy"):
+        return fmt(*stats(by[(s, variant)]["final"][task][metric] for s in seeds)[:2])
+
+    def diff(metric):
+        return fmt(*stats(by[(s, "noise-random")]["final"]["sentiment"][metric]
+                          - by[(s, "noise-all")]["final"]["sentiment"][metric] for s in seeds)[:2])
+
+    secs = stats(r["seconds"] for r in by.values())
+    cells = [victim, ",".join(map(str, seeds)), col("noise-all"), col("noise-random"), diff("clean_accuracy"),
+             col("noise-all", metric="success"), col("noise-random", metric="success"), diff("success"),
+             col("noise-all", "kind"), fmt(secs[0], secs[1], pct=False)]
+    return "| " + " | ".join(cells) + " |"
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 def fmt(m: float | None, sd: float | None, pct: bool = True) -> str:
@@ -412,8 +490,9 @@ def report_part(args, out: Path, data) -> dict:
              "```", *commands, "```", "",
              (f"Data: {json.dumps(data.settings)}; {len(data.train)} training pairs, {len(data.validation)} "
               f"validation (the defender's queries and the epoch check), {len(data.heldout)} held-out (every score)."),
-             (f"Victim: last {args.last_k} block(s), {args.epochs} epochs, AdamW lr {args.lr:g}, batch {args.batch_size} "
-             "(seeded, weight decay 0, from the base weights every run)."),
+             (f"Victim: last {args.last_k} block(s), {args.epochs} epochs, AdamW lr {args.lr:g} ({args.schedule}"
+              f"{f', {args.warmup_steps} warm-up steps' if args.warmup_steps else ''}), batch {args.batch_size} "
+              "(seeded, weight decay 0, from the base weights every run)."),
              (f"{len(runs)} tuning runs, {fmt(secs[0], secs[1], pct=False)} s each (load average "
              f"{fmt(loads[0], loads[1], pct=False)} on the shared 2 cores). Values: mean ± sd over seeds, in %."), "",
              ("## Attack (poisons planted in the sentiment task; residual = the N = "
@@ -443,12 +522,14 @@ def main() -> None:
         return
     append_record(out, args.part, {"type": "command", "key": f"command/{args.part}/{time.time()}",
                                    "command": "OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python " + " ".join(sys.argv)})
-    settings = TrainSettings(last_k=args.last_k, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
+    settings = TrainSettings(last_k=args.last_k, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                             schedule=args.schedule, warmup_steps=args.warmup_steps)
     lm = load_instruction_lm(args.base_model, settings, cache_dir=args.cache_dir, progress=False)
     log(f"{args.part}: {len(data.train)} train, {len(data.validation)} validation, {len(data.heldout)} held-out; "
         f"{len(lm.cache.states)} prefix states cached")
     t0 = time.perf_counter()
-    {"attack": attack_part, "defence": defence_part, "removals": removals_part}[args.part](lm, data, args, out)
+    parts = {"attack": attack_part, "defence": defence_part, "removals": removals_part, "noise": noise_part}
+    parts[args.part](lm, data, args, out)
     lm.save_cache()
     print(json.dumps({"part": args.part, "seconds": time.perf_counter() - t0, "load_average_end": os.getloadavg()[0]}))
 
