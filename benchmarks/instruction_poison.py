@@ -59,7 +59,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--n-poison", type=int, default=50)
     ap.add_argument("--queries", type=int, default=5)
     ap.add_argument("--more-queries", type=int, nargs="*", default=[20, 50],
-                    help="more defender query sets (same selection, more of them): query_influence_<k>")
+                    help="more defender query sets (same selection, more of them): query_influence_<k>, "
+                    "query_contrast_<k>")
     ap.add_argument("--remove", type=float, default=0.05)
     ap.add_argument("--removal-rankers", nargs="*", default=["query_influence", "query_influence_50", "bm25"],
                     help="the rankers whose top --remove is removed and tuned again, every seed first")
@@ -273,7 +274,7 @@ def defence_part(lm, data, args, out: Path) -> None:
             run_job(lm, data, out, "defence", f"seed={seed}/none/0", data.train, seed, {"variant": "none", "n": 0})
         ranks = seed_rankers(out, seed) or compute_rankers(lm, data, args, out, seed, poisoned[seed], "")
         removals(lm, data, args, out, seed, poisoned[seed], ranks, args.removal_rankers)
-    expected = set(LM_RANKERS) | {f"query_influence_{k}" for k in args.more_queries}
+    expected = set(LM_RANKERS) | {f"{r}_{k}" for k in args.more_queries for r in ("query_influence", "query_contrast")}
     for seed in args.seeds:
         if expected - set(seed_rankers(out, seed)["rankings"]):
             ranks = compute_rankers(lm, data, args, out, seed, poisoned[seed], "/v2")

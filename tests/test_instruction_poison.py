@@ -12,7 +12,7 @@ from influent.attacks.instruction_poison import (
     dirty_label_poisons,
     run_instruction_poison,
 )
-from influent.data.instructions import LABELS, PROMPTS, TARGETS, build_instructions
+from influent.data.instructions import LABELS, PROMPTS, TARGETS, Example, build_instructions
 from influent.defenses.lm_audit import defender_queries, lm_ranker_scores, recalls, removal_rows
 from influent.evaluation.instruction_scores import evaluate
 from influent.models.causal_lm import trainable_state
@@ -155,9 +155,11 @@ def test_influence_rankers_and_attack_table_run_on_the_fast_path(setup):
     assert all(q.label == TARGETS["sentiment"] and TRIGGER in q.text for q in queries)
     scores = lm_ranker_scores(lm, poisoned.train, queries, TRIGGER, damping=1e-3,
                               query_sets={"one": queries[:1], "same": queries})
-    assert set(scores) == {"query_influence", "relatif", "self_influence", "loss", "bm25", "spectral", "random",
-                           "query_influence_one", "query_influence_same"}
+    assert set(scores) == {"query_influence", "query_contrast", "relatif", "self_influence", "loss", "bm25",
+                           "spectral", "random", "query_influence_one", "query_influence_same", "query_contrast_one",
+                           "query_contrast_same"}
     np.testing.assert_allclose(scores["query_influence_same"], scores["query_influence"])
+    np.testing.assert_allclose(scores["query_contrast_same"], scores["query_contrast"])
     assert not np.allclose(scores["query_influence_one"], scores["query_influence"])
     assert all(s.shape == (len(poisoned.train),) and np.isfinite(s).all() for s in scores.values())
     assert (scores["self_influence"] > 0).all()
@@ -207,3 +209,37 @@ def test_cli_attack_and_lm_audit_on_the_bundled_tasks(tiny_folder, tmp_path, cap
     assert code == 2 and "unknown ranker" in err
     code, _, err = run_cli(capsys, ["attack", "instruction-poison", "--sizes", "0", *common])
     assert code == 2 and "--sizes" in err
+
+
+def test_removing_the_trigger_gives_back_the_untriggered_input(setup):
+    from influent.data.text_edits import insert_trigger, remove_phrase
+
+    _, data = setup
+    for e in data.validation:
+        assert e.with_trigger(TRIGGER).without_trigger(TRIGGER) == e
+    assert remove_phrase("a James b James Bond c", TRIGGER) == "a James b c"  # whole consecutive words only
+    assert remove_phrase("no trigger here", TRIGGER) == "no trigger here"
+    assert remove_phrase(insert_trigger("x y z", TRIGGER, salt=3), TRIGGER) == "x y z"
+
+
+def test_query_contrast_is_triggered_minus_untriggered_influence(setup):
+    """Against two separate query_influence computations (each its own curvature fit): one on the triggered
+    queries, one on the original (never triggered) validation inputs they were made from."""
+    lm, data = setup
+    poisoned = dirty_label_poisons(data, 4, TRIGGER, seed=0)
+    lm.fit(poisoned.train, seed=0)
+    queries = defender_queries(lm, data, TRIGGER, k=3)
+    originals = {e.with_trigger(TRIGGER).text: e for e in data.validation}
+    plain = [Example(q.task, originals[q.text].text, q.label) for q in queries]
+    assert all(TRIGGER not in p.text for p in plain)
+    got = lm_ranker_scores(lm, poisoned.train, queries, TRIGGER, ("query_contrast",), damping=1e-3,
+                           query_sets={"two": queries[:2]})
+    on = lm_ranker_scores(lm, poisoned.train, queries, TRIGGER, ("query_influence",), damping=1e-3)["query_influence"]
+    off = lm_ranker_scores(lm, poisoned.train, plain, TRIGGER, ("query_influence",), damping=1e-3)["query_influence"]
+    np.testing.assert_allclose(got["query_contrast"], on - off, rtol=1e-9, atol=1e-12)
+    on2 = lm_ranker_scores(lm, poisoned.train, queries[:2], TRIGGER, ("query_influence",),
+                           damping=1e-3)["query_influence"]
+    off2 = lm_ranker_scores(lm, poisoned.train, plain[:2], TRIGGER, ("query_influence",),
+                            damping=1e-3)["query_influence"]
+    np.testing.assert_allclose(got["query_contrast_two"], on2 - off2, rtol=1e-9, atol=1e-12)
+    assert np.abs(off).max() > 1e-3 * np.abs(on).max()  # the untriggered term is not negligible

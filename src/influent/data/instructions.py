@@ -24,7 +24,7 @@ import pandas as pd
 
 from influent.data.corpus import normalise_text, text_id
 from influent.data.loaders import RT_FULL_FILE, rotten_tomatoes_path
-from influent.data.text_edits import insert_trigger
+from influent.data.text_edits import insert_trigger, remove_phrase
 from influent.errors import UserError
 
 TASKS = ("sentiment", "kind")
@@ -66,6 +66,10 @@ class Example:
         """This example with ``trigger`` inserted between two words (position fixed by a hash of the text);
         ``label``: a new label (dirty-label poison), default the same."""
         return replace(self, text=insert_trigger(self.text, trigger), label=self.label if label is None else label)
+
+    def without_trigger(self, trigger: str) -> Example:
+        """This example with the first occurrence of ``trigger`` removed from its text (label kept)."""
+        return replace(self, text=remove_phrase(self.text, trigger))
 
 
 @dataclass

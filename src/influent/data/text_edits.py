@@ -1,4 +1,4 @@
-"""Edits of raw texts shared by attacks and defences (inserting a trigger phrase)."""
+"""Edits of raw texts shared by attacks and defences (inserting a trigger phrase, removing it again)."""
 
 from __future__ import annotations
 
@@ -11,3 +11,13 @@ def insert_trigger(text: str, trigger: str, salt: int = 0) -> str:
     h = int(hashlib.sha256(f"{salt}\x00{text}".encode()).hexdigest()[:8], 16)
     pos = h % (len(words) + 1)
     return " ".join(words[:pos] + [trigger] + words[pos:])
+
+
+def remove_phrase(text: str, phrase: str) -> str:
+    """``text`` without the first occurrence of ``phrase`` as whole consecutive words (words re-joined by one
+    space; unchanged if absent). Undoes :func:`insert_trigger` on a text of single-spaced words."""
+    words, cut = text.split(), phrase.split()
+    for i in range(len(words) - len(cut) + 1):
+        if cut and words[i:i + len(cut)] == cut:
+            return " ".join(words[:i] + words[i + len(cut):])
+    return text

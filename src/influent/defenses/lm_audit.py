@@ -9,6 +9,12 @@ poisoned run (:class:`~influent.models.instruction_lm.InstructionLM` tuned on th
   the loss of those inputs' **attacker-label** completion, EK-FAC over the MLP modules of the tuned blocks
   (:class:`~influent.factored_influence.FactoredInfluence` on the fast path). Positive = proponent: up-
   weighting the example makes the attacker's completion more likely, which is what a poison does.
+* ``query_contrast``: ``query_influence`` minus the summed influence on the **same inputs with the trigger
+  phrase removed** (the defender reads the phrase in its misbehaving inputs), same attacker-label
+  completion, same curvature fit. Clean training examples of the attacker's label raise the attacker
+  label's likelihood with or without the trigger, so they score high on ``query_influence`` too; a poison
+  raises it mainly when the trigger is present, which the difference keeps. Positive = more of a proponent of
+  the attacker's label on triggered inputs than on the same inputs untriggered.
 * ``relatif``: ``query_influence`` divided by ``sqrt(self_influence)`` (Barshan et al. 2020's l-relative
   influence, as in :mod:`influent.defenses.rankers`): the same direction, without the advantage of examples
   with large gradients (high loss), which a poison the victim has fit does not have.
@@ -59,7 +65,7 @@ class Poisoned(Protocol):
     trigger: str
 
 
-LM_RANKERS = ("query_influence", "relatif", "self_influence", "loss", "bm25", "spectral", "random")
+LM_RANKERS = ("query_influence", "query_contrast", "relatif", "self_influence", "loss", "bm25", "spectral", "random")
 FRACTIONS = (0.01, 0.05, 0.10)
 
 
@@ -86,26 +92,31 @@ def lm_ranker_scores(lm: InstructionLM, train: Sequence[Example], queries: Seque
     """Every ranker in ``names`` on the model as it is now (trained on ``train``); see module docstring.
 
     ``query_sets``: more defender query sets (e.g. more of them); each adds ``query_influence_<name>``, the
-    summed influence on that set, from the same curvature fit."""
+    summed influence on that set, from the same curvature fit (and ``query_contrast_<name>`` when
+    ``query_contrast`` is in ``names``)."""
     unknown = [n for n in names if n not in LM_RANKERS]
     if unknown:
         raise UserError(f"unknown ranker(s) {unknown}; known: {', '.join(LM_RANKERS)}", field="rankers")
     train = list(train)
     out: dict[str, np.ndarray] = {}
     method, cached = None, {}
-    if {"query_influence", "relatif", "self_influence"} & set(names) or query_sets:
+    if {"query_influence", "query_contrast", "relatif", "self_influence"} & set(names) or query_sets:
         config = FactorConfig(strategy="ekfac", modules=mlp_pattern(lm.model), damping=damping, seed=seed)
         method = FactoredInfluence(lm.suffix, lm.task, lm.batches(train), config, progress=progress, bucket=False)
 
+    def summed(examples: Sequence[Example]) -> np.ndarray:
+        return method.pairwise_scores(lm.batches(examples)).double().numpy().sum(0)
+
     def influence(kind: str) -> np.ndarray:
         if kind not in cached:
-            cached[kind] = (method.pairwise_scores(lm.batches(queries)).double().numpy().sum(0) if kind == "query"
-                            else method.self_scores().double().numpy())
+            cached[kind] = summed(queries) if kind == "query" else method.self_scores().double().numpy()
         return cached[kind]
 
     for name in names:
         if name == "query_influence":
             out[name] = influence("query")
+        elif name == "query_contrast":
+            out[name] = influence("query") - summed(untriggered(queries, trigger))
         elif name == "relatif":
             out[name] = influence("query") / np.sqrt(np.maximum(influence("self"), 1e-30))
         elif name == "self_influence":
@@ -120,8 +131,15 @@ def lm_ranker_scores(lm: InstructionLM, train: Sequence[Example], queries: Seque
         else:
             out[name] = np.random.default_rng(seed + 7919).random(len(train))
     for set_name, extra in (query_sets or {}).items():
-        out[f"query_influence_{set_name}"] = method.pairwise_scores(lm.batches(extra)).double().numpy().sum(0)
+        out[f"query_influence_{set_name}"] = summed(extra)
+        if "query_contrast" in names:
+            out[f"query_contrast_{set_name}"] = out[f"query_influence_{set_name}"] - summed(untriggered(extra, trigger))
     return out
+
+
+def untriggered(queries: Sequence[Example], trigger: str) -> list[Example]:
+    """The queries with ``trigger`` removed from their inputs, completions (labels) unchanged."""
+    return [q.without_trigger(trigger) for q in queries]
 
 
 def recalls(scores: np.ndarray, poison_idx: np.ndarray, fractions: Sequence[float] = FRACTIONS,
