@@ -487,7 +487,8 @@ def report_part(args, out: Path, data) -> dict:
     secs = stats(r["seconds"] for r in runs.values())
     loads = stats(r["load"] for r in runs.values())
     lines = ["# Instruction-tuning poisons against SmolLM2-135M-Instruct (Wan et al. 2023), and finding them", "",
-             "Commands (from the repository root; the two parts ran at the same time, then the report):", "",
+             ("Commands (from the repository root; the parts recorded in this folder, then `--part report` with the "
+              "same settings):"), "",
              "```", *commands, "```", "",
              (f"Data: {json.dumps(data.settings)}; {len(data.train)} training pairs, {len(data.validation)} "
               f"validation (the defender's queries and the epoch check), {len(data.heldout)} held-out (every score)."),
