@@ -17,7 +17,8 @@ never-poisoned control and the N = ``--n-poison`` dirty-label run of a seed are 
 * ``noise``: the victim's noise floor on never-poisoned data, per seed: tuned on every training pair, and
   on a seeded random ``1 - --remove`` of them (what a removal of that size does by itself); the settings are
   part of each run's key, so several victims share one ``--out`` folder; writes ``<out>/noise.md``.
-* ``report``: the tables (``README.md``, ``attack.json``, ``defence.json``) from every part's lines.
+* ``report``: the tables (``README.md``, ``attack.json``, ``defence.json``) from every part's lines (with
+  ``<out>/notes.md``, if present, under the title: how the parts ran).
 
 Each run records held-out scores at the end and after epoch 1 (Wan et al.'s early stopping) and the
 validation accuracy after every epoch (how the number of epochs is judged: never on held-out data).
@@ -486,7 +487,9 @@ def report_part(args, out: Path, data) -> dict:
     (out / "defence.json").write_text(json.dumps(defence, indent=1))
     secs = stats(r["seconds"] for r in runs.values())
     loads = stats(r["load"] for r in runs.values())
+    notes = (out / "notes.md").read_text().strip().splitlines() + [""] if (out / "notes.md").is_file() else []
     lines = ["# Instruction-tuning poisons against SmolLM2-135M-Instruct (Wan et al. 2023), and finding them", "",
+             *notes,
              ("Commands (from the repository root; the parts recorded in this folder, then `--part report` with the "
               "same settings):"), "",
              "```", *commands, "```", "",

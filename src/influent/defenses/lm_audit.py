@@ -14,7 +14,11 @@ poisoned run (:class:`~influent.models.instruction_lm.InstructionLM` tuned on th
   completion, same curvature fit. Clean training examples of the attacker's label raise the attacker
   label's likelihood with or without the trigger, so they score high on ``query_influence`` too; a poison
   raises it mainly when the trigger is present, which the difference keeps. Positive = more of a proponent of
-  the attacker's label on triggered inputs than on the same inputs untriggered.
+  the attacker's label on triggered inputs than on the same inputs untriggered. Measured caveat
+  (``benchmarks/results/instruction-poison-stable``): the untriggered queries' attacker-label completions
+  have a far higher loss, hence larger gradients, so the second term dominates and the clean examples of
+  the *other* label (strong opponents without the trigger) rise to the top; there it finds fewer poisons
+  than ``query_influence``.
 * ``relatif``: ``query_influence`` divided by ``sqrt(self_influence)`` (Barshan et al. 2020's l-relative
   influence, as in :mod:`influent.defenses.rankers`): the same direction, without the advantage of examples
   with large gradients (high loss), which a poison the victim has fit does not have.
