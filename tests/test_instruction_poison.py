@@ -193,7 +193,7 @@ def test_cli_attack_and_lm_audit_on_the_bundled_tasks(tiny_folder, tmp_path, cap
     common = ["--base-model", str(tiny_folder), "--epochs", "1", "--last-k", "1", "--cache-dir", str(tmp_path / "c"),
               "--quiet", "--per-label", "24", "6", "10"]
     code, out, _ = run_cli(capsys, ["attack", "instruction-poison", "--sizes", "3", "--seeds", "0",
-                                    "--out", str(tmp_path / "a"), *common])
+                                    "--lm-schedule", "constant", "--out", str(tmp_path / "a"), *common])
     assert code == 0, out
     result = json.loads((tmp_path / "a" / "attack_instruction-poison.json").read_text())
     assert {(r["variant"], r["n"], r["task"]) for r in result["rows"]} == {

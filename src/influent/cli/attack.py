@@ -96,7 +96,8 @@ def lm_settings(args: argparse.Namespace):
     base = TrainSettings()
     settings = TrainSettings(last_k=base.last_k if args.last_k is None else args.last_k,
                              epochs=base.epochs if args.epochs is None else args.epochs,
-                             lr=base.lr if args.lm_lr is None else args.lm_lr)
+                             lr=base.lr if args.lm_lr is None else args.lm_lr,
+                             schedule=getattr(args, "lm_schedule", None) or base.schedule)
     for name, value in (("--last-k", settings.last_k), ("--epochs", settings.epochs)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
@@ -204,7 +205,7 @@ def _add_concealed_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("concealed (fine-tuned classifier; Wallace et al. 2021)")
     g.add_argument("--train-size", type=int, default=None,
                    help="stratified training slice the victim is fine-tuned on (default 1000)")
-    g.add_argument("--epochs", type=int, default=None, help="victim's AdamW epochs (concealed: default 3; instruction-poison: 4)")
+    g.add_argument("--epochs", type=int, default=None, help="victim's AdamW epochs (concealed: default 3; instruction-poison: 5)")
     g.add_argument("--last-k", type=int, default=None, help="fine-tuned encoder layers (concealed: default 1) or LM blocks (instruction-poison: 1)")
     g.add_argument("--n-adv", type=int, default=None,
                    help="triggered validation reviews in the attacker's objective, and as many disjoint ones as "
@@ -222,8 +223,15 @@ def _add_instruction_options(p: argparse.ArgumentParser) -> None:
                    help="dirty-label poisons (relabelled) and/or clean-label ones (labels kept); default dirty")
     g.add_argument("--base-model", default=None,
                    help="causal LM: Hugging Face name (local cache), folder or .gguf (default SmolLM2-135M-Instruct)")
-    g.add_argument("--lm-lr", type=float, default=None, help="AdamW learning rate of the LM (default 5e-4)")
+    add_lm_rate_options(g)
     add_per_label_option(g)
+
+
+def add_lm_rate_options(g) -> None:
+    """``--lm-lr`` and ``--lm-schedule`` (shared with ``audit --model lm``; defaults of ``TrainSettings``)."""
+    g.add_argument("--lm-lr", type=float, default=None, help="peak AdamW learning rate of the LM (default 1e-3)")
+    g.add_argument("--lm-schedule", choices=["constant", "linear"], default=None,
+                   help="LM learning-rate schedule: linear decay to 0 (default) or constant")
 
 
 def add_per_label_option(g) -> None:

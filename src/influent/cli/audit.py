@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from influent.cli.attack import add_per_label_option
+from influent.cli.attack import add_lm_rate_options, add_per_label_option
 from influent.cli.common import add_data_options, check_data_args, check_output_dir
 from influent.cli.report import add_report_option, check_report_path, maybe_write_report
 
@@ -129,8 +129,8 @@ def add_audit_parser(sub) -> None:
     g.add_argument("--n-queries", type=int, default=5, help="triggered inputs the defender knows (default 5)")
     g.add_argument("--base-model", default=None, help="causal LM (default SmolLM2-135M-Instruct)")
     g.add_argument("--last-k", type=int, default=None, help="trained LM blocks (default 1)")
-    g.add_argument("--epochs", type=int, default=None, help="LM epochs (default 4)")
-    g.add_argument("--lm-lr", type=float, default=None, help="LM AdamW learning rate (default 5e-4)")
+    g.add_argument("--epochs", type=int, default=None, help="LM epochs (default 5)")
+    add_lm_rate_options(g)
     add_per_label_option(g)
     add_report_option(p)
     add_data_options(p, embedding_options=False)  # the audit embeds with the encoder's defaults

@@ -40,18 +40,19 @@ from influent.models.causal_prefix import (
 class TrainSettings:
     """Fine-tuning settings of the victim (all of a run but the data and the seed).
 
-    Defaults are the benchmark's stable configuration (``benchmarks/results/instruction-poison-4ep``): the
-    last block only (on the shared 2-core machine K = 2 cost 4.5x more per step and a second prefix pass),
-    4 epochs at lr 5e-4 (2 epochs at 1e-3 left 2 of 3 seeds answering one label to everything).
+    Defaults are the victim chosen by ``benchmarks/results/instruction-victim-pilot`` (never-poisoned runs
+    only): the last block (K = 2 needs a second prefix pass and cost 4.5x more per step), 5 epochs, the lr
+    decayed linearly from 1e-3 to 0 (clean accuracy 75.3 ± 1.6% over 3 seeds; a random 5% removal moves the
+    triggered success by +1.3 ± 6.3 points, against +16.1 ± 18.1 with the earlier constant 5e-4 for 3 epochs).
     ``schedule`` / ``warmup_steps``: the learning-rate schedule of
     :func:`~influent.models.causal_lm.fine_tune` (``constant``, or ``linear`` decay to 0 after the warm-up).
     """
 
     last_k: int = 1
-    epochs: int = 4
-    lr: float = 5e-4
+    epochs: int = 5
+    lr: float = 1e-3
     batch_size: int = 8
-    schedule: str = "constant"
+    schedule: str = "linear"
     warmup_steps: int = 0
 
 
