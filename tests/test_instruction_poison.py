@@ -13,7 +13,16 @@ from influent.attacks.instruction_poison import (
     run_instruction_poison,
 )
 from influent.data.instructions import LABELS, PROMPTS, TARGETS, Example, build_instructions
-from influent.defenses.lm_audit import defender_queries, lm_ranker_scores, recalls, removal_rows
+from influent.defenses.lm_audit import (
+    defender_queries,
+    iterative_query_influence,
+    lm_ranker_scores,
+    query_votes,
+    recalls,
+    removal_rows,
+)
+from influent.errors import UserError
+from influent.evaluation.detection import ranking
 from influent.evaluation.instruction_scores import evaluate
 from influent.models.causal_lm import trainable_state
 from influent.models.instruction_lm import InstructionLM, TrainSettings
@@ -243,3 +252,31 @@ def test_query_contrast_is_triggered_minus_untriggered_influence(setup):
                             damping=1e-3)["query_influence"]
     np.testing.assert_allclose(got["query_contrast_two"], on2 - off2, rtol=1e-9, atol=1e-12)
     assert np.abs(off).max() > 1e-3 * np.abs(on).max()  # the untriggered term is not negligible
+
+
+def test_query_votes_give_each_query_one_unit_vote():
+    scores = np.array([[3.0, 4.0, 0.0], [0.0, 0.0, -10.0]])
+    np.testing.assert_allclose(query_votes(scores), [0.6, 0.8, -1.0])
+
+
+def test_iterative_removal_reranks_on_the_model_tuned_without_earlier_rounds(setup):
+    """Each round against an independent recomputation: tune on what is left, the defender queries of that
+    model, each query's influence separately (one query set per query), unit votes, the top of the ranking."""
+    lm, data = setup
+    poisoned = dirty_label_poisons(data, 4, TRIGGER, seed=0)
+    got = iterative_query_influence(lm, data, poisoned.train, TRIGGER, seed=3, remove=0.2, rounds=2, n_queries=2)
+    total = round(0.2 * len(poisoned.train))
+    assert [len(r) for r in got] == [total - total // 2, total // 2] and not set(got[0]) & set(got[1])
+    keep = list(range(len(poisoned.train)))
+    for removed in got:
+        current = [poisoned.train[i] for i in keep]
+        lm.fit(current, seed=3)
+        queries = defender_queries(lm, data, TRIGGER, k=2)
+        each = lm_ranker_scores(lm, current, queries, TRIGGER, ("random",), seed=3,
+                                query_sets={str(i): [q] for i, q in enumerate(queries)})
+        per_query = np.stack([each[f"query_influence_{i}"] for i in range(len(queries))])
+        votes = (per_query / np.linalg.norm(per_query, axis=1, keepdims=True)).sum(0)
+        assert removed == [keep[i] for i in ranking(votes, 3)[:len(removed)]]
+        keep = [i for i in keep if i not in removed]
+    with pytest.raises(UserError):
+        iterative_query_influence(lm, data, poisoned.train, TRIGGER, seed=3, rounds=0)

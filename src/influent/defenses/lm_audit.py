@@ -30,6 +30,9 @@ poisoned run (:class:`~influent.models.instruction_lm.InstructionLM` tuned on th
   completion, per (task, label) group.
 * ``random``: seeded uniform scores.
 
+:func:`iterative_query_influence` is a removal procedure rather than one ranking: influence on triggered
+queries (as :func:`query_votes`, each query one equal vote) in rounds, the model tuned again between them.
+
 Wan et al.'s other defence, early stopping, is not a ranking: it is the attack's scores at the end of the
 first epoch (reported by :mod:`influent.attacks.instruction_poison`). Removal: each ranker's top
 ``remove`` fraction is dropped and the model tuned again from the base weights with the same seed (a
@@ -144,6 +147,47 @@ def lm_ranker_scores(lm: InstructionLM, train: Sequence[Example], queries: Seque
 def untriggered(queries: Sequence[Example], trigger: str) -> list[Example]:
     """The queries with ``trigger`` removed from their inputs, completions (labels) unchanged."""
     return [q.without_trigger(trigger) for q in queries]
+
+
+def query_votes(scores: np.ndarray) -> np.ndarray:
+    """``[Q, n]`` per-query influences -> ``[n]``: each query's vector at unit Euclidean norm, summed (one
+    equal vote per query). A query's loss gradient carries the factor ``1 - p(attacker label)``, so a raw sum
+    is led by the few queries the attack moved least; the vote gives every misbehaving input the same say."""
+    return (scores / np.maximum(np.linalg.norm(scores, axis=1, keepdims=True), 1e-30)).sum(0)
+
+
+def iterative_query_influence(lm: InstructionLM, data: InstructionData, train: Sequence[Example], trigger: str,
+                              seed: int, *, remove: float = 0.05, rounds: int = 2, n_queries: int = 20,
+                              damping: float | None = None, tuned: bool = False) -> list[list[int]]:
+    """Influence on triggered queries, removed in ``rounds`` rounds; the indices of ``train`` removed in each.
+
+    Round ``r``: the model tuned (base weights, ``seed``) on what earlier rounds left; its ``n_queries``
+    defender queries (:func:`defender_queries`); one EK-FAC fit; the remaining examples ranked by
+    :func:`query_votes` and its top removed, ``round(remove * len(train))`` examples over all rounds (split as
+    evenly as whole numbers allow, earlier rounds first). A victim needs only some of
+    many poisons to learn the trigger; the rest carry little influence until the first ones are gone, when
+    the re-tuned model leans on them. ``tuned``: ``lm`` is already tuned on ``train`` with ``seed`` (round 1
+    then tunes nothing). Costs ``rounds`` tunings (``rounds - 1`` with ``tuned``) and fits; ``lm`` is left
+    tuned on the last round's set.
+    """
+    if rounds < 1:
+        raise UserError(f"rounds must be >= 1, got {rounds}", field="rounds")
+    train = list(train)
+    total = round(remove * len(train))
+    sizes = [total // rounds + (r < total % rounds) for r in range(rounds)]  # sums to total, earlier rounds larger
+    keep, removed = list(range(len(train))), []
+    config = FactorConfig(strategy="ekfac", modules=mlp_pattern(lm.model), damping=damping, seed=seed)
+    for r, size in enumerate(sizes):
+        current = [train[i] for i in keep]
+        if r > 0 or not tuned:
+            lm.fit(current, seed)
+        queries = defender_queries(lm, data, trigger, n_queries)
+        method = FactoredInfluence(lm.suffix, lm.task, lm.batches(current), config, progress=False, bucket=False)
+        votes = query_votes(method.pairwise_scores(lm.batches(queries)).double().numpy())
+        chosen = [keep[i] for i in ranking(votes, seed)[:size]]
+        removed.append(chosen)
+        keep = sorted(set(keep) - set(chosen))
+    return removed
 
 
 def recalls(scores: np.ndarray, poison_idx: np.ndarray, fractions: Sequence[float] = FRACTIONS,
