@@ -20,6 +20,7 @@ from influent.defenses.lm_audit import (
     query_votes,
     recalls,
     removal_rows,
+    run_lm_defence,
 )
 from influent.errors import UserError
 from influent.evaluation.detection import ranking
@@ -216,6 +217,8 @@ def test_cli_attack_and_lm_audit_on_the_bundled_tasks(tiny_folder, tmp_path, cap
     assert bm25["recall@0.05_mean"] == 1.0  # the trigger phrase finds its 4 poisons among 72
     code, _, err = run_cli(capsys, ["audit", "--model", "lm", "--rankers", "cleanlab", *common])
     assert code == 2 and "unknown ranker" in err
+    code, _, err = run_cli(capsys, ["audit", "--model", "lm", "--removal-rounds", "-1", *common])
+    assert code == 2 and "--removal-rounds" in err
     code, _, err = run_cli(capsys, ["attack", "instruction-poison", "--sizes", "0", *common])
     assert code == 2 and "--sizes" in err
 
@@ -280,3 +283,26 @@ def test_iterative_removal_reranks_on_the_model_tuned_without_earlier_rounds(set
         keep = [i for i in keep if i not in removed]
     with pytest.raises(UserError):
         iterative_query_influence(lm, data, poisoned.train, TRIGGER, seed=3, rounds=0)
+
+
+def test_defence_table_row_of_the_iterative_removal(setup):
+    """The row's recall and scores against the procedure run by hand: the rounds' removals on the poisoned
+    run, then a tuning on what is left (same seed) and the held-out scores."""
+    lm, data = setup
+    result = run_lm_defence(lm, data, lambda s: dirty_label_poisons(data, 4, TRIGGER, s), seeds=(2,),
+                            trigger=TRIGGER, names=("random",), n_queries=2, remove=0.2, removal_rounds=2,
+                            round_queries=2)
+    row = next(r for r in result["rows"] if r["ranker"] == "iterative_query_influence")
+    poisoned = dirty_label_poisons(data, 4, TRIGGER, 2)
+    lm.fit(data.train, 2)
+    control = evaluate(lm, data, TRIGGER, ["sentiment"])
+    lm.fit(poisoned.train, 2)
+    removed = {i for r in iterative_query_influence(lm, data, poisoned.train, TRIGGER, 2, remove=0.2, rounds=2,
+                                                    n_queries=2, tuned=True) for i in r}
+    lm.fit([e for i, e in enumerate(poisoned.train) if i not in removed], 2)
+    after = evaluate(lm, data, TRIGGER, ["sentiment"])["sentiment"]
+    assert row["removed"] == len(removed) == round(0.2 * len(poisoned.train))
+    assert row["recall@0.2"] == len(removed & set(poisoned.poison_idx.tolist())) / 4
+    assert row["sentiment_success"] == after["success"]
+    assert row["sentiment_net_success"] == after["success"] - control["sentiment"]["success"]
+    assert row["sentiment_clean_accuracy"] == after["clean_accuracy"]

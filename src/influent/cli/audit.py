@@ -46,6 +46,8 @@ def cmd_lm_audit(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in LM_RANKERS]
     if unknown:
         raise UserError(f"unknown ranker(s) for --model lm: {', '.join(unknown)}; known: {', '.join(LM_RANKERS)}")
+    if args.removal_rounds < 0:
+        raise UserError(f"--removal-rounds must be at least 0, got {args.removal_rounds}")
     if args.poisons < 1:
         raise UserError(f"--poisons must be at least 1, got {args.poisons}")
     check_output_dir(args.out, "out")
@@ -54,7 +56,7 @@ def cmd_lm_audit(args: argparse.Namespace) -> int:
     lm = load_instruction_lm(args.base_model, settings, cache_dir=args.cache_dir, progress=not args.quiet)
     result = run_lm_defence(lm, data, lambda s: dirty_label_poisons(data, args.poisons, trigger, s),
                             seeds=args.lm_seeds, trigger=trigger, names=names, n_queries=args.n_queries,
-                            damping=args.damping, progress=not args.quiet)
+                            damping=args.damping, progress=not args.quiet, removal_rounds=args.removal_rounds)
     lm.save_cache()
     result["summary"] = summarise(result["rows"], ["ranker"], defence_values(result["rows"]))
     result["seeds"] = list(args.lm_seeds)
@@ -127,6 +129,9 @@ def add_audit_parser(sub) -> None:
     g.add_argument("--poisons", type=int, default=50, help="dirty-label poisons planted (default 50)")
     g.add_argument("--lm-seeds", type=int, nargs="+", default=[0], help="victim seeds (default 0)")
     g.add_argument("--n-queries", type=int, default=5, help="triggered inputs the defender knows (default 5)")
+    g.add_argument("--removal-rounds", type=int, default=0,
+                   help="also remove by influence on 20 triggered queries in R rounds, tuning again between them "
+                        "(iterative_query_influence; default 0: off)")
     g.add_argument("--base-model", default=None, help="causal LM (default SmolLM2-135M-Instruct)")
     g.add_argument("--last-k", type=int, default=None, help="trained LM blocks (default 1)")
     g.add_argument("--epochs", type=int, default=None, help="LM epochs (default 5)")

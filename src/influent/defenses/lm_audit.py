@@ -229,7 +229,8 @@ def removal_rows(lm: InstructionLM, data: InstructionData, poisoned: Poisoned, s
 def run_lm_defence(lm: InstructionLM, data: InstructionData, poisoned_for: Callable[[int], Poisoned], *,
                    seeds: Sequence[int] = (0,), trigger: str = DEFAULT_TRIGGER, names: Sequence[str] = LM_RANKERS,
                    n_queries: int = 5, remove: float = 0.05, damping: float | None = None,
-                   tasks: Sequence[str] = (POISONED_TASK,), progress: bool = False) -> dict:
+                   tasks: Sequence[str] = (POISONED_TASK,), progress: bool = False,
+                   removal_rounds: int = 0, round_queries: int = 20) -> dict:
     """The defence table's rows: per seed, the control and the poisoned run (``poisoned_for(seed)``, e.g. N
     dirty-label poisons), every ranker's recall and the scores after removing its top ``remove`` fraction
     and re-tuning (same seed).
@@ -240,6 +241,10 @@ def run_lm_defence(lm: InstructionLM, data: InstructionData, poisoned_for: Calla
     ``{"rows", "rankings", ...}``; ``rankings[seed][ranker]`` is the training order, most suspicious first.
     Every score is reported per task of ``tasks`` (``<task>_success``, ``<task>_net_success``,
     ``<task>_clean_accuracy``).
+
+    ``removal_rounds`` > 0 adds a row ``iterative_query_influence``: :func:`iterative_query_influence` with that
+    many rounds and ``round_queries`` defender queries per round, the same ``remove`` budget, then tuned on
+    what is left; its ``recall@<remove>`` is the share of the poisons removed (no other fractions).
     """
     rows: list[dict] = []
     rankings: dict[int, dict[str, list[int]]] = {}
@@ -260,10 +265,30 @@ def run_lm_defence(lm: InstructionLM, data: InstructionData, poisoned_for: Calla
                 row[f"{task}_net_success"] = m[task]["success"] - control["final"][task]["success"]
                 row[f"{task}_clean_accuracy"] = m[task]["clean_accuracy"]
             rows.append(row)
+        iterative = ([iterative_row(lm, data, poisoned, control["final"], seed, remove, tasks, removal_rounds,
+                                    round_queries, damping)] if removal_rounds else [])  # lm: the poisoned run
         rows += [{"seed": seed, **r} for r in removal_rows(lm, data, poisoned, scores, control["final"], seed,
-                                                            remove, tasks)]
+                                                            remove, tasks) + iterative]
     return {"rows": rows, "rankings": rankings, "n_poison": len(poisoned.poison_idx), "remove": remove,
             "n_queries": n_queries, "trigger": trigger}
+
+
+def iterative_row(lm: InstructionLM, data: InstructionData, poisoned: Poisoned, control: dict, seed: int,
+                  remove: float, tasks: Sequence[str], rounds: int, n_queries: int, damping: float | None) -> dict:
+    """The ``iterative_query_influence`` row of :func:`run_lm_defence` (``lm`` must be tuned on
+    ``poisoned.train`` with ``seed``): the rounds' removals, then tuned on what is left and scored."""
+    removed = {i for r in iterative_query_influence(lm, data, poisoned.train, poisoned.trigger, seed, remove=remove,
+                                                    rounds=rounds, n_queries=n_queries, damping=damping, tuned=True)
+               for i in r}
+    lm.fit([e for i, e in enumerate(poisoned.train) if i not in removed], seed)
+    after = evaluate(lm, data, poisoned.trigger, tasks)
+    row = {"ranker": "iterative_query_influence", "removed": len(removed), "rounds": rounds,
+           f"recall@{remove:g}": len(removed & set(poisoned.poison_idx.tolist())) / len(poisoned.poison_idx)}
+    for task in tasks:
+        row[f"{task}_success"] = after[task]["success"]
+        row[f"{task}_net_success"] = after[task]["success"] - control[task]["success"]
+        row[f"{task}_clean_accuracy"] = after[task]["clean_accuracy"]
+    return row
 
 
 def defence_values(rows: Sequence[dict]) -> list[str]:
