@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from poison_query_aggregation import add_victim_options, victim_and_data
 
 
 def log(msg: str) -> None:
@@ -78,16 +80,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--remove", type=float, default=0.05)
     ap.add_argument("--queries", type=int, default=20)
-    ap.add_argument("--n-poison", type=int, default=50)
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--schedule", default="linear")
-    ap.add_argument("--threads", type=int, default=1)
+    add_victim_options(ap)
     ap.add_argument("--out", default="benchmarks/results/poison-iterative-removal")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    from influent.data.instructions import build_instructions
-    from influent.models.instruction_lm import TrainSettings, load_instruction_lm
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,9 +92,7 @@ def main() -> None:
         done = {(r["seed"], r["settings"]) : r for r in map(json.loads, runs_file.read_text().splitlines())}
     settings = json.dumps({k: getattr(args, k) for k in ("rounds", "remove", "queries", "n_poison",
                                                           "epochs", "lr", "schedule")}, sort_keys=True)
-    data = build_instructions({"sentiment": (400, 50, 500), "kind": (100, 10, 100)}, max_words=20, seed=0)
-    lm = load_instruction_lm(None, TrainSettings(last_k=1, epochs=args.epochs, lr=args.lr, batch_size=8,
-                                                 schedule=args.schedule), progress=False)
+    lm, data = victim_and_data(args)
     rows = []
     for seed in args.seeds:
         if (seed, settings) not in done:

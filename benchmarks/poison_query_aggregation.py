@@ -107,6 +107,28 @@ def seed_scores(lm, data, args, seed: int) -> dict:
     return out, poisoned.poison_idx
 
 
+def add_victim_options(ap: argparse.ArgumentParser) -> None:
+    """Options of the victim and poisons of ``benchmarks/results/instruction-poison-stable/`` (the defaults)."""
+    ap.add_argument("--n-poison", type=int, default=50)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--schedule", default="linear")
+    ap.add_argument("--threads", type=int, default=1)
+
+
+def victim_and_data(args):
+    """``(lm, data)``: SmolLM2 as the :func:`add_victim_options` victim (last block, batch 8) and the
+    1,000-pair instruction set of ``benchmarks/instruction_poison.py`` (data seed 0); sets the torch threads."""
+    from influent.data.instructions import build_instructions
+    from influent.models.instruction_lm import TrainSettings, load_instruction_lm
+
+    torch.set_num_threads(args.threads)
+    data = build_instructions({"sentiment": (400, 50, 500), "kind": (100, 10, 100)}, max_words=20, seed=0)
+    lm = load_instruction_lm(None, TrainSettings(last_k=1, epochs=args.epochs, lr=args.lr, batch_size=8,
+                                                 schedule=args.schedule), progress=False)
+    return lm, data
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -117,26 +139,17 @@ def main() -> None:
                          "label (defender_queries), or those the trigger pushes most (flipped_queries); every "
                          "triggered validation input; every triggered held-out input (an oracle: the ceiling of "
                          "influence on triggered inputs, not a defence)")
-    ap.add_argument("--n-poison", type=int, default=50)
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--schedule", default="linear")
-    ap.add_argument("--threads", type=int, default=1)
+    add_victim_options(ap)
     ap.add_argument("--out", default="benchmarks/results/poison-query-selection")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    from influent.data.instructions import build_instructions
     from influent.defenses.lm_audit import recalls
-    from influent.models.instruction_lm import TrainSettings, load_instruction_lm
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result_file = out / "result.json"
     result = store.read_json(result_file) if result_file.is_file() else {"seeds": {}}
     result["command"] = "OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python " + " ".join(sys.argv)
-    data = build_instructions({"sentiment": (400, 50, 500), "kind": (100, 10, 100)}, max_words=20, seed=0)
-    lm = load_instruction_lm(None, TrainSettings(last_k=1, epochs=args.epochs, lr=args.lr, batch_size=8,
-                                                 schedule=args.schedule), progress=False)
+    lm, data = victim_and_data(args)
     for seed in args.seeds:
         if str(seed) in result["seeds"]:
             continue
