@@ -228,6 +228,9 @@ class CausalLMTask(Task):
         ).last_hidden_state
         return target_nll(states, head, batch)
 
+    def token_mask(self, batch: dict) -> torch.Tensor:
+        return batch["attention_mask"]
+
 
 PLAIN_HEAD_MODEL_TYPES = ("llama", "gpt2", "mistral", "qwen2")
 """Hugging Face ``model_type`` values whose causal-LM logits are exactly ``lm_head(base_model(...))`` (no logit
@@ -256,9 +259,6 @@ def target_nll(states: torch.Tensor, head: nn.Linear, batch: dict) -> torch.Tens
     logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     nll = -logp.gather(-1, batch["input_ids"][rows, cols + 1][:, None]).squeeze(-1)
     return nll.new_zeros(states.shape[0]).index_add(0, rows, nll)
-
-    def token_mask(self, batch: dict) -> torch.Tensor:
-        return batch["attention_mask"]
 
 
 SCHEDULES = ("constant", "linear")
