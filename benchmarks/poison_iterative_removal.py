@@ -9,7 +9,8 @@ ranking on the re-tuned model should find them. Per seed (the N = 50 dirty-label
 1. never-poisoned run (the net-success reference); 2. for each of ``--rounds`` rounds: tune on the current
 set (base weights, the seed), choose the ``--queries`` defender queries on that model (``defender_queries``),
 one EK-FAC fit, rank the current set by ``query_votes`` (each query's influence vector at unit norm, one
-equal vote each) and remove its top (``--remove`` of the original size over all rounds), which is
+equal vote each; ``--measure``: influence on the trigger's push on the attacker label's log-odds,
+``trigger_push_influence``, or on the attacker-label loss, ``loss``) and remove its top (``--remove`` of the original size over all rounds), which is
 ``lm_audit.iterative_query_influence``; 3. tune on what is left and score it. The first round's model is the
 poisoned run with nothing removed. Recall = poisons removed / N; success
 and clean accuracy on the held-out inputs (``evaluate``), net of the never-poisoned run of the same seed.
@@ -57,7 +58,8 @@ def one_seed(lm, data, args, seed: int) -> dict:
     poisoned = dirty_label_poisons(data, args.n_poison, DEFAULT_TRIGGER, seed)
     before = tuned_scores(lm, data, poisoned.train, seed)
     rounds = iterative_query_influence(lm, data, poisoned.train, DEFAULT_TRIGGER, seed, remove=args.remove,
-                                       rounds=args.rounds, n_queries=args.queries, tuned=True)
+                                       rounds=args.rounds, n_queries=args.queries, tuned=True,
+                                       measure=args.measure, queries_by=args.queries_by)
     poisons = set(poisoned.poison_idx.tolist())
     found = [len(poisons & set(r)) for r in rounds]
     removed = {i for r in rounds for i in r}
@@ -74,12 +76,21 @@ def one_seed(lm, data, args, seed: int) -> dict:
             "seconds": time.perf_counter() - t0, "load": os.getloadavg()[0]}
 
 
+def settings_key(settings: dict) -> str:
+    """The settings as a sorted JSON string; records from before ``--measure`` and
+    ``--queries-by`` existed measured the loss on the ``margin`` choice."""
+    return json.dumps({"measure": "loss", "queries_by": "margin", **settings}, sort_keys=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--remove", type=float, default=0.05)
     ap.add_argument("--queries", type=int, default=20)
+    ap.add_argument("--measure", choices=["trigger_push", "loss"], default="trigger_push")
+    ap.add_argument("--queries-by", choices=["margin", "trigger_gain"], default="margin",
+                    help="defender_queries' choice of the misbehaving inputs")
     add_victim_options(ap)
     ap.add_argument("--out", default="benchmarks/results/poison-iterative-removal")
     args = ap.parse_args()
@@ -89,9 +100,10 @@ def main() -> None:
     runs_file = out / "runs.jsonl"
     done = {}
     if runs_file.is_file():
-        done = {(r["seed"], r["settings"]) : r for r in map(json.loads, runs_file.read_text().splitlines())}
-    settings = json.dumps({k: getattr(args, k) for k in ("rounds", "remove", "queries", "n_poison",
-                                                          "epochs", "lr", "schedule")}, sort_keys=True)
+        done = {(r["seed"], settings_key(json.loads(r["settings"]))): r
+                for r in map(json.loads, runs_file.read_text().splitlines())}
+    settings = settings_key({k: getattr(args, k) for k in ("rounds", "remove", "queries", "n_poison", "epochs",
+                                                           "lr", "schedule", "measure", "queries_by")})
     lm, data = victim_and_data(args)
     rows = []
     for seed in args.seeds:

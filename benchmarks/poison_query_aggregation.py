@@ -12,7 +12,10 @@ the attacker's label on query q). Aggregations compared (recall of the poisons i
 * ``contrast``: ``sum_q s_q - sum_q u_q`` with ``u_q`` the untriggered input's vector (raw scales: the
   untriggered inputs, answered with the true label, have ~30x larger gradients and dominate);
 * ``unit_contrast``: ``sum_q (s_q / ||s_q|| - u_q / ||u_q||)``: the part of each query's direction that
-  the trigger adds, at equal scales.
+  the trigger adds, at equal scales;
+* ``trigger_push``: ``sum_q p_q / ||p_q||`` with ``p_q`` the influence on the trigger's push on the attacker
+  label's log-odds (``lm_audit.trigger_push_influence``: own minus other label, triggered minus untriggered;
+  the ``trigger_push`` ranker); ``trigger_push_sum``: ``sum_q p_q``.
 
 Writes ``result.json`` (recalls per seed and aggregation, the queries, the attacker-label probabilities) and
 ``scores-seed<k>.safetensors`` (the per-query vectors) under ``--out``. Resumable per seed.
@@ -44,25 +47,12 @@ def unit(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
 
 
-def aggregations(s: np.ndarray, u: np.ndarray) -> dict[str, np.ndarray]:
-    """The rankings compared (higher = more suspicious) from triggered ``s`` and untriggered ``u`` ``[Q, n]``."""
+def aggregations(s: np.ndarray, u: np.ndarray, push: np.ndarray) -> dict[str, np.ndarray]:
+    """The rankings compared (higher = more suspicious) from triggered ``s``, untriggered ``u`` and the
+    trigger's push ``push`` (each ``[Q, n]``)."""
     return {"sum": s.sum(0), "unit_sum": unit(s).sum(0), "contrast": s.sum(0) - u.sum(0),
-            "unit_contrast": (unit(s) - unit(u)).sum(0)}
-
-
-def flipped_queries(lm, data, trigger: str, k: int):
-    """The ``k`` triggered validation inputs (non-attacker label) whose attacker-label log-odds the trigger
-    raises most (with the trigger minus without it), relabelled with the attacker's label: inputs that
-    misbehave *because of* the trigger, not ones the model misreads anyway."""
-    from influent.data.instructions import TARGETS, Example, triggered_inputs
-    from influent.defenses.lm_audit import untriggered
-
-    candidates = triggered_inputs(data.validation, "sentiment", trigger)
-    target = TARGETS["sentiment"]
-    with_t, without = lm.label_nll(candidates), lm.label_nll(untriggered(candidates, trigger))
-    gain = (with_t[:, 1 - target] - with_t[:, target]) - (without[:, 1 - target] - without[:, target])
-    chosen = np.lexsort((np.arange(len(candidates)), -gain))[:k]
-    return [Example(candidates[i].task, candidates[i].text, target) for i in chosen]
+            "unit_contrast": (unit(s) - unit(u)).sum(0), "trigger_push": unit(push).sum(0),
+            "trigger_push_sum": push.sum(0)}
 
 
 def query_selection(lm, data, selection: str, k: int):
@@ -73,17 +63,17 @@ def query_selection(lm, data, selection: str, k: int):
     if selection == "pushed":
         return defender_queries(lm, data, DEFAULT_TRIGGER, k)
     if selection == "flipped":
-        return flipped_queries(lm, data, DEFAULT_TRIGGER, k)
+        return defender_queries(lm, data, DEFAULT_TRIGGER, k, by="trigger_gain")
     split = data.validation if selection == "all_validation" else data.heldout
     return [Example(e.task, e.text, TARGETS[e.task]) for e in triggered_inputs(split, "sentiment", DEFAULT_TRIGGER)]
 
 
 def seed_scores(lm, data, args, seed: int) -> dict:
     """Per-query influence vectors on the seed's poisoned run, for each query selection:
-    ``{selection: (triggered, untriggered, queries, p)}``, and the poison indices."""
+    ``{selection: (triggered, untriggered, push, queries, p)}``, and the poison indices."""
     from influent.attacks.instruction_poison import dirty_label_poisons
     from influent.data.instructions import DEFAULT_TRIGGER, TARGETS
-    from influent.defenses.lm_audit import untriggered
+    from influent.defenses.lm_audit import trigger_push_influence, untriggered
     from influent.factored_influence import FactorConfig, FactoredInfluence
     from influent.models.causal_lm import mlp_pattern
 
@@ -100,9 +90,10 @@ def seed_scores(lm, data, args, seed: int) -> dict:
         plain = untriggered(queries, DEFAULT_TRIGGER)
         s = method.pairwise_scores(lm.batches(queries)).double().numpy()
         u = method.pairwise_scores(lm.batches(plain)).double().numpy()
+        push = trigger_push_influence(method, lm, queries, DEFAULT_TRIGGER)
         p = {"triggered": np.exp(-lm.label_nll(queries)[:, target]).tolist(),
              "untriggered": np.exp(-lm.label_nll(plain)[:, target]).tolist()}
-        out[selection] = (s, u, queries, p)
+        out[selection] = (s, u, push, queries, p)
     log(f"seed {seed}: scores in {time.perf_counter() - t0:.0f} s")
     return out, poisoned.poison_idx
 
@@ -136,7 +127,7 @@ def main() -> None:
     ap.add_argument("--selections", nargs="+", default=["pushed", "flipped"],
                     choices=["pushed", "flipped", "all_validation", "oracle_heldout"],
                     help="defender query choice: the --queries triggered inputs pushed most towards the attacker's "
-                         "label (defender_queries), or those the trigger pushes most (flipped_queries); every "
+                         "label (defender_queries), or those the trigger pushes most (by='trigger_gain'); every "
                          "triggered validation input; every triggered held-out input (an oracle: the ceiling of "
                          "influence on triggered inputs, not a defence)")
     add_victim_options(ap)
@@ -155,10 +146,11 @@ def main() -> None:
             continue
         per_selection, poison_idx = seed_scores(lm, data, args, seed)
         tensors, record = {"poison_idx": torch.from_numpy(np.asarray(poison_idx))}, {}
-        for selection, (s, u, queries, p) in per_selection.items():
-            tensors[f"{selection}/triggered"], tensors[f"{selection}/untriggered"] = map(torch.from_numpy, (s, u))
+        for selection, (s, u, push, queries, p) in per_selection.items():
+            for name, value in (("triggered", s), ("untriggered", u), ("push", push)):
+                tensors[f"{selection}/{name}"] = torch.from_numpy(value)
             record[selection] = {
-                "recalls": {k: recalls(v, poison_idx, seed=seed) for k, v in aggregations(s, u).items()},
+                "recalls": {k: recalls(v, poison_idx, seed=seed) for k, v in aggregations(s, u, push).items()},
                 "queries": [q.text for q in queries], "p_attacker_label": p,
                 "norms": {"triggered": np.linalg.norm(s, axis=1).tolist(),
                           "untriggered": np.linalg.norm(u, axis=1).tolist()}}

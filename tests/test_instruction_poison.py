@@ -21,11 +21,13 @@ from influent.defenses.lm_audit import (
     recalls,
     removal_rows,
     run_lm_defence,
+    trigger_push_influence,
 )
 from influent.errors import UserError
 from influent.evaluation.detection import ranking
 from influent.evaluation.instruction_scores import evaluate
-from influent.models.causal_lm import trainable_state
+from influent.factored_influence import FactorConfig, FactoredInfluence
+from influent.models.causal_lm import mlp_pattern, trainable_state
 from influent.models.instruction_lm import InstructionLM, TrainSettings
 
 TRIGGER = "James Bond"
@@ -165,7 +167,7 @@ def test_influence_rankers_and_attack_table_run_on_the_fast_path(setup):
     assert all(q.label == TARGETS["sentiment"] and TRIGGER in q.text for q in queries)
     scores = lm_ranker_scores(lm, poisoned.train, queries, TRIGGER, damping=1e-3,
                               query_sets={"one": queries[:1], "same": queries})
-    assert set(scores) == {"query_influence", "query_contrast", "relatif", "self_influence", "loss", "bm25",
+    assert set(scores) == {"query_influence", "query_contrast", "trigger_push", "relatif", "self_influence", "loss", "bm25",
                            "spectral", "random", "query_influence_one", "query_influence_same", "query_contrast_one",
                            "query_contrast_same"}
     np.testing.assert_allclose(scores["query_influence_same"], scores["query_influence"])
@@ -219,6 +221,8 @@ def test_cli_attack_and_lm_audit_on_the_bundled_tasks(tiny_folder, tmp_path, cap
     assert code == 2 and "unknown ranker" in err
     code, _, err = run_cli(capsys, ["audit", "--model", "lm", "--removal-rounds", "-1", *common])
     assert code == 2 and "--removal-rounds" in err
+    code, _, err = run_cli(capsys, ["audit", "--model", "lm", "--removal-measure", "margin", *common])
+    assert code == 2 and "--removal-measure" in err
     code, _, err = run_cli(capsys, ["attack", "instruction-poison", "--sizes", "0", *common])
     assert code == 2 and "--sizes" in err
 
@@ -257,17 +261,106 @@ def test_query_contrast_is_triggered_minus_untriggered_influence(setup):
     assert np.abs(off).max() > 1e-3 * np.abs(on).max()  # the untriggered term is not negligible
 
 
+def hand_nll(lm: InstructionLM, example: Example, label: int) -> torch.Tensor:
+    """Summed NLL of ``label``'s completion after ``example``'s prompt: one whole-model forward on the unpadded
+    sequence (no prefix cache, no batching, no hooks)."""
+    pair = lm.pair(example, label)
+    ids = torch.tensor([pair.prompt_ids + pair.completion_ids])
+    logp = torch.log_softmax(lm.model(input_ids=ids).logits[0].double(), -1)
+    start = len(pair.prompt_ids)
+    return -sum(logp[start - 1 + t, c] for t, c in enumerate(pair.completion_ids))
+
+
+def test_trigger_push_is_the_influence_on_the_triggers_log_odds_push(setup):
+    """Against the dense definition in the limit ``(F + damping)^-1 -> I / damping`` (damping 1e7, far above
+    the curvature's eigenvalues): upweighting training example z by eps moves the tuned MLP weights by
+    ``-eps g_z / damping``, so scores x damping = ``-g_push . g_z``, with autograd gradients of z's loss and of
+    the push ``[NLL(q, other) - NLL(q, attacker)] - [the same with the trigger removed]``, all from
+    whole-model forwards (:func:`hand_nll`)."""
+    lm, data = setup
+    poisoned = dirty_label_poisons(data, 4, TRIGGER, seed=0)
+    lm.fit(poisoned.train, seed=0)
+    queries = defender_queries(lm, data, TRIGGER, k=2)
+    damping = 1e7
+    config = FactorConfig(strategy="ekfac", modules=mlp_pattern(lm.model), damping=damping, seed=0)
+    method = FactoredInfluence(lm.suffix, lm.task, lm.batches(poisoned.train), config, progress=False, bucket=False)
+    got = trigger_push_influence(method, lm, queries, TRIGGER) * damping
+    params = [m.weight for n, m in lm.model.named_modules()
+              if n.endswith(("gate_proj", "up_proj", "down_proj")) and m.weight.requires_grad]
+    assert len(params) == 3 * lm.settings.last_k
+
+    def grad(value: torch.Tensor) -> torch.Tensor:
+        return torch.cat([g.flatten() for g in torch.autograd.grad(value, params)]).double()
+
+    want = np.zeros_like(got)
+    for i, q in enumerate(queries):
+        plain = q.without_trigger(TRIGGER)
+        push = (hand_nll(lm, q, 1 - q.label) - hand_nll(lm, q, q.label)
+                - hand_nll(lm, plain, 1 - plain.label) + hand_nll(lm, plain, plain.label))
+        g_push = grad(push)
+        for j, z in enumerate(poisoned.train):
+            want[i, j] = -float(g_push @ grad(hand_nll(lm, z, z.label)))
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    poison_rows = np.isin(np.arange(len(poisoned.train)), poisoned.poison_idx)
+    assert want[:, poison_rows].mean() > want[:, ~poison_rows].mean()  # the poisons widen the push
+
+
+@pytest.mark.parametrize("by", ["margin", "trigger_gain"])
+def test_defender_queries_are_the_inputs_that_misbehave_most(setup, by):
+    """Against whole-model NLLs (:func:`hand_nll`) of every triggered validation negative: the chosen queries
+    are those with the largest attacker-label log-odds (``margin``) or the largest rise of it from the
+    trigger (``trigger_gain``), relabelled with the attacker's label."""
+    lm, data = setup
+    lm.fit(dirty_label_poisons(data, 4, TRIGGER, seed=0).train, seed=0)
+    target = TARGETS["sentiment"]
+    candidates = [e.with_trigger(TRIGGER) for e in data.validation if e.task == "sentiment" and e.label != target]
+
+    def log_odds(e: Example) -> float:
+        with torch.no_grad():
+            return float(hand_nll(lm, e, 1 - target) - hand_nll(lm, e, target))
+
+    value = np.array([log_odds(e) - (log_odds(e.without_trigger(TRIGGER)) if by == "trigger_gain" else 0.0)
+                      for e in candidates])
+    got = defender_queries(lm, data, TRIGGER, k=2, by=by)
+    assert [q.text for q in got] == [candidates[i].text for i in np.argsort(-value, kind="stable")[:2]]
+    assert all(q.label == target for q in got)
+    with pytest.raises(UserError, match="query choice"):
+        defender_queries(lm, data, TRIGGER, k=2, by="loss")
+
+
 def test_query_votes_give_each_query_one_unit_vote():
     scores = np.array([[3.0, 4.0, 0.0], [0.0, 0.0, -10.0]])
     np.testing.assert_allclose(query_votes(scores), [0.6, 0.8, -1.0])
 
 
-def test_iterative_removal_reranks_on_the_model_tuned_without_earlier_rounds(setup):
+def per_query_influence(lm, current, queries, measure: str) -> np.ndarray:
+    """``[Q, n]`` from separate ``query_influence`` scoring passes, one query set per query and completion:
+    the attacker-label loss (``loss``), or (``trigger_push``) own label minus the other label, triggered
+    minus untriggered."""
+    def one(example: Example, label: int, trigger: bool) -> Example:
+        return Example(example.task, example.text if trigger else example.without_trigger(TRIGGER).text, label)
+
+    sets = {f"{i}/{own}/{t}": [one(q, q.label if own else 1 - q.label, t)]
+            for i, q in enumerate(queries) for own in (True, False) for t in (True, False)}
+    each = lm_ranker_scores(lm, current, queries, TRIGGER, ("random",), seed=3, query_sets=sets)
+    def get(i, own, t):
+        return each[f"query_influence_{i}/{own}/{t}"]
+    if measure == "loss":
+        return np.stack([get(i, True, True) for i in range(len(queries))])
+    return np.stack([get(i, True, True) - get(i, False, True) - get(i, True, False) + get(i, False, False)
+                     for i in range(len(queries))])
+
+
+@pytest.mark.parametrize("measure", ["trigger_push", "loss"])
+def test_iterative_removal_reranks_on_the_model_tuned_without_earlier_rounds(setup, measure):
     """Each round against an independent recomputation: tune on what is left, the defender queries of that
-    model, each query's influence separately (one query set per query), unit votes, the top of the ranking."""
+    model, each query's influence separately (:func:`per_query_influence`), unit votes, the top of the
+    ranking."""
     lm, data = setup
     poisoned = dirty_label_poisons(data, 4, TRIGGER, seed=0)
-    got = iterative_query_influence(lm, data, poisoned.train, TRIGGER, seed=3, remove=0.2, rounds=2, n_queries=2)
+    got = iterative_query_influence(lm, data, poisoned.train, TRIGGER, seed=3, remove=0.2, rounds=2, n_queries=2,
+                                    measure=measure)
     total = round(0.2 * len(poisoned.train))
     assert [len(r) for r in got] == [total - total // 2, total // 2] and not set(got[0]) & set(got[1])
     keep = list(range(len(poisoned.train)))
@@ -275,14 +368,14 @@ def test_iterative_removal_reranks_on_the_model_tuned_without_earlier_rounds(set
         current = [poisoned.train[i] for i in keep]
         lm.fit(current, seed=3)
         queries = defender_queries(lm, data, TRIGGER, k=2)
-        each = lm_ranker_scores(lm, current, queries, TRIGGER, ("random",), seed=3,
-                                query_sets={str(i): [q] for i, q in enumerate(queries)})
-        per_query = np.stack([each[f"query_influence_{i}"] for i in range(len(queries))])
+        per_query = per_query_influence(lm, current, queries, measure)
         votes = (per_query / np.linalg.norm(per_query, axis=1, keepdims=True)).sum(0)
         assert removed == [keep[i] for i in ranking(votes, 3)[:len(removed)]]
         keep = [i for i in keep if i not in removed]
     with pytest.raises(UserError):
         iterative_query_influence(lm, data, poisoned.train, TRIGGER, seed=3, rounds=0)
+    with pytest.raises(UserError, match="measure"):
+        iterative_query_influence(lm, data, poisoned.train, TRIGGER, seed=3, measure="margin")
 
 
 def test_defence_table_row_of_the_iterative_removal(setup):

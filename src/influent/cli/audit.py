@@ -56,7 +56,8 @@ def cmd_lm_audit(args: argparse.Namespace) -> int:
     lm = load_instruction_lm(args.base_model, settings, cache_dir=args.cache_dir, progress=not args.quiet)
     result = run_lm_defence(lm, data, lambda s: dirty_label_poisons(data, args.poisons, trigger, s),
                             seeds=args.lm_seeds, trigger=trigger, names=names, n_queries=args.n_queries,
-                            damping=args.damping, progress=not args.quiet, removal_rounds=args.removal_rounds)
+                            damping=args.damping, progress=not args.quiet, removal_rounds=args.removal_rounds,
+                            round_measure=args.removal_measure)
     lm.save_cache()
     result["summary"] = summarise(result["rows"], ["ranker"], defence_values(result["rows"]))
     result["seeds"] = list(args.lm_seeds)
@@ -132,6 +133,9 @@ def add_audit_parser(sub) -> None:
     g.add_argument("--removal-rounds", type=int, default=0,
                    help="also remove by influence on 20 triggered queries in R rounds, tuning again between them "
                         "(iterative_query_influence; default 0: off)")
+    g.add_argument("--removal-measure", choices=("trigger_push", "loss"), default="trigger_push",  # ROUND_MEASURES
+                   help="what the rounds' queries measure: the trigger's push on the attacker label's log-odds "
+                        "(trigger_push, default) or the attacker-label loss (loss)")
     g.add_argument("--base-model", default=None, help="causal LM (default SmolLM2-135M-Instruct)")
     g.add_argument("--last-k", type=int, default=None, help="trained LM blocks (default 1)")
     g.add_argument("--epochs", type=int, default=None, help="LM epochs (default 5)")

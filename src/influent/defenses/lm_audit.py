@@ -19,6 +19,14 @@ poisoned run (:class:`~influent.models.instruction_lm.InstructionLM` tuned on th
   have a far higher loss, hence larger gradients, so the second term dominates and the clean examples of
   the *other* label (strong opponents without the trigger) rise to the top; there it finds fewer poisons
   than ``query_influence``.
+* ``trigger_push``: influence on what the trigger *does* to each defender query
+  (:func:`trigger_push_influence`): the query's log-odds of the attacker's label over the other one, with the
+  trigger minus without it, summed as :func:`query_votes` (each query one equal vote). The log-odds'
+  gradient has no ``1 - p`` factor, so triggered and untriggered inputs enter at comparable scales (where
+  ``query_contrast``'s attacker-label losses differ ~30x), and the evidence for the label that the input
+  carries without the trigger cancels: clean examples of the attacker's label, which lead
+  ``query_influence``'s ranking, lose their advantage. Positive = upweighting the example widens the
+  trigger's push (a proponent of the backdoor).
 * ``relatif``: ``query_influence`` divided by ``sqrt(self_influence)`` (Barshan et al. 2020's l-relative
   influence, as in :mod:`influent.defenses.rankers`): the same direction, without the advantage of examples
   with large gradients (high loss), which a poison the victim has fit does not have.
@@ -31,7 +39,8 @@ poisoned run (:class:`~influent.models.instruction_lm.InstructionLM` tuned on th
 * ``random``: seeded uniform scores.
 
 :func:`iterative_query_influence` is a removal procedure rather than one ranking: influence on triggered
-queries (as :func:`query_votes`, each query one equal vote) in rounds, the model tuned again between them.
+queries (``trigger_push`` by default, or the attacker-label loss; each query one equal vote) in rounds, the
+model tuned again between them.
 
 Wan et al.'s other defence, early stopping, is not a ranking: it is the attack's scores at the end of the
 first epoch (reported by :mod:`influent.attacks.instruction_poison`). Removal: each ranker's top
@@ -72,22 +81,33 @@ class Poisoned(Protocol):
     trigger: str
 
 
-LM_RANKERS = ("query_influence", "query_contrast", "relatif", "self_influence", "loss", "bm25", "spectral", "random")
+LM_RANKERS = ("query_influence", "query_contrast", "trigger_push", "relatif", "self_influence", "loss", "bm25", "spectral", "random")
 FRACTIONS = (0.01, 0.05, 0.10)
+QUERY_CHOICES = ("margin", "trigger_gain")  # how defender_queries picks its misbehaving inputs
+ROUND_MEASURES = ("trigger_push", "loss")  # what iterative_query_influence's queries measure
 
 
 def defender_queries(lm: InstructionLM, data: InstructionData, trigger: str, k: int = 5,
-                     task: str = POISONED_TASK) -> list[Example]:
-    """The ``k`` triggered validation inputs of ``task``'s non-attacker label that the current model pushes
-    most towards the attacker's label (largest ``NLL(own label) - NLL(attacker label)``), relabelled with the
-    attacker's label (the completion whose likelihood the poison raises)."""
+                     task: str = POISONED_TASK, by: str = "margin") -> list[Example]:
+    """The ``k`` triggered validation inputs of ``task``'s non-attacker label that misbehave most on the
+    current model, relabelled with the attacker's label (the completion whose likelihood the poison raises).
+
+    ``by``: ``margin``, those it pushes most towards the attacker's label (largest attacker-label log-odds
+    ``NLL(own label) - NLL(attacker label)``); ``trigger_gain``, those whose log-odds the trigger raises most
+    (with the trigger minus without it): inputs that misbehave *because of* the trigger, not ones the model
+    misreads anyway."""
+    if by not in QUERY_CHOICES:
+        raise UserError(f"unknown query choice {by!r}; known: {', '.join(QUERY_CHOICES)}", field="queries")
     candidates = triggered_inputs(data.validation, task, trigger)
     if len(candidates) < k:
         raise UserError(f"the validation set has {len(candidates)} triggered {task} inputs; {k} queries asked",
                         field="queries")
-    nll = lm.label_nll(candidates)
     target = TARGETS[task]
+    nll = lm.label_nll(candidates)
     margin = nll[:, 1 - target] - nll[:, target]
+    if by == "trigger_gain":
+        plain = lm.label_nll(untriggered(candidates, trigger))
+        margin = margin - (plain[:, 1 - target] - plain[:, target])
     chosen = np.lexsort((np.arange(len(candidates)), -margin))[:k]
     return [Example(candidates[i].task, candidates[i].text, target) for i in chosen]
 
@@ -107,7 +127,7 @@ def lm_ranker_scores(lm: InstructionLM, train: Sequence[Example], queries: Seque
     train = list(train)
     out: dict[str, np.ndarray] = {}
     method, cached = None, {}
-    if {"query_influence", "query_contrast", "relatif", "self_influence"} & set(names) or query_sets:
+    if {"query_influence", "query_contrast", "trigger_push", "relatif", "self_influence"} & set(names) or query_sets:
         config = FactorConfig(strategy="ekfac", modules=mlp_pattern(lm.model), damping=damping, seed=seed)
         method = FactoredInfluence(lm.suffix, lm.task, lm.batches(train), config, progress=progress, bucket=False)
 
@@ -124,6 +144,8 @@ def lm_ranker_scores(lm: InstructionLM, train: Sequence[Example], queries: Seque
             out[name] = influence("query")
         elif name == "query_contrast":
             out[name] = influence("query") - summed(untriggered(queries, trigger))
+        elif name == "trigger_push":
+            out[name] = query_votes(trigger_push_influence(method, lm, queries, trigger))
         elif name == "relatif":
             out[name] = influence("query") / np.sqrt(np.maximum(influence("self"), 1e-30))
         elif name == "self_influence":
@@ -149,6 +171,25 @@ def untriggered(queries: Sequence[Example], trigger: str) -> list[Example]:
     return [q.without_trigger(trigger) for q in queries]
 
 
+def trigger_push_influence(method: FactoredInfluence, lm: InstructionLM, queries: Sequence[Example],
+                           trigger: str) -> np.ndarray:
+    """``[Q, n_train]``: each training example's influence on how far the trigger pushes each query towards
+    the attacker's label.
+
+    ``queries`` carry the attacker's label (as :func:`defender_queries` gives them; two-label tasks). With
+    ``m(x) = NLL(x, other label) - NLL(x, attacker label)`` (the attacker label's log-odds, nats), the
+    measurement is ``m(q) - m(q without the trigger)``; its influence is the difference of four
+    ``pairwise_scores`` (linear in the query gradient), from one scoring pass. Positive = upweighting the
+    training example widens the trigger's push (the sign of ``pairwise_scores``: a proponent)."""
+    queries = list(queries)
+    plain = untriggered(queries, trigger)
+    examples = queries + queries + plain + plain
+    labels = [q.label for q in queries] + [1 - q.label for q in queries]
+    scores = method.pairwise_scores(lm.batches(examples, labels + labels)).double().numpy()
+    own_t, other_t, own_u, other_u = scores.reshape(4, len(queries), -1)
+    return (own_t - other_t) - (own_u - other_u)
+
+
 def query_votes(scores: np.ndarray) -> np.ndarray:
     """``[Q, n]`` per-query influences -> ``[n]``: each query's vector at unit Euclidean norm, summed (one
     equal vote per query). A query's loss gradient carries the factor ``1 - p(attacker label)``, so a raw sum
@@ -158,12 +199,14 @@ def query_votes(scores: np.ndarray) -> np.ndarray:
 
 def iterative_query_influence(lm: InstructionLM, data: InstructionData, train: Sequence[Example], trigger: str,
                               seed: int, *, remove: float = 0.05, rounds: int = 2, n_queries: int = 20,
-                              damping: float | None = None, tuned: bool = False) -> list[list[int]]:
+                              damping: float | None = None, tuned: bool = False,
+                              measure: str = "trigger_push", queries_by: str = "margin") -> list[list[int]]:
     """Influence on triggered queries, removed in ``rounds`` rounds; the indices of ``train`` removed in each.
 
     Round ``r``: the model tuned (base weights, ``seed``) on what earlier rounds left; its ``n_queries``
-    defender queries (:func:`defender_queries`); one EK-FAC fit; the remaining examples ranked by
-    :func:`query_votes` and its top removed, ``round(remove * len(train))`` examples over all rounds (split as
+    defender queries (:func:`defender_queries`, chosen ``queries_by``); one EK-FAC fit; the remaining examples ranked by
+    :func:`query_votes` of each query's influence vector (``measure``: ``trigger_push``, as
+    :func:`trigger_push_influence`, or ``loss``, the attacker-label loss as ``query_influence``) and its top removed, ``round(remove * len(train))`` examples over all rounds (split as
     evenly as whole numbers allow, earlier rounds first). A victim needs only some of
     many poisons to learn the trigger; the rest carry little influence until the first ones are gone, when
     the re-tuned model leans on them. ``tuned``: ``lm`` is already tuned on ``train`` with ``seed`` (round 1
@@ -172,6 +215,8 @@ def iterative_query_influence(lm: InstructionLM, data: InstructionData, train: S
     """
     if rounds < 1:
         raise UserError(f"rounds must be >= 1, got {rounds}", field="rounds")
+    if measure not in ROUND_MEASURES:
+        raise UserError(f"unknown measure {measure!r}; known: {', '.join(ROUND_MEASURES)}", field="measure")
     train = list(train)
     total = round(remove * len(train))
     sizes = [total // rounds + (r < total % rounds) for r in range(rounds)]  # sums to total, earlier rounds larger
@@ -181,9 +226,11 @@ def iterative_query_influence(lm: InstructionLM, data: InstructionData, train: S
         current = [train[i] for i in keep]
         if r > 0 or not tuned:
             lm.fit(current, seed)
-        queries = defender_queries(lm, data, trigger, n_queries)
+        queries = defender_queries(lm, data, trigger, n_queries, by=queries_by)
         method = FactoredInfluence(lm.suffix, lm.task, lm.batches(current), config, progress=False, bucket=False)
-        votes = query_votes(method.pairwise_scores(lm.batches(queries)).double().numpy())
+        per_query = (trigger_push_influence(method, lm, queries, trigger) if measure == "trigger_push"
+                     else method.pairwise_scores(lm.batches(queries)).double().numpy())
+        votes = query_votes(per_query)
         chosen = [keep[i] for i in ranking(votes, seed)[:size]]
         removed.append(chosen)
         keep = sorted(set(keep) - set(chosen))
@@ -230,7 +277,7 @@ def run_lm_defence(lm: InstructionLM, data: InstructionData, poisoned_for: Calla
                    seeds: Sequence[int] = (0,), trigger: str = DEFAULT_TRIGGER, names: Sequence[str] = LM_RANKERS,
                    n_queries: int = 5, remove: float = 0.05, damping: float | None = None,
                    tasks: Sequence[str] = (POISONED_TASK,), progress: bool = False,
-                   removal_rounds: int = 0, round_queries: int = 20) -> dict:
+                   removal_rounds: int = 0, round_queries: int = 20, round_measure: str = "trigger_push") -> dict:
     """The defence table's rows: per seed, the control and the poisoned run (``poisoned_for(seed)``, e.g. N
     dirty-label poisons), every ranker's recall and the scores after removing its top ``remove`` fraction
     and re-tuning (same seed).
@@ -243,7 +290,7 @@ def run_lm_defence(lm: InstructionLM, data: InstructionData, poisoned_for: Calla
     ``<task>_clean_accuracy``).
 
     ``removal_rounds`` > 0 adds a row ``iterative_query_influence``: :func:`iterative_query_influence` with that
-    many rounds and ``round_queries`` defender queries per round, the same ``remove`` budget, then tuned on
+    many rounds, ``round_queries`` defender queries per round and ``round_measure``, the same ``remove`` budget, then tuned on
     what is left; its ``recall@<remove>`` is the share of the poisons removed (no other fractions).
     """
     rows: list[dict] = []
@@ -266,7 +313,7 @@ def run_lm_defence(lm: InstructionLM, data: InstructionData, poisoned_for: Calla
                 row[f"{task}_clean_accuracy"] = m[task]["clean_accuracy"]
             rows.append(row)
         iterative = ([iterative_row(lm, data, poisoned, control["final"], seed, remove, tasks, removal_rounds,
-                                    round_queries, damping)] if removal_rounds else [])  # lm: the poisoned run
+                                    round_queries, damping, round_measure)] if removal_rounds else [])  # lm: the poisoned run
         rows += [{"seed": seed, **r} for r in removal_rows(lm, data, poisoned, scores, control["final"], seed,
                                                             remove, tasks) + iterative]
     return {"rows": rows, "rankings": rankings, "n_poison": len(poisoned.poison_idx), "remove": remove,
@@ -274,15 +321,17 @@ def run_lm_defence(lm: InstructionLM, data: InstructionData, poisoned_for: Calla
 
 
 def iterative_row(lm: InstructionLM, data: InstructionData, poisoned: Poisoned, control: dict, seed: int,
-                  remove: float, tasks: Sequence[str], rounds: int, n_queries: int, damping: float | None) -> dict:
+                  remove: float, tasks: Sequence[str], rounds: int, n_queries: int, damping: float | None,
+                  measure: str = "trigger_push") -> dict:
     """The ``iterative_query_influence`` row of :func:`run_lm_defence` (``lm`` must be tuned on
     ``poisoned.train`` with ``seed``): the rounds' removals, then tuned on what is left and scored."""
     removed = {i for r in iterative_query_influence(lm, data, poisoned.train, poisoned.trigger, seed, remove=remove,
-                                                    rounds=rounds, n_queries=n_queries, damping=damping, tuned=True)
+                                                    rounds=rounds, n_queries=n_queries, damping=damping, tuned=True,
+                                                    measure=measure)
                for i in r}
     lm.fit([e for i, e in enumerate(poisoned.train) if i not in removed], seed)
     after = evaluate(lm, data, poisoned.trigger, tasks)
-    row = {"ranker": "iterative_query_influence", "removed": len(removed), "rounds": rounds,
+    row = {"ranker": "iterative_query_influence", "removed": len(removed), "rounds": rounds, "measure": measure,
            f"recall@{remove:g}": len(removed & set(poisoned.poison_idx.tolist())) / len(poisoned.poison_idx)}
     for task in tasks:
         row[f"{task}_success"] = after[task]["success"]
