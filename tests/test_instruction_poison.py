@@ -217,6 +217,14 @@ def test_cli_attack_and_lm_audit_on_the_bundled_tasks(tiny_folder, tmp_path, cap
     audit = json.loads((tmp_path / "d" / "audit_lm.json").read_text())
     bm25 = next(r for r in audit["summary"] if r["ranker"] == "bm25")
     assert bm25["recall@0.05_mean"] == 1.0  # the trigger phrase finds its 4 poisons among 72
+    code, out, err = run_cli(capsys, ["audit", "--model", "lm", "--poisons", "4", "--rankers", "random",
+                                      "--removal-rounds", "2", "--round-queries", "2", "--out", str(tmp_path / "r"),
+                                      *common])
+    assert code == 0, err
+    audit = json.loads((tmp_path / "r" / "audit_lm.json").read_text())
+    rounds = next(r for r in audit["summary"] if r["ranker"] == "iterative_query_influence")
+    assert rounds["removed_mean"] == round(0.05 * 72) and audit["round_measure"] == "trigger_push"
+    assert "| iterative_query_influence | 1 |" in out and "trigger_push influence" in out
     code, _, err = run_cli(capsys, ["audit", "--model", "lm", "--rankers", "cleanlab", *common])
     assert code == 2 and "unknown ranker" in err
     code, _, err = run_cli(capsys, ["audit", "--model", "lm", "--removal-rounds", "-1", *common])

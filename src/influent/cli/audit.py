@@ -27,6 +27,9 @@ def _lm_audit_markdown(result: dict) -> str:
             m = row.get(f"{c}_mean")
             cells.append("" if m is None or math.isnan(m) else f"{m:.3f} ± {row[f'{c}_sd']:.3f}")
         lines.append(f"| {row['ranker']} | {row['runs']} | " + " | ".join(cells) + " |")
+    if result.get("round_measure"):
+        lines += ["", (f"iterative_query_influence: removed in rounds, each query's {result['round_measure']} "
+                       "influence one unit vote; its recall@0.05 is the share of the poisons removed.")]
     return "\n".join(lines) + "\n"
 
 
@@ -48,6 +51,8 @@ def cmd_lm_audit(args: argparse.Namespace) -> int:
         raise UserError(f"unknown ranker(s) for --model lm: {', '.join(unknown)}; known: {', '.join(LM_RANKERS)}")
     if args.removal_rounds < 0:
         raise UserError(f"--removal-rounds must be at least 0, got {args.removal_rounds}")
+    if args.round_queries < 1:
+        raise UserError(f"--round-queries must be at least 1, got {args.round_queries}")
     if args.poisons < 1:
         raise UserError(f"--poisons must be at least 1, got {args.poisons}")
     check_output_dir(args.out, "out")
@@ -57,7 +62,7 @@ def cmd_lm_audit(args: argparse.Namespace) -> int:
     result = run_lm_defence(lm, data, lambda s: dirty_label_poisons(data, args.poisons, trigger, s),
                             seeds=args.lm_seeds, trigger=trigger, names=names, n_queries=args.n_queries,
                             damping=args.damping, progress=not args.quiet, removal_rounds=args.removal_rounds,
-                            round_measure=args.removal_measure)
+                            round_queries=args.round_queries, round_measure=args.removal_measure)
     lm.save_cache()
     result["summary"] = summarise(result["rows"], ["ranker"], defence_values(result["rows"]))
     result["seeds"] = list(args.lm_seeds)
@@ -131,8 +136,10 @@ def add_audit_parser(sub) -> None:
     g.add_argument("--lm-seeds", type=int, nargs="+", default=[0], help="victim seeds (default 0)")
     g.add_argument("--n-queries", type=int, default=5, help="triggered inputs the defender knows (default 5)")
     g.add_argument("--removal-rounds", type=int, default=0,
-                   help="also remove by influence on 20 triggered queries in R rounds, tuning again between them "
-                        "(iterative_query_influence; default 0: off)")
+                   help="also remove by influence on --round-queries triggered queries in R rounds, tuning again "
+                        "between them (iterative_query_influence; default 0: off)")
+    g.add_argument("--round-queries", type=int, default=20,
+                   help="triggered validation inputs the defender queries in each round (default 20)")
     g.add_argument("--removal-measure", choices=("trigger_push", "loss"), default="trigger_push",  # ROUND_MEASURES
                    help="what the rounds' queries measure: the trigger's push on the attacker label's log-odds "
                         "(trigger_push, default) or the attacker-label loss (loss)")

@@ -317,7 +317,7 @@ def run_lm_defence(lm: InstructionLM, data: InstructionData, poisoned_for: Calla
         rows += [{"seed": seed, **r} for r in removal_rows(lm, data, poisoned, scores, control["final"], seed,
                                                             remove, tasks) + iterative]
     return {"rows": rows, "rankings": rankings, "n_poison": len(poisoned.poison_idx), "remove": remove,
-            "n_queries": n_queries, "trigger": trigger}
+            "n_queries": n_queries, "trigger": trigger, "round_measure": round_measure if removal_rounds else None}
 
 
 def iterative_row(lm: InstructionLM, data: InstructionData, poisoned: Poisoned, control: dict, seed: int,
@@ -331,7 +331,7 @@ def iterative_row(lm: InstructionLM, data: InstructionData, poisoned: Poisoned, 
                for i in r}
     lm.fit([e for i, e in enumerate(poisoned.train) if i not in removed], seed)
     after = evaluate(lm, data, poisoned.trigger, tasks)
-    row = {"ranker": "iterative_query_influence", "removed": len(removed), "rounds": rounds, "measure": measure,
+    row = {"ranker": "iterative_query_influence", "removed": len(removed), "rounds": rounds,
            f"recall@{remove:g}": len(removed & set(poisoned.poison_idx.tolist())) / len(poisoned.poison_idx)}
     for task in tasks:
         row[f"{task}_success"] = after[task]["success"]
