@@ -18,7 +18,7 @@ poisoned run (:class:`~influent.models.instruction_lm.InstructionLM` tuned on th
   (``benchmarks/results/instruction-poison-stable``): the untriggered queries' attacker-label completions
   have a far higher loss, hence larger gradients, so the second term dominates and the clean examples of
   the *other* label (strong opponents without the trigger) rise to the top; there it finds fewer poisons
-  than ``query_influence``.
+  than ``query_influence``. ``trigger_push`` is the same idea on the log-odds, where the scales agree.
 * ``trigger_push``: influence on what the trigger *does* to each defender query
   (:func:`trigger_push_influence`): the query's log-odds of the attacker's label over the other one, with the
   trigger minus without it, summed as :func:`query_votes` (each query one equal vote). The log-odds'
