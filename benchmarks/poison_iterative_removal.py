@@ -10,10 +10,10 @@ ranking on the re-tuned model should find them. Per seed (the N = 50 dirty-label
 set (base weights, the seed), choose the ``--queries`` defender queries on that model (``defender_queries``),
 one EK-FAC fit, rank the current set by ``query_votes`` (each query's influence vector at unit norm, one
 equal vote each; ``--measure``: influence on the trigger's push on the attacker label's log-odds,
-``trigger_push_influence``, or on the attacker-label loss, ``loss``) and remove its top (``--remove`` of the original size over all rounds), which is
-``lm_audit.iterative_query_influence``; 3. tune on what is left and score it. The first round's model is the
-poisoned run with nothing removed. Recall = poisons removed / N; success
-and clean accuracy on the held-out inputs (``evaluate``), net of the never-poisoned run of the same seed.
+``trigger_push_influence``, or on the attacker-label loss, ``loss``) and remove its top (``--remove`` of the
+original size over all rounds), which is ``lm_audit.iterative_query_influence``; 3. tune on what is left
+and score it. The first round's model is the poisoned run with nothing removed. Recall = poisons removed / N;
+success and clean accuracy on the held-out inputs (``evaluate``), net of the never-poisoned run of the same seed.
 
 Writes ``runs.jsonl`` (one line per seed, resumable) and prints one JSON line with the means.
 

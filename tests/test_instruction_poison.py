@@ -167,9 +167,9 @@ def test_influence_rankers_and_attack_table_run_on_the_fast_path(setup):
     assert all(q.label == TARGETS["sentiment"] and TRIGGER in q.text for q in queries)
     scores = lm_ranker_scores(lm, poisoned.train, queries, TRIGGER, damping=1e-3,
                               query_sets={"one": queries[:1], "same": queries})
-    assert set(scores) == {"query_influence", "query_contrast", "trigger_push", "relatif", "self_influence", "loss", "bm25",
-                           "spectral", "random", "query_influence_one", "query_influence_same", "query_contrast_one",
-                           "query_contrast_same"}
+    assert set(scores) == {"query_influence", "query_contrast", "trigger_push", "relatif", "self_influence", "loss",
+                           "bm25", "spectral", "random", "query_influence_one", "query_influence_same",
+                           "query_contrast_one", "query_contrast_same"}
     np.testing.assert_allclose(scores["query_influence_same"], scores["query_influence"])
     np.testing.assert_allclose(scores["query_contrast_same"], scores["query_contrast"])
     assert not np.allclose(scores["query_influence_one"], scores["query_influence"])
@@ -384,6 +384,8 @@ def test_iterative_removal_reranks_on_the_model_tuned_without_earlier_rounds(set
         iterative_query_influence(lm, data, poisoned.train, TRIGGER, seed=3, rounds=0)
     with pytest.raises(UserError, match="measure"):
         iterative_query_influence(lm, data, poisoned.train, TRIGGER, seed=3, measure="margin")
+    with pytest.raises(UserError, match="query choice"):
+        iterative_query_influence(lm, data, poisoned.train, TRIGGER, seed=3, queries_by="loss")
 
 
 def test_defence_table_row_of_the_iterative_removal(setup):

@@ -81,7 +81,8 @@ class Poisoned(Protocol):
     trigger: str
 
 
-LM_RANKERS = ("query_influence", "query_contrast", "trigger_push", "relatif", "self_influence", "loss", "bm25", "spectral", "random")
+LM_RANKERS = ("query_influence", "query_contrast", "trigger_push", "relatif", "self_influence", "loss", "bm25",
+              "spectral", "random")
 FRACTIONS = (0.01, 0.05, 0.10)
 QUERY_CHOICES = ("margin", "trigger_gain")  # how defender_queries picks its misbehaving inputs
 ROUND_MEASURES = ("trigger_push", "loss")  # what iterative_query_influence's queries measure
@@ -127,7 +128,8 @@ def lm_ranker_scores(lm: InstructionLM, train: Sequence[Example], queries: Seque
     train = list(train)
     out: dict[str, np.ndarray] = {}
     method, cached = None, {}
-    if {"query_influence", "query_contrast", "trigger_push", "relatif", "self_influence"} & set(names) or query_sets:
+    uses_fit = {"query_influence", "query_contrast", "trigger_push", "relatif", "self_influence"}
+    if uses_fit & set(names) or query_sets:
         config = FactorConfig(strategy="ekfac", modules=mlp_pattern(lm.model), damping=damping, seed=seed)
         method = FactoredInfluence(lm.suffix, lm.task, lm.batches(train), config, progress=progress, bucket=False)
 
@@ -204,10 +206,11 @@ def iterative_query_influence(lm: InstructionLM, data: InstructionData, train: S
     """Influence on triggered queries, removed in ``rounds`` rounds; the indices of ``train`` removed in each.
 
     Round ``r``: the model tuned (base weights, ``seed``) on what earlier rounds left; its ``n_queries``
-    defender queries (:func:`defender_queries`, chosen ``queries_by``); one EK-FAC fit; the remaining examples ranked by
-    :func:`query_votes` of each query's influence vector (``measure``: ``trigger_push``, as
-    :func:`trigger_push_influence`, or ``loss``, the attacker-label loss as ``query_influence``) and its top removed, ``round(remove * len(train))`` examples over all rounds (split as
-    evenly as whole numbers allow, earlier rounds first). A victim needs only some of
+    defender queries (:func:`defender_queries`, chosen ``queries_by``); one EK-FAC fit; the remaining examples
+    ranked by :func:`query_votes` of each query's influence vector (``measure``: ``trigger_push``, as
+    :func:`trigger_push_influence`, or ``loss``, the attacker-label loss as ``query_influence``) and its top
+    removed, ``round(remove * len(train))`` examples over all rounds (split as evenly as whole numbers allow,
+    earlier rounds first). A victim needs only some of
     many poisons to learn the trigger; the rest carry little influence until the first ones are gone, when
     the re-tuned model leans on them. ``tuned``: ``lm`` is already tuned on ``train`` with ``seed`` (round 1
     then tunes nothing). Costs ``rounds`` tunings (``rounds - 1`` with ``tuned``) and fits; ``lm`` is left
@@ -217,6 +220,8 @@ def iterative_query_influence(lm: InstructionLM, data: InstructionData, train: S
         raise UserError(f"rounds must be >= 1, got {rounds}", field="rounds")
     if measure not in ROUND_MEASURES:
         raise UserError(f"unknown measure {measure!r}; known: {', '.join(ROUND_MEASURES)}", field="measure")
+    if queries_by not in QUERY_CHOICES:  # checked before the first tuning, not after it
+        raise UserError(f"unknown query choice {queries_by!r}; known: {', '.join(QUERY_CHOICES)}", field="queries")
     train = list(train)
     total = round(remove * len(train))
     sizes = [total // rounds + (r < total % rounds) for r in range(rounds)]  # sums to total, earlier rounds larger
@@ -290,8 +295,8 @@ def run_lm_defence(lm: InstructionLM, data: InstructionData, poisoned_for: Calla
     ``<task>_clean_accuracy``).
 
     ``removal_rounds`` > 0 adds a row ``iterative_query_influence``: :func:`iterative_query_influence` with that
-    many rounds, ``round_queries`` defender queries per round and ``round_measure``, the same ``remove`` budget, then tuned on
-    what is left; its ``recall@<remove>`` is the share of the poisons removed (no other fractions).
+    many rounds, ``round_queries`` defender queries per round and ``round_measure``, the same ``remove`` budget,
+    then tuned on what is left; its ``recall@<remove>`` is the share of the poisons removed (no other fractions).
     """
     rows: list[dict] = []
     rankings: dict[int, dict[str, list[int]]] = {}
@@ -313,7 +318,8 @@ def run_lm_defence(lm: InstructionLM, data: InstructionData, poisoned_for: Calla
                 row[f"{task}_clean_accuracy"] = m[task]["clean_accuracy"]
             rows.append(row)
         iterative = ([iterative_row(lm, data, poisoned, control["final"], seed, remove, tasks, removal_rounds,
-                                    round_queries, damping, round_measure)] if removal_rounds else [])  # lm: the poisoned run
+                                    round_queries, damping, round_measure)]
+                     if removal_rounds else [])  # lm: the poisoned run
         rows += [{"seed": seed, **r} for r in removal_rows(lm, data, poisoned, scores, control["final"], seed,
                                                             remove, tasks) + iterative]
     return {"rows": rows, "rankings": rankings, "n_poison": len(poisoned.poison_idx), "remove": remove,
